@@ -1,0 +1,74 @@
+"""What every dataset in bissl is: images as float tensors in [0, 1] with integer labels.
+
+Loaders resize images to one square ``image_size`` at load time so that batches stack and view
+augmentations run batched, per sample, on any device (``bissl.data.augment``). Normalisation with the
+dataset's ``mean``/``std`` happens in the augmentation / eval transform, not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from bissl.utils.errors import DataError
+from bissl.utils.registry import Registry
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+UNLABELLED = -1
+
+
+@dataclass
+class DatasetInfo:
+    """Static facts about a dataset that models and tasks need."""
+
+    name: str
+    num_classes: int  # 0 for unlabelled data
+    channels: int
+    classes: list[str] = field(default_factory=list)
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.25,)
+    multi_label: bool = False  # VOC07: targets are multi-hot vectors
+
+
+class ImageDataset(Dataset[tuple[torch.Tensor, int | torch.Tensor]]):
+    """Base class: ``dataset[i] -> (image[C, S, S] float in [0, 1], label)``; ``label = -1`` if unlabelled.
+
+    ``targets`` lists every label (used by samplers, few-shot splits and class subsets).
+    """
+
+    info: DatasetInfo
+    targets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class TensorImageDataset(ImageDataset):
+    """A dataset held in memory as uint8 ``images[N, C, S, S]``; fast enough for MNIST-sized data."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int] | torch.Tensor, info: DatasetInfo) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("images must be a uint8 tensor of shape [N, C, H, W]")
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.info = info
+        if len(self.targets) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.targets)} targets")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].float().div_(255.0), self.targets[index]
+
+
+DatasetBuilder = Callable[..., ImageDataset]
+DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+
+
+def missing_data_error(name: str, looked_in: Sequence[str], how: str) -> DataError:
+    """The one-line error for data that is not on disk: which dataset, where we looked, how to get it."""
+    places = ", ".join(str(p) for p in looked_in) or "(no root given)"
+    return DataError(f"dataset {name!r} not found (looked in: {places}); {how}")
