@@ -1,0 +1,90 @@
+"""Machinery every stage shares: devices, run folders, finiteness checks, gradient clipping, summaries."""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from bissl.config import to_yaml
+from bissl.utils.errors import ConfigError, DataError, NonFiniteError
+from bissl.utils.io import atomic_write, save_json
+
+STATE_FILE = "checkpoints/last.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA GPU is visible; set device=cpu or device=auto")
+    return torch.device(name)
+
+
+def prepare_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool) -> tuple[Path, bool]:
+    """Create ``out_dir`` and write ``config.yaml``; returns ``(path, has_state)``.
+
+    A folder that already holds a training state is only reused with ``resume=True``, so a run never
+    overwrites another by accident.
+    """
+    out = Path(out_dir)
+    has_state = (out / STATE_FILE).is_file()
+    if has_state and not resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.yaml", lambda f: f.write(to_yaml(config)), mode="w")
+    return out, has_state
+
+
+def require_finite(value: torch.Tensor, what: str, step: int, fix: str) -> None:
+    """Raise a one-line NonFiniteError when ``value`` holds NaN/inf."""
+    if not torch.isfinite(value).all():
+        raise NonFiniteError(f"{what} became {value.detach().flatten()[0].item()} at step {step}; {fix}")
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> float:
+    """Clip the global gradient norm (when ``max_norm`` is set); returns the norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def check_batch_size(num_samples: int, batch_size: int, dataset: str, key: str) -> None:
+    if num_samples == 0:
+        raise DataError(f"dataset {dataset!r} is empty; check its root folder and split")
+    if num_samples < batch_size:
+        raise DataError(
+            f"dataset {dataset!r} has {num_samples} samples, fewer than one batch of {batch_size}; lower {key}"
+        )
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, recorded with every result."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
+    path = out_dir / "summary.json"
+    save_json({**summary, "environment": environment(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, path)
+    return path
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
