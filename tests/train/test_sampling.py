@@ -24,3 +24,17 @@ def test_rank_shards_union_is_the_global_batch():
         assert sorted(ranks[0][step] + ranks[1][step]) == sorted(batch)
     with pytest.raises(ValueError, match="divisible"):
         EpochBatchSampler(16, 5, seed=0, epoch=0, world_size=2)
+
+
+def test_batch_stream_resumes_at_its_position():
+    import torch
+
+    from bissl.train.sampling import BatchStream
+
+    data = torch.utils.data.TensorDataset(torch.arange(10))
+    whole = [next(BatchStream(data, 3, seed=2, position=k))[0].tolist() for k in range(7)]
+    stream = BatchStream(data, 3, seed=2)
+    assert [next(stream)[0].tolist() for _ in range(7)] == whole
+    assert stream.position == 7 and stream.epoch == 2
+    resumed = BatchStream(data, 3, seed=2, position=4)
+    assert [next(resumed)[0].tolist() for _ in range(3)] == whole[4:]

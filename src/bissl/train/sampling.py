@@ -8,11 +8,12 @@ strided shard of each global batch, so the union over ranks equals the single-pr
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bissl.utils.seed import make_generator
+from bissl.utils.seed import make_generator, seed_worker
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -59,3 +60,61 @@ class EpochBatchSampler(Sampler[list[int]]):
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     """Optimizer steps in one epoch with ``drop_last=True`` (at least one batch is required)."""
     return num_samples // batch_size
+
+
+class BatchStream:
+    """An endless, seeded stream of batches over epochs, resumable from its position.
+
+    ``position`` counts the batches drawn so far; batch ``k`` is batch ``k % per_epoch`` of epoch
+    ``k // per_epoch``, whose order :class:`EpochBatchSampler` fixes from ``(seed, epoch)``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        batch_size: int,
+        *,
+        seed: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        position: int = 0,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.per_epoch = steps_per_epoch(len(dataset), batch_size)  # type: ignore[arg-type]
+        self.position = position
+        self._iterator: Iterator[Any] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.per_epoch
+
+    def _start_epoch(self) -> Iterator[Any]:
+        sampler = EpochBatchSampler(
+            len(self.dataset),  # type: ignore[arg-type]
+            self.batch_size,
+            seed=self.seed,
+            epoch=self.epoch,
+            start=self.position % self.per_epoch,
+        )
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            worker_init_fn=seed_worker,
+            pin_memory=self.pin_memory,
+        )
+        return iter(loader)
+
+    def __next__(self) -> Any:
+        if self._iterator is None or self.position % self.per_epoch == 0:
+            self._iterator = self._start_epoch()
+        batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+    def __iter__(self) -> BatchStream:
+        return self
