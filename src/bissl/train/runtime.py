@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import platform
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel
-from torch import nn
 
 from bissl.config import to_yaml
-from bissl.utils.errors import ConfigError, DataError, NonFiniteError
+from bissl.utils.errors import ConfigError, DataError
 from bissl.utils.io import atomic_write, save_json
 
 STATE_FILE = "checkpoints/last.pt"
@@ -44,22 +41,6 @@ def prepare_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool) -> 
     return out, has_state
 
 
-def require_finite(value: torch.Tensor, what: str, step: int, fix: str) -> None:
-    """Raise a one-line NonFiniteError when ``value`` holds NaN/inf."""
-    if not torch.isfinite(value).all():
-        raise NonFiniteError(f"{what} became {value.detach().flatten()[0].item()} at step {step}; {fix}")
-
-
-def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> float:
-    """Clip the global gradient norm (when ``max_norm`` is set); returns the norm before clipping."""
-    params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm is None:
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
 def check_batch_size(num_samples: int, batch_size: int, dataset: str, key: str) -> None:
     if num_samples == 0:
         raise DataError(f"dataset {dataset!r} is empty; check its root folder and split")
@@ -84,7 +65,3 @@ def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
     path = out_dir / "summary.json"
     save_json({**summary, "environment": environment(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, path)
     return path
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
