@@ -20,6 +20,15 @@ from bissl.utils.errors import ConfigError
 Device = Literal["auto", "cpu", "cuda"]
 
 
+class NestedValidationError(ValueError):
+    """A validation error of a plug-in's own config (e.g. a pretext method's ``params``), reported by key."""
+
+    def __init__(self, error: ValidationError, prefix: str) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.prefix = prefix
+
+
 class StrictModel(BaseModel):
     """A config section: unknown keys are errors, assignments are validated."""
 
@@ -38,6 +47,10 @@ def _check_registered(kind: str, name: str) -> str:
         from bissl.train.optim import OPTIMIZERS as registry
     elif kind == "augmentation":
         from bissl.data.augment import AUGMENTATIONS as registry
+    elif kind == "solver":
+        from bissl.bilevel.solvers import SOLVERS as registry
+    elif kind == "downstream task":
+        from bissl.downstream import DOWNSTREAM_TASKS as registry
     else:  # pragma: no cover - programming error
         raise AssertionError(kind)
     registry.get(name)  # raises ConfigError listing the known names
@@ -92,7 +105,7 @@ class PretextSection(StrictModel):
         try:
             method_cls.Config(**self.params)
         except ValidationError as exc:
-            raise ConfigError(_format_validation_error(exc, prefix="params")) from None
+            raise NestedValidationError(exc, "params") from None
         if self.augmentation is not None:
             _check_registered("augmentation", self.augmentation)
         return self
@@ -113,6 +126,11 @@ class OptimConfig(StrictModel):
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
         return _check_registered("optimizer", value)
+
+
+def _check_warmup(optim: OptimConfig, epochs: int, key: str) -> None:
+    if optim.warmup_epochs >= epochs:
+        raise ValueError(f"{key}={optim.warmup_epochs} must be shorter than the run ({epochs} epochs); lower it")
 
 
 class MonitorConfig(StrictModel):
@@ -146,6 +164,102 @@ class PretrainConfig(StrictModel):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> PretrainConfig:
+        _check_warmup(self.optim, self.epochs, "optim.warmup_epochs")
+        return self
+
+
+class DownstreamConfig(StrictModel):
+    """A downstream task on a labelled dataset, optionally restricted to k shots per class or some classes."""
+
+    task: str = "classification"
+    data: DataConfig = Field(default_factory=DataConfig)
+    few_shot: int | None = Field(None, gt=0)  # k labelled training images per class
+    classes: list[int] | None = None  # keep only these classes (relabelled 0..n-1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: bool = True  # random resized crop + flip on training batches
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        return _check_registered("downstream task", value)
+
+
+class LevelConfig(StrictModel):
+    """Batch size and optimizer of one level of the bilevel problem."""
+
+    batch_size: int = Field(128, gt=0)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+
+class SolverConfig(StrictModel):
+    """The linear solver of ``(I + H/mu) x = v`` (``bissl.bilevel.SOLVERS``)."""
+
+    name: str = "cg"
+    iters: int = Field(5, ge=0)
+    tol: float | None = Field(None, gt=0)  # relative residual at which to stop early
+    hvp: str | None = None  # Hessian-vector product method; None: the library default
+    warm_start: bool = False  # start each solve from the previous solution
+
+    @field_validator("name")
+    @classmethod
+    def _known_solver(cls, value: str) -> str:
+        return _check_registered("solver", value)
+
+
+class BilevelConfig(StrictModel):
+    """BiSSL's bilevel hyper-parameters (defaults: the paper's public code)."""
+
+    cycles: int = Field(500, gt=0)
+    n_lower: int = Field(20, gt=0)
+    n_upper: int = Field(8, gt=0)
+    lam: float = Field(1e-3, gt=0)
+    damping: float = Field(10.0, ge=0)
+    gamma: float = Field(1.0, ge=0)  # weight of the plain L_D(phi, omega) term
+    lower_grad_clip: float | None = Field(10.0, gt=0)
+    upper_grad_clip: float | None = Field(10.0, gt=0)
+    solver: SolverConfig = Field(default_factory=SolverConfig)
+    head_warmup_epochs: int = Field(20, ge=0)
+    head_warmup_lr: float = Field(0.01, gt=0)
+
+
+class AlignConfig(StrictModel):
+    """``bissl align``: the BiSSL stage between pretraining and fine-tuning."""
+
+    seed: int = 0
+    out_dir: str = "runs/align"
+    device: Device = "auto"
+    pretrained: str = "runs/pretrain_digits"  # a pretrain run folder or its backbone.pt
+    pretext: PretextSection | None = None  # None: the method and heads saved by pretraining
+    pretext_data: DataConfig = Field(default_factory=DataConfig)
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    lower: LevelConfig = Field(default_factory=LevelConfig)
+    upper: LevelConfig = Field(default_factory=LevelConfig)
+    bilevel: BilevelConfig = Field(default_factory=BilevelConfig)
+    checkpoint_every_cycles: int = Field(10, gt=0)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+
+class FinetuneConfig(StrictModel):
+    """``bissl finetune``: supervised fine-tuning of a backbone (from ``pretrain`` or ``align``) on a task."""
+
+    seed: int = 0
+    out_dir: str = "runs/finetune"
+    device: Device = "auto"
+    backbone: str = "runs/align_digits"  # a run folder or its backbone.pt
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(64, gt=0)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.01, weight_decay=1e-4))
+    eval_every_epochs: int = Field(1, gt=0)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> FinetuneConfig:
+        _check_warmup(self.optim, self.epochs, "optim.warmup_epochs")
+        return self
+
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -154,11 +268,17 @@ def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     first = exc.errors()[0]
     loc = ".".join(str(part) for part in first["loc"] if part != "__root__")
     key = ".".join(part for part in (prefix, loc) if part)
+    nested = first.get("ctx", {}).get("error")
+    if isinstance(nested, NestedValidationError):
+        return _format_validation_error(nested.error, prefix=".".join(p for p in (key, nested.prefix) if p))
     if first["type"] == "extra_forbidden":
         return f"unknown config key {key!r}; remove it or check its spelling"
+    message = str(first["msg"]).removeprefix("Value error, ")
     given = first.get("input")
+    if not key:
+        return f"bad config: {message}"
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"bad config value for {key!r}: {first['msg']}{shown}"
+    return f"bad config value for {key!r}: {message}{shown}"
 
 
 def shipped_config_path(name: str) -> Path:
@@ -187,32 +307,21 @@ def resolve_config_path(path_or_name: str | Path) -> Path:
     )
 
 
-def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["optim.lr=0.1", "data.name=mnist"]`` -> nested dict; values are parsed as YAML scalars/lists."""
-    nested: dict[str, Any] = {}
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Set ``key.subkey=value`` overrides (values parsed as YAML) in a copy of ``data``; a value replaces
+    whatever was there, so ``pretext.params={}`` clears a method's parameters."""
+    out = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"bad override {item!r}; write it as key.subkey=value")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node = nested
+        node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[parts[-1]] = value
-    return nested
-
-
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge: ``update`` wins; dict-valued ``params``/``kwargs`` merge key by key."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     return out
 
 
@@ -240,14 +349,18 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         data = loaded or {}
-    return build_config(cls, merge(data, parse_overrides(overrides)))
+    return build_config(cls, apply_overrides(data, overrides))
 
 
 def to_yaml(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-STAGE_CONFIGS: dict[str, type[BaseModel]] = {"pretrain": PretrainConfig}
+STAGE_CONFIGS: dict[str, type[BaseModel]] = {
+    "pretrain": PretrainConfig,
+    "align": AlignConfig,
+    "finetune": FinetuneConfig,
+}
 
 
 def config_class_for(name: str) -> type[BaseModel]:

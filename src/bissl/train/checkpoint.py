@@ -24,6 +24,9 @@ from bissl.utils.io import load_torch, save_torch
 BACKBONE_FORMAT = "bissl.backbone/v1"
 HEAD_FORMAT = "bissl.head/v1"
 STATE_FORMAT = "bissl.state/v1"
+BACKBONE_FILE = "backbone.pt"
+PRETEXT_HEAD_FILE = "pretext_head.pt"
+DOWNSTREAM_HEAD_FILE = "downstream_head.pt"
 
 
 def backbone_spec(name: str, in_channels: int, small_images: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +44,12 @@ def export_backbone(path: str | Path, backbone: nn.Module, spec: dict[str, Any])
         },
         path,
     )
+
+
+def resolve_backbone_file(path: str | Path) -> Path:
+    """A run folder's ``backbone.pt``, or the given file itself."""
+    candidate = Path(path)
+    return candidate / BACKBONE_FILE if candidate.is_dir() else candidate
 
 
 def read_backbone_file(path: str | Path) -> dict[str, Any]:

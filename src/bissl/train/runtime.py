@@ -50,6 +50,14 @@ def check_batch_size(num_samples: int, batch_size: int, dataset: str, key: str) 
         )
 
 
+def check_channels(data_channels: int, backbone_channels: int, dataset: str) -> None:
+    if data_channels != backbone_channels:
+        raise ConfigError(
+            f"dataset {dataset!r} has {data_channels} channels but the backbone takes {backbone_channels}; "
+            "use data with matching channels or another backbone"
+        )
+
+
 def environment() -> dict[str, Any]:
     """Versions and hardware, recorded with every result."""
     return {

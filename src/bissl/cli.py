@@ -1,0 +1,109 @@
+"""The ``bissl`` command line: one verb per stage; each parses a config plus overrides and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from bissl import __version__
+from bissl.utils.errors import BisslError
+
+log = logging.getLogger("bissl")
+
+
+def _common(parser: argparse.ArgumentParser, default_config: str) -> None:
+    parser.add_argument(
+        "--config", default=default_config, help=f"YAML file or shipped config name (default: {default_config})"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.05")
+    parser.add_argument("--out-dir", help="run folder (same as out_dir=...)")
+    parser.add_argument("--data-root", help="folder holding the datasets (same as data.root=...)")
+    parser.add_argument("--download", action="store_true", help="allow torchvision to download missing data")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = list(args.overrides)
+    if args.out_dir:
+        extra.append(f"out_dir={args.out_dir}")
+    if args.data_root:
+        extra.append(f"data.root={args.data_root}")
+    if args.download:
+        extra.append("data.download=true")
+    return extra
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from bissl.config import PretrainConfig, load_config
+    from bissl.train.pretrain import pretrain
+
+    cfg = load_config(PretrainConfig, args.config, _overrides(args))
+    result = pretrain(cfg, resume=args.resume)
+    for key, value in result.metrics.items():
+        print(f"{key}: {value:.4f}")
+    print(f"backbone: {result.backbone_path}")
+    print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
+
+
+def cmd_align(args: argparse.Namespace) -> None:
+    from bissl.config import AlignConfig, load_config
+    from bissl.train.align import align
+
+    extra = _overrides(args)
+    if args.pretrained:
+        extra.append(f"pretrained={args.pretrained}")
+    if args.downstream:
+        extra.append(f"downstream.task={args.downstream}")
+    if args.data:
+        extra.append(f"downstream.data.name={args.data}")
+    cfg = load_config(AlignConfig, args.config, extra)
+    result = align(cfg, resume=args.resume)
+    for key, value in result.metrics.items():
+        print(f"{key}: {value:.4f}")
+    print(f"aligned backbone (theta): {result.backbone_path}")
+    print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bissl", description="Bilevel self-supervised learning (BiSSL).")
+    parser.add_argument("--version", action="version", version=f"bissl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    commands: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
+        "pretrain": (cmd_pretrain, "pretrain_digits", "self-supervised pretraining of a backbone"),
+        "align": (cmd_align, "align_digits", "BiSSL: bilevel alignment of a pretrained backbone to a downstream task"),
+    }
+    for name, (func, default_config, help_text) in commands.items():
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        _common(sub, default_config)
+        sub.set_defaults(func=func)
+        if name == "align":
+            sub.add_argument("--pretrained", help="pretrain run folder or backbone.pt (same as pretrained=...)")
+            sub.add_argument("--downstream", help="downstream task (same as downstream.task=...)")
+            sub.add_argument("--data", help="downstream dataset (same as downstream.data.name=...)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        args.func(args)
+    except BisslError as exc:
+        print(f"bissl {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"bissl {args.verb}: interrupted; re-run with --resume to continue from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

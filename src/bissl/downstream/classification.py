@@ -1,0 +1,99 @@
+"""Image classification as a downstream task: a linear head, cross-entropy, top-1 and per-class accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from bissl.data.augment import normalize
+from bissl.data.base import ImageDataset
+from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+@DOWNSTREAM_TASKS.register("classification")
+class ClassificationTask(DownstreamTask):
+    """``L_D = CE(head(backbone(x)), y)`` with optional label smoothing; a linear head on the features.
+
+    ``train_augment(images, generator)`` returns augmented, normalised images; without it training
+    batches are only normalised.
+    """
+
+    primary_metric = "top1"
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train_augment: Augment | None = None,
+        label_smoothing: float = 0.0,
+        eval_batch_size: int = 512,
+    ) -> None:
+        if num_classes < 2:
+            raise ValueError(f"classification needs at least 2 classes (got {num_classes})")
+        self.num_classes = num_classes
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.train_augment = train_augment
+        self.label_smoothing = label_smoothing
+        self.eval_batch_size = eval_batch_size
+
+    def build_head(self, feature_dim: int) -> nn.Module:
+        return nn.Linear(feature_dim, self.num_classes)
+
+    def prepare(self, batch: Any, device: torch.device, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        images, targets = batch
+        images = images.to(device, non_blocking=True)
+        if generator is not None and self.train_augment is not None:
+            images = self.train_augment(images, generator)
+        else:
+            images = normalize(images, self.mean, self.std)
+        return images, torch.as_tensor(targets).to(device, non_blocking=True)
+
+    def loss(self, backbone: nn.Module, head: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        images, targets = batch
+        return F.cross_entropy(head(backbone(images)), targets, label_smoothing=self.label_smoothing)
+
+    @torch.no_grad()
+    def predict(
+        self, backbone: nn.Module, head: nn.Module, dataset: ImageDataset, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """Logits and targets of a whole split, in eval mode (modes are restored afterwards)."""
+        modes = backbone.training, head.training
+        backbone.eval()
+        head.eval()
+        logits, targets = [], []
+        for batch in DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False):
+            images, y = self.prepare(batch, device, None)
+            logits.append(head(backbone(images)).float().cpu())
+            targets.append(y.cpu())
+        backbone.train(modes[0])
+        head.train(modes[1])
+        return torch.cat(logits), torch.cat(targets)
+
+    def evaluate(
+        self, backbone: nn.Module, head: nn.Module, dataset: ImageDataset, device: torch.device
+    ) -> dict[str, float]:
+        logits, targets = self.predict(backbone, head, dataset, device)
+        return classification_metrics(logits, targets, self.num_classes)
+
+
+def classification_metrics(logits: Tensor, targets: Tensor, num_classes: int) -> dict[str, float]:
+    """Top-1 accuracy, mean per-class accuracy (classes present in ``targets``) and mean cross-entropy."""
+    pred = logits.argmax(dim=1)
+    correct = (pred == targets).float()
+    per_class = torch.zeros(num_classes).index_add_(0, targets, correct)
+    counts = torch.bincount(targets, minlength=num_classes).float()
+    present = counts > 0
+    return {
+        "top1": correct.mean().item(),
+        "mean_per_class": (per_class[present] / counts[present]).mean().item(),
+        "loss": F.cross_entropy(logits, targets).item(),
+    }

@@ -1,0 +1,239 @@
+"""``bissl pretrain``: self-supervised pretraining of a backbone with any registered pretext method.
+
+Each step draws the views of its batch from a generator seeded by ``(seed, step)`` and each epoch's
+batch order from ``(seed, epoch)``, so ``--resume`` continues bit-exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bissl.config import BackboneConfig, PretrainConfig
+from bissl.data import build_dataset
+from bissl.data.augment import build_view_augmentation
+from bissl.data.base import ImageDataset
+from bissl.eval.frozen import frozen_accuracy
+from bissl.models import build_backbone
+from bissl.models.weights import load_backbone_weights
+from bissl.pretext import build_pretext
+from bissl.pretext.base import PretextMethod
+from bissl.train.checkpoint import (
+    BACKBONE_FILE,
+    PRETEXT_HEAD_FILE,
+    backbone_spec,
+    export_backbone,
+    export_head,
+    load_state,
+    save_state,
+)
+from bissl.train.logger import MetricLogger
+from bissl.train.optim import build_optimizer, cosine_with_warmup
+from bissl.train.runtime import (
+    STATE_FILE,
+    check_batch_size,
+    prepare_run_dir,
+    resolve_device,
+    write_summary,
+)
+from bissl.train.sampling import BatchStream, steps_per_epoch
+from bissl.utils.errors import ConfigError
+from bissl.utils.numerics import clip_gradients, require_finite
+from bissl.utils.seed import make_generator, seed_everything
+
+log = logging.getLogger("bissl.pretrain")
+
+
+@dataclass
+class PretrainResult:
+    out_dir: Path
+    backbone_path: Path | None
+    pretext_head_path: Path | None
+    step: int
+    finished: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def build_backbone_from_config(cfg: BackboneConfig, in_channels: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The configured backbone (optionally initialised from local weights) and its rebuild spec."""
+    backbone = build_backbone(cfg.name, in_channels=in_channels, small_images=cfg.small_images, **cfg.kwargs)
+    if cfg.weights is not None:
+        load_backbone_weights(backbone, cfg.weights)
+    return backbone, backbone_spec(cfg.name, in_channels, cfg.small_images, cfg.kwargs)
+
+
+def build_pretext_from_config(cfg: PretrainConfig, backbone: nn.Module) -> PretextMethod:
+    method = build_pretext(cfg.pretext.name, backbone.feature_dim, cfg.pretext.params)
+    method.setup(backbone)
+    return method
+
+
+def monitor_sets(cfg: PretrainConfig) -> dict[str, ImageDataset] | None:
+    """Labelled train/val/test splits for kNN monitoring, or ``None`` when monitoring is off or impossible."""
+    name = cfg.monitor.dataset or cfg.data.name
+    if cfg.monitor.every_epochs == 0 and cfg.monitor.linear_probe_epochs == 0:
+        return None
+    kwargs = {"root": cfg.data.root, "image_size": cfg.data.image_size, "download": cfg.data.download}
+    sets = {split: build_dataset(name, split, seed=cfg.data.seed, **kwargs) for split in ("train", "val", "test")}
+    if sets["train"].info.num_classes == 0:
+        if cfg.monitor.dataset is not None:
+            raise ConfigError(f"monitor.dataset={name!r} has no labels; choose a labelled dataset for kNN")
+        log.info("dataset %s has no labels: kNN monitoring is off (set monitor.dataset)", name)
+        return None
+    return sets
+
+
+def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | None = None) -> PretrainResult:
+    """Run (or continue, with ``resume``) pretraining; stop early after ``until_step`` steps if given.
+
+    Writes ``backbone.pt`` and ``pretext_head.pt`` (weights-only loadable), ``checkpoints/last.pt``,
+    ``metrics.jsonl|csv``, TensorBoard events and ``summary.json`` under ``cfg.out_dir``.
+    """
+    start_time = time.perf_counter()
+    out, has_state = prepare_run_dir(cfg.out_dir, cfg, resume=resume)
+    device = resolve_device(cfg.device)
+    data_kwargs = {"root": cfg.data.root, "image_size": cfg.data.image_size, "download": cfg.data.download}
+    train_set = build_dataset(cfg.data.name, "train", seed=cfg.data.seed, **data_kwargs)
+    check_batch_size(len(train_set), cfg.data.batch_size, cfg.data.name, "data.batch_size")
+    info = train_set.info
+    monitor = monitor_sets(cfg)
+
+    seed_everything(cfg.seed)
+    backbone, spec = build_backbone_from_config(cfg.backbone, info.channels)
+    backbone.to(device)
+    method = build_pretext_from_config(cfg, backbone).to(device)
+    augment = build_view_augmentation(
+        cfg.pretext.augmentation or method.augmentation,
+        image_size=cfg.data.image_size,
+        channels=info.channels,
+        mean=info.mean,
+        std=info.std,
+        **cfg.pretext.augmentation_params,
+    )
+    trainable = [*backbone.parameters(), *method.head_parameters()]
+    optimizer = build_optimizer(
+        cfg.optim.name, trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
+    )
+    per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
+    total_steps = cfg.epochs * per_epoch
+    scheduler = cosine_with_warmup(
+        optimizer, round(cfg.optim.warmup_epochs * per_epoch), total_steps, min_lr_ratio=cfg.optim.min_lr_ratio
+    )
+
+    config_dict = cfg.model_dump(mode="json")
+    step = 0
+    if has_state:
+        state = load_state(out / STATE_FILE, config_dict, ignore=("log", "device"))
+        backbone.load_state_dict(state["backbone"])
+        method.load_state_dict(state["pretext"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        log.info("resumed %s at step %d/%d", out, step, total_steps)
+    logger = MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=step if has_state else None)
+
+    def checkpoint() -> None:
+        save_state(
+            out / STATE_FILE,
+            {
+                "step": step,
+                "backbone": backbone.state_dict(),
+                "pretext": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            },
+            config_dict,
+        )
+
+    def monitor_knn() -> None:
+        if monitor is not None and cfg.monitor.every_epochs > 0:
+            acc = frozen_accuracy(
+                backbone, monitor["train"], monitor["val"], device=device, knn_k=cfg.monitor.knn_k,
+                knn_temperature=cfg.monitor.knn_temperature,
+            )  # fmt: skip
+            logger.log(step, "monitor", {"knn_val": acc["knn"]})
+            backbone.train()
+
+    if step == 0:
+        monitor_knn()
+    bar = tqdm(total=total_steps, initial=step, desc="pretrain", disable=not cfg.log.progress, dynamic_ncols=True)
+    backbone.train()
+    method.train()
+    stop = total_steps if until_step is None else min(total_steps, until_step)
+    stream = BatchStream(
+        train_set, cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda", position=step,
+    )  # fmt: skip
+    while step < stop:
+        images, _ = next(stream)
+        views = augment(images.to(device, non_blocking=True), make_generator(cfg.seed, "views", step))
+        loss = method.loss(backbone, views)
+        require_finite(loss, f"pretext loss at step {step}", "lower optim.lr or set optim.grad_clip")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_gradients(trainable, cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        method.on_step_end(backbone, step, total_steps)
+        bar.update(1)
+        if step % cfg.log.every_steps == 0 or step == stop:
+            lr = optimizer.param_groups[0]["lr"]
+            logger.log(step, "train", {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        epoch_end = step % per_epoch == 0
+        if epoch_end and cfg.monitor.every_epochs and (step // per_epoch) % cfg.monitor.every_epochs == 0:
+            monitor_knn()
+        if epoch_end or step == stop or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
+            checkpoint()
+    bar.close()
+    if step < total_steps:
+        logger.close()
+        return PretrainResult(out, None, None, step, finished=False)
+
+    export_backbone(out / BACKBONE_FILE, backbone, spec)
+    export_head(out / PRETEXT_HEAD_FILE, method, kind="pretext", name=cfg.pretext.name, params=cfg.pretext.params)
+    metrics = final_metrics(cfg, backbone, monitor, device, info.channels)
+    logger.log(step, "final", metrics)
+    logger.close()
+    write_summary(
+        out,
+        {
+            "stage": "pretrain",
+            "steps": step,
+            "wall_time_s": time.perf_counter() - start_time,
+            "metrics": metrics,
+            "backbone": str(out / BACKBONE_FILE),
+            "pretext_head": str(out / PRETEXT_HEAD_FILE),
+        },
+    )
+    return PretrainResult(out, out / BACKBONE_FILE, out / PRETEXT_HEAD_FILE, step, finished=True, metrics=metrics)
+
+
+def final_metrics(
+    cfg: PretrainConfig,
+    backbone: nn.Module,
+    monitor: dict[str, ImageDataset] | None,
+    device: torch.device,
+    channels: int,
+) -> dict[str, float]:
+    """Test-split kNN / linear-probe accuracy of the trained backbone and of its random initialisation."""
+    if monitor is None:
+        return {}
+    seed_everything(cfg.seed)  # the same initial weights the run started from
+    random_init, _ = build_backbone_from_config(cfg.backbone, channels)
+    metrics: dict[str, float] = {}
+    for label, model in (("", backbone), ("random_init_", random_init.to(device))):
+        acc = frozen_accuracy(
+            model, monitor["train"], monitor["test"], device=device, knn_k=cfg.monitor.knn_k,
+            knn_temperature=cfg.monitor.knn_temperature, probe_epochs=cfg.monitor.linear_probe_epochs, seed=cfg.seed,
+        )  # fmt: skip
+        metrics.update({f"{label}{key}_test": value for key, value in acc.items()})
+    return metrics

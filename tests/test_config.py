@@ -1,0 +1,50 @@
+import pytest
+
+from bissl.config import PretrainConfig, apply_overrides, config_class_for, load_config, shipped_config_names
+from bissl.utils.errors import ConfigError
+
+
+def test_every_shipped_config_loads_and_validates():
+    names = shipped_config_names()
+    assert "pretrain_digits" in names
+    for name in names:
+        load_config(config_class_for(name), name)
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(PretrainConfig, "pretrain_digits", ["optim.lr=0.05", "pretext.params.temperature=0.2"])
+    assert cfg.optim.lr == 0.05 and cfg.pretext.params["temperature"] == 0.2
+    assert apply_overrides({"a": {"x": 1}}, ["a.b=[1, 2]", "c=true"]) == {"a": {"x": 1, "b": [1, 2]}, "c": True}
+    assert apply_overrides({"p": {"t": 0.5}}, ["p={}"]) == {"p": {}}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=0.1", r"unknown config key 'optim.lrr'"),
+        ("optim.lr=-1", r"bad config value for 'optim.lr'.*greater than 0.*-1"),
+        ("pretext.name=nope", r"unknown pretext method 'nope'; choose one of: .*simclr"),
+        ("data.name=imagenet22k", r"unknown dataset 'imagenet22k'"),
+        ("backbone.name=vgg", r"unknown backbone 'vgg'"),
+        ("optim.name=adam2", r"unknown optimizer 'adam2'"),
+        ("pretext.params.temperatur=0.5", r"unknown config key 'pretext.params.temperatur'"),
+        ("epochs=0", r"'epochs'"),
+        ("device=tpu", r"'device'"),
+        ("optim.lr", r"bad override 'optim.lr'"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_key_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, "pretrain_digits", [override])
+
+
+def test_missing_config_file_lists_shipped_ones():
+    with pytest.raises(ConfigError, match=r"not found; give a YAML path or one of: .*pretrain_digits"):
+        load_config(PretrainConfig, "no_such_config")
+
+
+def test_bad_yaml_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(PretrainConfig, bad)
