@@ -1,0 +1,232 @@
+"""``bissl align``: the BiSSL stage. Pretrained backbone -> head warm-up -> bilevel cycles -> theta exported.
+
+Files written under ``out_dir``: ``backbone.pt`` (the lower backbone theta, in the format ``pretrain``
+writes, to initialise fine-tuning), ``upper_backbone.pt`` (phi), ``pretext_head.pt``,
+``downstream_head.pt``, ``checkpoints/last.pt``, ``metrics.jsonl|csv``, ``tb/`` and ``summary.json``.
+Every batch and view is drawn from generators seeded by ``(seed, stream, counter)``, so ``--resume``
+continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer
+from bissl.config import AlignConfig, OptimConfig
+from bissl.data import build_dataset
+from bissl.data.augment import build_view_augmentation
+from bissl.downstream.build import build_splits, build_task
+from bissl.pretext import build_pretext
+from bissl.train.checkpoint import (
+    BACKBONE_FILE,
+    DOWNSTREAM_HEAD_FILE,
+    PRETEXT_HEAD_FILE,
+    export_backbone,
+    export_head,
+    load_backbone,
+    load_state,
+    read_head_file,
+    resolve_backbone_file,
+    save_state,
+)
+from bissl.train.head_warmup import warm_up_head
+from bissl.train.logger import MetricLogger
+from bissl.train.optim import build_optimizer, cosine_with_warmup
+from bissl.train.runtime import (
+    STATE_FILE,
+    check_batch_size,
+    check_channels,
+    prepare_run_dir,
+    resolve_device,
+    write_summary,
+)
+from bissl.train.sampling import BatchStream
+from bissl.utils.errors import ConfigError
+from bissl.utils.seed import derive_seed, make_generator, seed_everything
+
+log = logging.getLogger("bissl.align")
+
+UPPER_BACKBONE_FILE = "upper_backbone.pt"
+
+
+@dataclass
+class AlignResult:
+    out_dir: Path
+    backbone_path: Path | None
+    cycle: int
+    finished: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _optimizer_factory(cfg: OptimConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    return lambda params: build_optimizer(
+        cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
+
+
+def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = None) -> AlignResult:
+    """Run (or continue) the BiSSL stage; stop after ``until_cycle`` cycles if given (resumable)."""
+    start_time = time.perf_counter()
+    out, has_state = prepare_run_dir(cfg.out_dir, cfg, resume=resume)
+    device = resolve_device(cfg.device)
+    b = cfg.bilevel
+
+    backbone_path = resolve_backbone_file(cfg.pretrained)
+    head_path = backbone_path.parent / PRETEXT_HEAD_FILE
+    seed_everything(cfg.seed)
+    backbone, spec = load_backbone(backbone_path)
+    head_file = read_head_file(head_path, "pretext")
+    if cfg.pretext is not None and cfg.pretext.name.lower() != str(head_file["name"]).lower():
+        raise ConfigError(
+            f"pretext.name={cfg.pretext.name!r} but {head_path} holds {head_file['name']!r} heads; "
+            "remove pretext.name or point pretrained at a matching run"
+        )
+    pretext = build_pretext(head_file["name"], backbone.feature_dim, head_file["params"])
+    pretext.setup(backbone)
+    pretext.load_state_dict(head_file["state_dict"])
+    backbone.to(device)
+    pretext.to(device)
+
+    pretext_set = build_dataset(
+        cfg.pretext_data.name, "train", root=cfg.pretext_data.root, image_size=cfg.pretext_data.image_size,
+        download=cfg.pretext_data.download, seed=cfg.pretext_data.seed,
+    )  # fmt: skip
+    check_batch_size(len(pretext_set), cfg.lower.batch_size, cfg.pretext_data.name, "lower.batch_size")
+    check_channels(pretext_set.info.channels, spec["in_channels"], cfg.pretext_data.name)
+    splits = build_splits(cfg.downstream)
+    check_batch_size(len(splits["train"]), cfg.upper.batch_size, cfg.downstream.data.name, "upper.batch_size")
+    check_channels(splits["train"].info.channels, spec["in_channels"], cfg.downstream.data.name)
+    task = build_task(cfg.downstream, splits["train"])
+    info = pretext_set.info
+    augmentation = cfg.pretext.augmentation if cfg.pretext is not None else None
+    augment = build_view_augmentation(
+        augmentation or pretext.augmentation, image_size=cfg.pretext_data.image_size, channels=info.channels,
+        mean=info.mean, std=info.std, **(cfg.pretext.augmentation_params if cfg.pretext is not None else {}),
+    )  # fmt: skip
+
+    seed_everything(derive_seed(cfg.seed, "head"))
+    head = task.build_head(backbone.feature_dim).to(device)
+    settings = BilevelSettings(
+        n_lower=b.n_lower, n_upper=b.n_upper, lam=b.lam, damping=b.damping, gamma=b.gamma, solver=b.solver.name,
+        solver_iters=b.solver.iters, solver_tol=b.solver.tol, hvp=b.solver.hvp, warm_start=b.solver.warm_start,
+        lower_grad_clip=b.lower_grad_clip, upper_grad_clip=b.upper_grad_clip,
+    )  # fmt: skip
+    trainer = BiSSLTrainer(
+        backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,
+        make_lower_optimizer=_optimizer_factory(cfg.lower.optim),
+        make_upper_optimizer=_optimizer_factory(cfg.upper.optim),
+    )  # fmt: skip
+    total_lower, total_upper = b.cycles * b.n_lower, b.cycles * b.n_upper
+    trainer.lower_scheduler = cosine_with_warmup(
+        trainer.lower_optimizer, 0, total_lower, min_lr_ratio=cfg.lower.optim.min_lr_ratio
+    )
+    trainer.upper_scheduler = cosine_with_warmup(
+        trainer.upper_optimizer, 0, total_upper, min_lr_ratio=cfg.upper.optim.min_lr_ratio
+    )
+
+    pin = device.type == "cuda"
+    lower_stream = BatchStream(
+        pretext_set, cfg.lower.batch_size, seed=derive_seed(cfg.seed, "lower"), pin_memory=pin,
+        num_workers=cfg.pretext_data.num_workers,
+    )  # fmt: skip
+    upper_stream = BatchStream(
+        splits["train"], cfg.upper.batch_size, seed=derive_seed(cfg.seed, "upper"), pin_memory=pin,
+        num_workers=cfg.downstream.data.num_workers,
+    )  # fmt: skip
+    config_dict = cfg.model_dump(mode="json")
+    cycle = 0
+    if has_state:
+        state = load_state(out / STATE_FILE, config_dict, ignore=("log", "device"))
+        trainer.load_state_dict(state["trainer"])
+        lower_stream.position, upper_stream.position = state["lower_position"], state["upper_position"]
+        cycle = int(state["cycle"])
+        log.info("resumed %s at cycle %d/%d", out, cycle, b.cycles)
+    logger = MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=cycle if has_state else None)
+
+    def checkpoint() -> None:
+        save_state(
+            out / STATE_FILE,
+            {
+                "cycle": cycle,
+                "trainer": trainer.state_dict(),
+                "lower_position": lower_stream.position,
+                "upper_position": upper_stream.position,
+            },
+            config_dict,
+        )
+
+    if not has_state:
+        warm_stream = BatchStream(splits["train"], cfg.upper.batch_size, seed=derive_seed(cfg.seed, "warmup"))
+        warm_loss = warm_up_head(
+            task, backbone, head, warm_stream, steps=b.head_warmup_epochs * warm_stream.per_epoch,
+            lr=b.head_warmup_lr, device=device, seed=cfg.seed,
+        )  # fmt: skip
+        val = task.evaluate(backbone, head, splits["val"], device)
+        logger.log(0, "head_warmup", {"loss": warm_loss, **{f"val_{k}": v for k, v in val.items()}})
+        checkpoint()
+
+    stop = b.cycles if until_cycle is None else min(b.cycles, until_cycle)
+    bar = tqdm(total=b.cycles, initial=cycle, desc="align", unit="cycle", disable=not cfg.log.progress)
+    while cycle < stop:
+        sums: dict[str, float] = defaultdict(float)
+        for _ in range(b.n_lower):
+            images, _ = next(lower_stream)
+            views = augment(images.to(device), make_generator(cfg.seed, "lower_views", trainer.lower_steps))
+            for key, value in trainer.lower_step(views, total_lower).items():
+                sums[f"lower/{key}"] += value / b.n_lower
+        images, _ = next(lower_stream)  # one pretext batch fixes the Hessian for the cycle
+        hessian_views = augment(images.to(device), make_generator(cfg.seed, "hessian_views", cycle))
+        for _ in range(b.n_upper):
+            generator = make_generator(cfg.seed, "upper_views", trainer.upper_steps)
+            batch = task.prepare(next(upper_stream), device, generator)
+            for key, value in trainer.upper_step(batch, hessian_views).items():
+                sums[f"upper/{key}"] += value / b.n_upper
+        cycle += 1
+        bar.update(1)
+        bar.set_postfix(lower=f"{sums['lower/pretext_loss']:.3f}", upper=f"{sums['upper/loss_theta']:.3f}")
+        if cycle % cfg.log.every_steps == 0 or cycle == stop:
+            sums["lower/lr"] = trainer.lower_optimizer.param_groups[0]["lr"]
+            sums["upper/lr"] = trainer.upper_optimizer.param_groups[0]["lr"]
+            logger.log(cycle, "cycle", dict(sums))
+        if cycle % cfg.checkpoint_every_cycles == 0 or cycle == stop:
+            checkpoint()
+    bar.close()
+    if cycle < b.cycles:
+        logger.close()
+        return AlignResult(out, None, cycle, finished=False)
+
+    export_backbone(out / BACKBONE_FILE, backbone, spec)
+    export_backbone(out / UPPER_BACKBONE_FILE, trainer.upper_backbone, spec)
+    export_head(out / PRETEXT_HEAD_FILE, pretext, kind="pretext", name=head_file["name"], params=head_file["params"])
+    export_head(
+        out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
+        params=cfg.downstream.model_dump(mode="json"),
+    )  # fmt: skip
+    metrics: dict[str, float] = {}
+    for name, model in (("theta", backbone), ("phi", trainer.upper_backbone)):
+        for split in ("val", "test"):
+            for key, value in task.evaluate(model, head, splits[split], device).items():
+                metrics[f"{name}_{split}_{key}"] = value
+    logger.log(cycle, "final", metrics)
+    logger.close()
+    write_summary(
+        out,
+        {
+            "stage": "align",
+            "cycles": cycle,
+            "wall_time_s": time.perf_counter() - start_time,
+            "metrics": metrics,
+            "backbone": str(out / BACKBONE_FILE),
+            "pretrained": str(backbone_path),
+        },
+    )
+    return AlignResult(out, out / BACKBONE_FILE, cycle, finished=True, metrics=metrics)

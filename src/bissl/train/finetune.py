@@ -1,0 +1,178 @@
+"""``bissl finetune``: supervised fine-tuning of a backbone on a downstream task, selected on validation.
+
+The backbone and a fresh task head are trained together (cosine schedule, optional warm-up, label
+smoothing); the weights with the best validation ``task.primary_metric`` are kept and evaluated once on
+the TEST split. Batches and augmentations are seeded by ``(seed, step)``; ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from bissl.config import FinetuneConfig
+from bissl.downstream.build import build_splits, build_task
+from bissl.train.checkpoint import (
+    BACKBONE_FILE,
+    DOWNSTREAM_HEAD_FILE,
+    export_backbone,
+    export_head,
+    load_backbone,
+    load_state,
+    resolve_backbone_file,
+    save_state,
+)
+from bissl.train.logger import MetricLogger
+from bissl.train.optim import build_optimizer, cosine_with_warmup
+from bissl.train.runtime import (
+    STATE_FILE,
+    check_batch_size,
+    check_channels,
+    prepare_run_dir,
+    resolve_device,
+    write_summary,
+)
+from bissl.train.sampling import BatchStream, steps_per_epoch
+from bissl.utils.numerics import clip_gradients, require_finite
+from bissl.utils.seed import derive_seed, make_generator, seed_everything
+
+log = logging.getLogger("bissl.finetune")
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    epoch: int
+    finished: bool
+    best_epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    *,
+    resume: bool = False,
+    until_epoch: int | None = None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune (or continue, with ``resume``); stop after ``until_epoch`` epochs if given (resumable).
+
+    ``on_eval(epoch, val_metrics)`` is called after every validation (hyper-parameter search uses it to
+    report and prune); an exception it raises stops the run after that epoch's checkpoint is written.
+    """
+    start_time = time.perf_counter()
+    out, has_state = prepare_run_dir(cfg.out_dir, cfg, resume=resume)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    backbone, spec = load_backbone(resolve_backbone_file(cfg.backbone))
+    splits = build_splits(cfg.downstream)
+    train_set = splits["train"]
+    check_batch_size(len(train_set), cfg.batch_size, cfg.downstream.data.name, "batch_size")
+    check_channels(train_set.info.channels, spec["in_channels"], cfg.downstream.data.name)
+    task = build_task(cfg.downstream, train_set)
+    seed_everything(derive_seed(cfg.seed, "head"))
+    head = task.build_head(backbone.feature_dim)
+    backbone.to(device)
+    head.to(device)
+    params = [*backbone.parameters(), *head.parameters()]
+    o = cfg.optim
+    optimizer = build_optimizer(o.name, params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    per_epoch = steps_per_epoch(len(train_set), cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    scheduler = cosine_with_warmup(optimizer, round(o.warmup_epochs * per_epoch), total, min_lr_ratio=o.min_lr_ratio)
+    stream = BatchStream(
+        train_set, cfg.batch_size, seed=derive_seed(cfg.seed, "finetune"), num_workers=cfg.downstream.data.num_workers,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+
+    config_dict = cfg.model_dump(mode="json")
+    epoch, step = 0, 0
+    best: dict[str, Any] = {"score": float("-inf"), "epoch": 0, "backbone": None, "head": None}
+    if has_state:
+        state = load_state(out / STATE_FILE, config_dict, ignore=("log", "device"))
+        backbone.load_state_dict(state["backbone"])
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        epoch, best = int(state["epoch"]), state["best"]
+        step = stream.position = epoch * per_epoch
+        log.info("resumed %s at epoch %d/%d", out, epoch, cfg.epochs)
+    logger = MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=epoch if has_state else None)
+
+    stop = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
+    bar = tqdm(total=cfg.epochs, initial=epoch, desc="finetune", unit="epoch", disable=not cfg.log.progress)
+    while epoch < stop:
+        backbone.train()
+        head.train()
+        loss_sum = 0.0
+        for _ in range(per_epoch):
+            batch = task.prepare(next(stream), device, make_generator(cfg.seed, "finetune_views", step))
+            loss = task.loss(backbone, head, batch)
+            require_finite(loss, f"fine-tuning loss at step {step}", "lower optim.lr or set optim.grad_clip")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_gradients(params, o.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_sum += loss.item()
+        epoch += 1
+        record = {"train_loss": loss_sum / per_epoch, "lr": optimizer.param_groups[0]["lr"]}
+        if epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs:
+            val = task.evaluate(backbone, head, splits["val"], device)
+            record.update({f"val_{k}": v for k, v in val.items()})
+            if val[task.primary_metric] > best["score"]:
+                best = {
+                    "score": val[task.primary_metric],
+                    "epoch": epoch,
+                    "backbone": copy.deepcopy(backbone.state_dict()),
+                    "head": copy.deepcopy(head.state_dict()),
+                }
+        logger.log(epoch, "epoch", record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_' + task.primary_metric, 0):.3f}")
+        state = {
+            "epoch": epoch,
+            "backbone": backbone.state_dict(),
+            "head": head.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "best": best,
+        }
+        save_state(out / STATE_FILE, state, config_dict)
+        if on_eval is not None and "val_" + task.primary_metric in record:
+            on_eval(epoch, {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")})
+    bar.close()
+    if epoch < cfg.epochs:
+        logger.close()
+        return FinetuneResult(out, epoch, finished=False)
+
+    backbone.load_state_dict(best["backbone"])
+    head.load_state_dict(best["head"])
+    metrics = {f"test_{k}": v for k, v in task.evaluate(backbone, head, splits["test"], device).items()}
+    metrics.update({f"val_{k}": v for k, v in task.evaluate(backbone, head, splits["val"], device).items()})
+    logger.log(epoch, "final", {**metrics, "best_epoch": best["epoch"]})
+    logger.close()
+    export_backbone(out / BACKBONE_FILE, backbone, spec)
+    export_head(
+        out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task, params=config_dict["downstream"]
+    )
+    write_summary(
+        out,
+        {
+            "stage": "finetune",
+            "epochs": epoch,
+            "best_epoch": best["epoch"],
+            "wall_time_s": time.perf_counter() - start_time,
+            "metrics": metrics,
+            "backbone_init": str(resolve_backbone_file(cfg.backbone)),
+        },
+    )
+    return FinetuneResult(out, epoch, finished=True, best_epoch=best["epoch"], metrics=metrics)
