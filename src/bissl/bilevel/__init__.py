@@ -1,0 +1,18 @@
+"""The bilevel machinery: Hessian-vector products, linear solvers and the implicit hypergradient."""
+
+from bissl.bilevel.hvp import DEFAULT_HVP_METHOD, HessianOperator, flatten, preserve_buffers, unflatten
+from bissl.bilevel.implicit import implicit_gradient, proximal_mu
+from bissl.bilevel.solvers import SOLVERS, SolveInfo, Solver
+
+__all__ = [
+    "DEFAULT_HVP_METHOD",
+    "SOLVERS",
+    "HessianOperator",
+    "SolveInfo",
+    "Solver",
+    "flatten",
+    "implicit_gradient",
+    "preserve_buffers",
+    "proximal_mu",
+    "unflatten",
+]

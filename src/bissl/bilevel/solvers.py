@@ -1,0 +1,361 @@
+"""Solvers for ``A x = b`` on flat 1-D tensors that see ``A`` only through a matrix-vector product.
+
+In BiSSL ``A = I + H/mu`` (``H`` the lower-level Hessian, ``mu = lam + damping``), so one product is one
+Hessian-vector product; see :mod:`bissl.bilevel.implicit`. The solvers know nothing of networks.
+
+Every solver in :data:`SOLVERS` has the signature of :class:`Solver`::
+
+    solve(matvec, b, *, x0=None, maxiter, rtol=None, atol=0.0) -> (x, SolveInfo)
+
+and aims at ``||b - A x|| <= max(rtol * ||b||, atol)``; ``rtol=None`` (and ``atol=0``) means no target: iterative
+solvers then run exactly ``maxiter`` iterations (the paper's fixed budget) without warning. A solver that
+declares a keyword ``blocks`` also receives the sizes of the parameter tensors, in order, from
+:func:`bissl.bilevel.implicit_gradient` (``layerwise`` does; a block-wise solver such as M-FAC could). Register
+your own with ``@SOLVERS.register("name")``.
+
+Rules shared by the built-ins: vectors stay in ``b``'s dtype, scalars are accumulated in float64; NaN/inf raise
+:class:`~bissl.utils.errors.NonFiniteError`; a solver that must stop before its first step (non-positive
+curvature, divergence) returns ``b`` (the identity approximation) rather than zeros, and warns.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from bissl.utils.errors import BisslError, ConfigError, NonFiniteError
+from bissl.utils.registry import Registry
+
+MatVec = Callable[[Tensor], Tensor]
+
+EXACT_MAX_SIZE = 4096
+"""Largest system the ``exact`` solver materialises (``n`` products and an ``n x n`` float64 matrix)."""
+
+_DOT_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """What one solve did.
+
+    Attributes:
+        solver: registry name of the solver.
+        iterations: iterations performed (0: the initial guess was returned).
+        matvecs: products with ``A`` spent (Hessian-vector products in BiSSL), warm-start residual included.
+        residual: relative residual ``||b - A x|| / ||b||`` of the returned ``x`` (0 for ``b = 0``; NaN where
+            it is not computed, i.e. ``identity``). Each solver's docstring says how it obtains it.
+        converged: whether ``||b - A x|| <= max(rtol ||b||, atol)`` holds; with no target (``rtol=None``,
+            ``atol=0``) only an exact zero residual counts, except for the direct ``exact`` solve.
+        reason: why it stopped: ``converged``, ``maxiter``, ``negative_curvature``, ``diverging``, ``direct``,
+            ``zero_rhs`` or ``no_solve``.
+    """
+
+    solver: str
+    iterations: int
+    matvecs: int
+    residual: float
+    converged: bool
+    reason: str
+
+
+class Solver(Protocol):
+    """The common solver signature (see the module docstring)."""
+
+    def __call__(
+        self,
+        matvec: MatVec,
+        b: Tensor,
+        *,
+        x0: Tensor | None = None,
+        maxiter: int,
+        rtol: float | None = None,
+        atol: float = 0.0,
+    ) -> tuple[Tensor, SolveInfo]: ...
+
+
+SOLVERS: Registry[Solver] = Registry("solver")
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    """``a . b`` accumulated in float64, in chunks so that no full-size float64 copy is made."""
+    chunks = zip(a.split(_DOT_CHUNK), b.split(_DOT_CHUNK), strict=True)
+    return float(sum(torch.dot(x.double(), y.double()) for x, y in chunks))
+
+
+def _rhs_norm(name: str, b: Tensor) -> float:
+    if b.dim() != 1:
+        raise ValueError(f"{name}: b must be a flat 1-D tensor, got shape {tuple(b.shape)}")
+    norm = math.sqrt(_dot(b, b))
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"{name}: the right-hand side contains NaN/inf; check the upper-level gradient")
+    return norm
+
+
+def _target(name: str, b_norm: float, rtol: float | None, atol: float) -> tuple[float, bool]:
+    """Absolute residual target ``max(rtol ||b||, atol)`` and whether any target was asked for."""
+    if (rtol is not None and not rtol >= 0) or not atol >= 0:
+        raise ConfigError(f"{name}: rtol={rtol} and atol={atol} must be >= 0 (rtol=None: fixed iteration budget)")
+    return max(0.0 if rtol is None else rtol * b_norm, atol), rtol is not None or atol > 0
+
+
+def _check_maxiter(name: str, maxiter: int) -> None:
+    if maxiter < 1:
+        raise ConfigError(f"{name}: maxiter={maxiter} must be >= 1; use solver 'identity' to skip the solve")
+
+
+def _start(name: str, matvec: MatVec, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor, int]:
+    """Initial iterate, its residual ``b - A x0`` and the products spent on it."""
+    if x0 is None:
+        return torch.zeros_like(b), b.clone(), 0
+    if x0.shape != b.shape:
+        raise ValueError(f"{name}: x0 has shape {tuple(x0.shape)}, b has {tuple(b.shape)}")
+    x = x0.detach().to(dtype=b.dtype, device=b.device, copy=True)
+    return x, b - matvec(x), 1
+
+
+def _zero_rhs(name: str, b: Tensor) -> tuple[Tensor, SolveInfo]:
+    return torch.zeros_like(b), SolveInfo(name, 0, 0, 0.0, True, "zero_rhs")
+
+
+def _warn_not_converged(name: str, residual: float, rtol: float | None, atol: float, iterations: int) -> None:
+    warnings.warn(
+        f"{name}: relative residual {residual:.3g} missed the target (rtol={rtol}, atol={atol}) after {iterations} "
+        "iterations; raise the iteration budget or the damping",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+@SOLVERS.register("cg")
+def cg(
+    matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, maxiter: int, rtol: float | None = None, atol: float = 0.0
+) -> tuple[Tensor, SolveInfo]:
+    """Conjugate gradients over the whole vector, for symmetric positive definite ``A``.
+
+    ``x_{k+1} = x_k + alpha_k p_k``, ``r_{k+1} = r_k - alpha_k A p_k``, ``alpha_k = r_k.r_k / p_k.A p_k``,
+    ``p_{k+1} = r_{k+1} + (r_{k+1}.r_{k+1} / r_k.r_k) p_k``: one product per iteration, one step size for all
+    parameters. Stops when the residual target is met or after ``maxiter`` iterations (warning if a target was
+    missed). If ``p.A p <= 0`` (``A`` indefinite: for ``A = I + H/mu`` the Hessian has an eigenvalue
+    ``<= -mu``) it warns, naming the factor by which ``mu`` (the damping) must grow, and returns the last
+    iterate it reached (``b`` if that is the zero start). The reported residual is the recurrence residual
+    ``r_k``, which is ``b - A x_k`` for the returned ``x_k`` up to rounding.
+    """
+    _check_maxiter("cg", maxiter)
+    b_norm = _rhs_norm("cg", b)
+    if b_norm == 0:
+        return _zero_rhs("cg", b)
+    tol, has_target = _target("cg", b_norm, rtol, atol)
+    x, r, matvecs = _start("cg", matvec, b, x0)
+    rr = _dot(r, r)
+    if not math.isfinite(rr):
+        raise NonFiniteError("cg: the initial residual b - A x0 is NaN/inf; check x0 and the matrix-vector product")
+    p = r.clone()
+    iterations, reason = 0, "maxiter"
+    while True:
+        if math.sqrt(rr) <= tol:
+            reason = "converged"
+            break
+        if iterations == maxiter:
+            break
+        ap = matvec(p)
+        matvecs += 1
+        pap = _dot(p, ap)
+        if not math.isfinite(pap):
+            raise NonFiniteError(
+                f"cg: A p is NaN/inf at iteration {iterations + 1}; the lower-level loss or its "
+                "curvature is non-finite (lower the learning rate, check the data)"
+            )
+        if pap <= 0:
+            reason = "negative_curvature"
+            returned = f"iterate {iterations}"
+            if iterations == 0 and x0 is None:  # never return zeros: fall back to x = b, residual b - A b
+                x, r, returned = b.clone(), b - ap, "b (no solve)"
+                rr = _dot(r, r)
+            growth = 1.0 - pap / _dot(p, p)
+            warnings.warn(
+                f"cg: non-positive curvature p.Ap = {pap:.3g} at iteration {iterations + 1} (indefinite system); "
+                f"raise damping so that mu = lam + damping grows more than {growth:.3g}x; returning {returned} "
+                f"(relative residual {math.sqrt(rr) / b_norm:.3g})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            break
+        alpha = rr / pap
+        x.add_(p, alpha=alpha)
+        r.sub_(ap, alpha=alpha)
+        iterations += 1
+        rr_new = _dot(r, r)
+        if not math.isfinite(rr_new):
+            raise NonFiniteError(f"cg: the residual overflowed at iteration {iterations}; raise damping")
+        p.mul_(rr_new / rr).add_(r)
+        rr = rr_new
+    residual = math.sqrt(rr) / b_norm
+    if reason == "maxiter" and has_target:
+        _warn_not_converged("cg", residual, rtol, atol, iterations)
+    return x, SolveInfo("cg", iterations, matvecs, residual, reason == "converged", reason)
+
+
+@SOLVERS.register("neumann")
+def neumann(
+    matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, maxiter: int, rtol: float | None = None, atol: float = 0.0
+) -> tuple[Tensor, SolveInfo]:
+    """Truncated Neumann series ``A^-1 b = sum_j (I - A)^j b``, i.e. Richardson iteration with unit step.
+
+    ``x_{k+1} = x_k + r_k``, ``r_{k+1} = r_k - A r_k``; from ``x0 = 0``, ``k`` products give
+    ``x_k = sum_{j<k} (I - A)^j b``. For ``A = I + H/mu`` this is ``sum_j (-H/mu)^j b``, which converges only
+    when the spectral radius of ``H/mu`` is below 1 (``||H|| < mu``), and then with rate ``||H||/mu``. For
+    symmetric ``A`` the residual then shrinks every step, so a growing residual means divergence: the solver
+    warns (raise the damping) and returns the previous iterate (``b`` if that is the zero start). The reported
+    residual is the recurrence residual ``r_k`` of the returned ``x_k``.
+    """
+    _check_maxiter("neumann", maxiter)
+    b_norm = _rhs_norm("neumann", b)
+    if b_norm == 0:
+        return _zero_rhs("neumann", b)
+    tol, has_target = _target("neumann", b_norm, rtol, atol)
+    x, r, matvecs = _start("neumann", matvec, b, x0)
+    rr = _dot(r, r)
+    iterations, reason = 0, "maxiter"
+    while True:
+        if not math.isfinite(rr):
+            raise NonFiniteError(f"neumann: the residual is NaN/inf at iteration {iterations}; raise damping")
+        if math.sqrt(rr) <= tol:
+            reason = "converged"
+            break
+        if iterations == maxiter:
+            break
+        r_next = r - matvec(r)
+        matvecs += 1
+        rr_next = _dot(r_next, r_next)
+        grew = rr_next > rr
+        if grew and (iterations > 0 or x0 is not None):
+            reason = "diverging"
+            break
+        x.add_(r)
+        r, rr = r_next, rr_next
+        iterations += 1
+        if grew:  # the first step from zero already grew the residual: keep x = b rather than zeros
+            reason = "diverging"
+            break
+    if reason == "diverging":
+        warnings.warn(
+            "neumann: the residual grew (||H/mu|| >= 1: the series diverges); raise damping above ||H|| - lam "
+            f"or use solver 'cg'; returning iterate {iterations} (relative residual {math.sqrt(rr) / b_norm:.3g})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    residual = math.sqrt(rr) / b_norm
+    if reason == "maxiter" and has_target:
+        _warn_not_converged("neumann", residual, rtol, atol, iterations)
+    return x, SolveInfo("neumann", iterations, matvecs, residual, reason == "converged", reason)
+
+
+@SOLVERS.register("identity")
+def identity(
+    matvec: MatVec,
+    b: Tensor,
+    *,
+    x0: Tensor | None = None,
+    maxiter: int = 0,
+    rtol: float | None = None,
+    atol: float = 0.0,
+) -> tuple[Tensor, SolveInfo]:
+    """No solve: ``x = b`` (``A ~ I``), zero products; the ablation that shows what a solve buys.
+
+    The residual would cost one product, so it is not computed: ``SolveInfo.residual`` is NaN.
+    """
+    _rhs_norm("identity", b)
+    return b.clone(), SolveInfo("identity", 0, 0, math.nan, False, "no_solve")
+
+
+@SOLVERS.register("exact")
+def exact(
+    matvec: MatVec,
+    b: Tensor,
+    *,
+    x0: Tensor | None = None,
+    maxiter: int = 0,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    max_size: int = EXACT_MAX_SIZE,
+) -> tuple[Tensor, SolveInfo]:
+    """Dense direct solve, for small systems and tests: ``A`` from ``n`` products with the unit vectors, then
+    ``torch.linalg.solve`` in float64. Refuses ``n > max_size``. The residual is computed explicitly from the
+    dense matrix (no extra product)."""
+    n = b.numel()
+    if n > max_size:
+        raise ConfigError(
+            f"exact: the system has {n} unknowns > max_size={max_size} (it costs {n} products and an {n}x{n} "
+            "matrix); use solver 'cg' for models of this size"
+        )
+    b_norm = _rhs_norm("exact", b)
+    if b_norm == 0:
+        return _zero_rhs("exact", b)
+    eye = torch.eye(n, dtype=b.dtype, device=b.device)
+    a = torch.stack([matvec(eye[i]) for i in range(n)], dim=1).double()
+    if not bool(torch.isfinite(a).all()):
+        raise NonFiniteError("exact: the materialised matrix contains NaN/inf; check the matrix-vector product")
+    b64 = b.double()
+    try:
+        x = torch.linalg.solve(a, b64)
+    except torch.linalg.LinAlgError as exc:
+        raise BisslError("exact: the system matrix is singular; raise damping") from exc
+    residual = float(torch.linalg.vector_norm(b64 - a @ x)) / b_norm
+    return x.to(b.dtype), SolveInfo("exact", 1, n, residual, True, "direct")
+
+
+@SOLVERS.register("layerwise")
+def layerwise(
+    matvec: MatVec,
+    b: Tensor,
+    *,
+    blocks: Sequence[int],
+    x0: Tensor | None = None,
+    maxiter: int,
+    rtol: float | None = None,
+    atol: float = 0.0,
+) -> tuple[Tensor, SolveInfo]:
+    """The paper's public code's default "layer-wise CG", kept only for fidelity comparisons.
+
+    NOT a convergent solver: each block (parameter tensor, sizes in ``blocks``) gets its own step sizes
+    ``alpha_i = r_i.r_i / (p_i.(A p)_i + 1e-12)`` and ``beta_i``, while ``A p`` couples all blocks, so the
+    per-block residual recurrence is not the residual of the iterate and the method can do worse than no solve.
+    It runs exactly ``maxiter`` iterations like the original (no curvature check, no early stop), then spends
+    one more product on the TRUE residual ``b - A x`` of the returned ``x``, which is what it reports.
+    """
+    _check_maxiter("layerwise", maxiter)
+    if sum(blocks) != b.numel():
+        raise ValueError(f"layerwise: blocks sum to {sum(blocks)}, b has {b.numel()} elements")
+    b_norm = _rhs_norm("layerwise", b)
+    if b_norm == 0:
+        return _zero_rhs("layerwise", b)
+    tol, has_target = _target("layerwise", b_norm, rtol, atol)
+    x, r, matvecs = _start("layerwise", matvec, b, x0)
+    p = r.clone()
+    xs, rs, ps = x.split(list(blocks)), r.split(list(blocks)), p.split(list(blocks))
+    rr = [torch.dot(ri.double(), ri.double()) for ri in rs]
+    for _ in range(maxiter):
+        aps = matvec(p).split(list(blocks))
+        matvecs += 1
+        for i, (xi, ri, pi, api) in enumerate(zip(xs, rs, ps, aps, strict=True)):
+            alpha = rr[i] / (torch.dot(pi.double(), api.double()) + 1e-12)
+            xi.add_(pi * alpha.to(pi.dtype))
+            ri.sub_(api * alpha.to(pi.dtype))
+            rr_new = torch.dot(ri.double(), ri.double())
+            pi.mul_((rr_new / (rr[i] + 1e-12)).to(pi.dtype)).add_(ri)
+            rr[i] = rr_new
+    true_r = b - matvec(x)
+    matvecs += 1
+    residual = math.sqrt(_dot(true_r, true_r)) / b_norm
+    if not math.isfinite(residual):
+        raise NonFiniteError("layerwise: the iterate or its residual is NaN/inf; raise damping")
+    converged = residual * b_norm <= tol
+    if has_target and not converged:
+        _warn_not_converged("layerwise", residual, rtol, atol, maxiter)
+    return x, SolveInfo("layerwise", maxiter, matvecs, residual, converged, "converged" if converged else "maxiter")

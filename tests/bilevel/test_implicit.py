@@ -1,0 +1,261 @@
+"""``implicit_gradient`` against dense exact solves, closed forms and finite differences."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bissl.bilevel import SOLVERS, HessianOperator, SolveInfo, implicit_gradient
+from bissl.bilevel.hvp import HVP_METHODS, preserve_buffers
+from bissl.bilevel.solvers import cg
+from bissl.utils.errors import ConfigError
+
+LAM = 1e-3
+
+
+class ConvNet(nn.Module):
+    """A tiny conv backbone with BatchNorm and a projection head (held fixed: H is over the backbone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
+def nt_xent(z: Tensor, temperature: float = 0.5) -> Tensor:
+    """SimCLR's loss on ``2n`` embeddings, views ``i`` and ``i + n`` positive."""
+    z = F.normalize(z, dim=1)
+    n = z.shape[0] // 2
+    sim = (z @ z.T / temperature).fill_diagonal_(-math.inf)
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(sim, targets)
+
+
+def conv_problem() -> tuple[ConvNet, list[Tensor], Callable[[], Tensor]]:
+    """Float64 conv net in train mode, its backbone parameters and a SimCLR-style lower loss."""
+    torch.manual_seed(0)
+    model = ConvNet().double()
+    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
+    views = torch.cat([x + 0.3 * torch.randn_like(x), x + 0.3 * torch.randn_like(x)])
+    return model, list(model.backbone.parameters()), lambda: nt_xent(model(views))
+
+
+def mlp_problem() -> tuple[nn.Module, list[Tensor], Callable[[], Tensor]]:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.arange(16) % 4
+    return model, list(model.parameters()), lambda: F.cross_entropy(model(x), y)
+
+
+def dense_hessian(loss: Callable[[], Tensor], params: list[Tensor]) -> Tensor:
+    """The dense Hessian, one row per unit vector by plain double backward (reference only)."""
+    grads = torch.autograd.grad(loss(), params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    rows = [torch.autograd.grad(flat[i], params, retain_graph=True) for i in range(flat.numel())]
+    return torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
+
+
+def target(h: Tensor, v: Tensor, mu: float) -> Tensor:
+    """``mu (H + mu I)^-1 v`` by a dense float64 solve."""
+    return mu * torch.linalg.solve(h + mu * torch.eye(h.shape[0], dtype=h.dtype), v)
+
+
+def flat(tensors: tuple[Tensor, ...]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def rel_err(x: Tensor, ref: Tensor) -> float:
+    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
+
+
+def random_like(params: list[Tensor], seed: int = 3) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+
+@pytest.fixture(scope="module")
+def conv_dense() -> tuple[Tensor, Tensor]:
+    """Dense Hessian of the conv problem (computed once) and a right-hand side."""
+    model, params, loss = conv_problem()
+    with preserve_buffers(model):
+        h = dense_hessian(loss, params)
+    return h, flat(tuple(random_like(params)))
+
+
+@pytest.mark.parametrize("problem", ["mlp", "conv"])
+@pytest.mark.parametrize("method", HVP_METHODS)
+def test_cg_matches_dense_exact(problem: str, method: str) -> None:
+    model, params, loss = mlp_problem() if problem == "mlp" else conv_problem()
+    with preserve_buffers(model):
+        h = dense_hessian(loss, params)
+    v = random_like(params)
+    for damping in (10.0, 3.0):  # H's eigenvalues lie in [-2.1, 0.4] (conv) and [-0.2, 0.5] (mlp)
+        mu = LAM + damping
+        x, info = implicit_gradient(
+            loss, params, v, LAM, damping, solver="cg", iters=100, tol=1e-10, hvp=method, module=model
+        )
+        assert rel_err(flat(x), target(h, flat(tuple(v)), mu)) < 1e-4
+        assert info.converged and [t.shape for t in x] == [p.shape for p in params]
+
+
+def test_exact_and_neumann_match(conv_dense: tuple[Tensor, Tensor]) -> None:
+    h, v_flat = conv_dense
+    model, params, loss = conv_problem()
+    v = [t.view_as(p) for t, p in zip(v_flat.split([p.numel() for p in params]), params, strict=True)]
+    x, info = implicit_gradient(loss, params, v, LAM, 10.0, solver="exact", module=model)
+    assert rel_err(flat(x), target(h, v_flat, LAM + 10.0)) < 1e-10 and info.matvecs == v_flat.numel()
+    norm_h = float(torch.linalg.matrix_norm(h, ord=2))
+    damping = 2 * norm_h  # ||H/mu|| ~ 1/2: the series converges
+    x, info = implicit_gradient(loss, params, v, LAM, damping, solver="neumann", iters=60, tol=1e-9, module=model)
+    assert info.converged and rel_err(flat(x), target(h, v_flat, LAM + damping)) < 1e-8
+
+
+def test_batchnorm_running_stats_are_bit_identical_after_a_solve() -> None:
+    for method in HVP_METHODS:
+        model, params, loss = conv_problem()
+        loss()  # non-trivial running statistics
+        before = {n: b.clone() for n, b in model.named_buffers()}
+        implicit_gradient(loss, params, random_like(params), LAM, 10.0, iters=5, hvp=method, module=model)
+        assert all(torch.equal(b, before[n]) for n, b in model.named_buffers()), method
+
+
+def test_first_order_graph_is_built_once_per_solve_and_shared_by_an_operator() -> None:
+    model, params, loss = conv_problem()
+    calls = []
+
+    def counted() -> Tensor:
+        calls.append(1)
+        return loss()
+
+    _, info = implicit_gradient(counted, params, random_like(params), LAM, 10.0, iters=10, hvp="double_backward")
+    assert len(calls) == 1 and info.matvecs == 10
+    op = HessianOperator(counted, params, method="double_backward", module=model)
+    solutions = [implicit_gradient(None, params, random_like(params, s), LAM, 10.0, operator=op) for s in range(3)]
+    assert len(calls) == 2 and op.num_hvps == sum(i.matvecs for _, i in solutions) == 15
+
+
+def test_identity_uses_no_hessian_vector_products_and_no_forward() -> None:
+    _, params, loss = conv_problem()
+    calls = []
+    v = random_like(params)
+    x, info = implicit_gradient(lambda: calls.append(1) or loss(), params, v, LAM, 10.0, solver="identity")
+    assert info.matvecs == 0 and not calls and all(torch.equal(a, b) for a, b in zip(x, v, strict=True))
+
+
+def test_warm_start_from_the_solution(conv_dense: tuple[Tensor, Tensor]) -> None:
+    model, params, loss = conv_problem()
+    v = random_like(params)
+    x, _ = implicit_gradient(loss, params, v, LAM, 3.0, iters=100, tol=1e-12, module=model)
+    _, info = implicit_gradient(loss, params, v, LAM, 3.0, iters=100, tol=1e-8, x0=x, module=model)
+    assert info.iterations == 0 and info.matvecs == 1 and info.converged
+
+
+def ridge(n: int = 30, d: int = 6) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(4)
+    return torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+
+
+def test_ridge_regression_closed_form() -> None:
+    """Lower loss 0.5 ||X theta - y||^2: H = X^T X exactly."""
+    x_mat, y = ridge()
+    theta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(6, dtype=torch.float64)
+    mu = LAM + 0.5
+    expected = mu * torch.linalg.solve(x_mat.T @ x_mat + mu * torch.eye(6, dtype=torch.float64), v)
+    (x,), info = implicit_gradient(lambda: 0.5 * (x_mat @ theta - y).pow(2).sum(), [theta], [v], LAM, 0.5, iters=6)
+    assert rel_err(x, expected) < 1e-10 and info.matvecs == 6
+
+
+def test_finite_difference_of_the_lower_solution() -> None:
+    """d F(theta*(phi)) / d phi = lam (H + lam I)^-1 grad F(theta*) on a strongly convex lower level."""
+    x_mat, y = ridge()
+    t = torch.randn(6, dtype=torch.float64)
+    eye = torch.eye(6, dtype=torch.float64)
+
+    def theta_star(phi: Tensor) -> Tensor:
+        return torch.linalg.solve(x_mat.T @ x_mat + LAM * eye, x_mat.T @ y + LAM * phi)
+
+    def upper(phi: Tensor) -> Tensor:
+        return 0.5 * (theta_star(phi) - t).pow(2).sum()
+
+    phi = torch.randn(6, dtype=torch.float64)
+    eps = 1e-4
+    fd = torch.stack([(upper(phi + eps * e) - upper(phi - eps * e)) / (2 * eps) for e in eye])
+    theta = theta_star(phi).requires_grad_()
+    (x,), _ = implicit_gradient(
+        lambda: 0.5 * (x_mat @ theta - y).pow(2).sum(), [theta], [theta.detach() - t], LAM, 0.0, iters=50, tol=1e-13
+    )
+    assert rel_err(x, fd) < 1e-6
+
+
+def test_invalid_lam_and_mu_raise_config_errors() -> None:
+    _, params, loss = conv_problem()
+    v = random_like(params)
+    with pytest.raises(ConfigError, match=r"lam=0\.0 must be > 0"):
+        implicit_gradient(loss, params, v, 0.0)
+    with pytest.raises(ConfigError, match=r"raise damping=-1\.0"):
+        implicit_gradient(loss, params, v, LAM, -1.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        implicit_gradient(None, params, v, LAM)
+    with pytest.raises(ValueError, match="shapes of params"):
+        implicit_gradient(loss, params, v[:-1], LAM)
+
+
+def test_user_solver_receives_blocks_and_layerwise_runs() -> None:
+    _, params, loss = conv_problem()
+    seen = []
+
+    @SOLVERS.register("test_blocks", overwrite=True)
+    def recording(matvec, b, *, blocks, x0=None, maxiter, rtol=None, atol=0.0):  # type: ignore[no-untyped-def]
+        seen.append(tuple(blocks))
+        return cg(matvec, b, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol)
+
+    implicit_gradient(loss, params, random_like(params), LAM, 10.0, solver="test_blocks", iters=2)
+    assert seen == [tuple(p.numel() for p in params)]
+    _, info = implicit_gradient(loss, params, random_like(params), LAM, 10.0, solver="layerwise", iters=5)
+    assert info.solver == "layerwise" and info.matvecs == 6 and math.isfinite(info.residual)
+
+
+def test_every_solve_logs_its_residual(caplog: pytest.LogCaptureFixture) -> None:
+    _, params, loss = conv_problem()
+    with caplog.at_level(logging.DEBUG, logger="bissl.bilevel"):
+        _, info = implicit_gradient(loss, params, random_like(params), LAM, 10.0, iters=3)
+    assert f"relative residual {info.residual:.3g}" in caplog.text
+
+
+def test_cg_error_table(conv_dense: tuple[Tensor, Tensor]) -> None:
+    """Relative error of CG vs the dense exact solve at 1, 5, 20 iterations (printed; run with -s)."""
+    h, v_flat = conv_dense
+    model, params, loss = conv_problem()
+    v = [t.view_as(p) for t, p in zip(v_flat.split([p.numel() for p in params]), params, strict=True)]
+    op = HessianOperator(loss, params, module=model)
+    eig = torch.linalg.eigvalsh(h)
+    print(f"\nconv net ({h.shape[0]} backbone params), H eigenvalues in [{eig[0]:.3g}, {eig[-1]:.3g}], lam={LAM}")
+    errors: dict[tuple[float, int], tuple[float, SolveInfo]] = {}
+    for damping in (10.0, 3.0, 1.0, 0.1, 0.01):
+        exact = target(h, v_flat, LAM + damping)
+        for iters in (1, 5, 20):
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                x, info = implicit_gradient(None, params, v, LAM, damping, iters=iters, operator=op)
+            errors[damping, iters] = rel_err(flat(x), exact), info
+            print(
+                f"damping={damping:<5} iters={iters:<3} rel_err={errors[damping, iters][0]:.2e} "
+                f"residual={info.residual:.2e} iterations={info.iterations} reason={info.reason}"
+            )
+    assert errors[10.0, 20][0] < 1e-4
+    assert errors[10.0, 1][0] > errors[10.0, 5][0] > errors[10.0, 20][0]

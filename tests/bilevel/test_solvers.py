@@ -1,0 +1,263 @@
+"""The solvers against dense float64 ``torch.linalg.solve`` on synthetic ``A = I + H/mu``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import Tensor
+
+from bissl.bilevel.solvers import SOLVERS, SolveInfo, cg, exact, identity, layerwise, neumann
+from bissl.utils.errors import ConfigError, NonFiniteError
+
+N = 40
+
+
+def system(eigenvalues: Tensor, mu: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``A = I + H/mu`` with ``H = Q diag(eigenvalues) Q^T`` (float64), and a random ``b``."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=gen, dtype=torch.float64))
+    h = q @ torch.diag(eigenvalues.double()) @ q.T
+    b = torch.randn(len(eigenvalues), generator=gen, dtype=torch.float64)
+    return torch.eye(len(eigenvalues), dtype=torch.float64) + h / mu, b
+
+
+class Counted:
+    """A dense matvec that counts its calls."""
+
+    def __init__(self, a: Tensor) -> None:
+        self.a = a
+        self.calls = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return (self.a @ x.double()).to(x.dtype)
+
+
+def rel_err(x: Tensor, ref: Tensor) -> float:
+    return float(torch.linalg.vector_norm(x.double() - ref) / torch.linalg.vector_norm(ref))
+
+
+def true_residual(a: Tensor, x: Tensor, b: Tensor) -> float:
+    return float(torch.linalg.vector_norm(b - a @ x.double()) / torch.linalg.vector_norm(b))
+
+
+@pytest.fixture
+def spd() -> tuple[Tensor, Tensor]:
+    """An SPD system with condition number ~5 (Hessian eigenvalues in [-3, 12], mu = 4)."""
+    return system(torch.linspace(-3.0, 12.0, N), mu=4.0)
+
+
+def test_registry_holds_the_builtins() -> None:
+    assert set(SOLVERS.names()) >= {"cg", "neumann", "identity", "exact", "layerwise"}
+    with pytest.raises(ConfigError, match="unknown solver"):
+        SOLVERS.get("nope")
+
+
+def test_cg_matches_dense_solve(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    mv = Counted(a)
+    x, info = cg(mv, b, maxiter=N)
+    assert rel_err(x, torch.linalg.solve(a, b)) < 1e-10
+    assert info.matvecs == mv.calls == info.iterations
+    assert info.residual == pytest.approx(true_residual(a, x, b), abs=1e-12)
+
+
+def test_cg_rtol_stops_at_the_first_iterate_that_meets_it(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    for rtol in (1e-2, 1e-4, 1e-8):
+        x, info = cg(Counted(a), b, maxiter=N, rtol=rtol)
+        assert info.converged and info.reason == "converged"
+        assert info.residual <= rtol
+        assert true_residual(a, x, b) == pytest.approx(info.residual, rel=1e-6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, before = cg(Counted(a), b, maxiter=info.iterations - 1, rtol=rtol)
+        assert before.residual > rtol
+
+
+def test_cg_atol(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    x, info = cg(Counted(a), b, maxiter=N, atol=1e-3)
+    assert info.converged and float(torch.linalg.vector_norm(b - a @ x)) <= 1e-3
+
+
+def test_cg_warm_start_from_the_solution() -> None:
+    a, b = system(torch.linspace(-3.0, 12.0, N), mu=4.0)
+    solution = torch.linalg.solve(a, b)
+    mv = Counted(a)
+    x, info = cg(mv, b, x0=solution, maxiter=10, rtol=1e-8)
+    assert info.iterations == 0 and info.matvecs == mv.calls == 1 and info.converged
+    assert torch.equal(x, solution) and x is not solution
+    _, near = cg(Counted(a), b, x0=solution + 1e-7 * torch.randn(N, dtype=torch.float64), maxiter=10, rtol=1e-6)
+    assert near.iterations <= 1 and near.converged
+
+
+def test_cg_negative_curvature_warns_and_returns_last_iterate() -> None:
+    a, b = system(torch.linspace(-3.0, 12.0, N), mu=0.5)  # I + H/mu indefinite
+    mv = Counted(a)
+    with pytest.warns(RuntimeWarning, match="damping"):
+        x, info = cg(mv, b, maxiter=N)
+    assert info.reason == "negative_curvature" and not info.converged
+    assert torch.isfinite(x).all() and x.abs().sum() > 0
+    assert info.residual == pytest.approx(true_residual(a, x, b), rel=1e-8)
+
+
+def test_cg_negative_curvature_at_the_first_step_returns_b_not_zeros() -> None:
+    eig = torch.linspace(-3.0, 12.0, N)
+    a, _ = system(eig, mu=0.5)
+    evals, evecs = torch.linalg.eigh(a)
+    b = evecs[:, 0]  # direction of negative curvature: p.Ap < 0 at the first step
+    assert evals[0] < 0
+    with pytest.warns(RuntimeWarning, match="raise damping"):
+        x, info = cg(Counted(a), b, maxiter=5)
+    assert torch.equal(x, b) and info.iterations == 0 and info.matvecs == 1
+    assert info.residual == pytest.approx(true_residual(a, x, b), rel=1e-10)
+
+
+def test_cg_warns_when_maxiter_misses_rtol_and_not_without_target(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    with pytest.warns(RuntimeWarning, match="missed the target"):
+        _, info = cg(Counted(a), b, maxiter=2, rtol=1e-10)
+    assert info.reason == "maxiter" and not info.converged and info.iterations == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = cg(Counted(a), b, maxiter=2)
+    assert info.reason == "maxiter" and info.matvecs == 2
+
+
+@pytest.mark.parametrize("solver", [cg, neumann, layerwise, exact])
+def test_nan_in_matvec_raises(solver: object, spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+
+    def bad(x: Tensor) -> Tensor:
+        y = a @ x
+        y[3] = math.nan
+        return y
+
+    kwargs = {"blocks": [N]} if solver is layerwise else {}
+    with pytest.raises(NonFiniteError, match="NaN"):
+        solver(bad, b, maxiter=3, **kwargs)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("name", ["cg", "neumann", "identity", "exact"])
+def test_nan_in_rhs_raises(name: str, spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    b = b.clone()
+    b[0] = math.inf
+    with pytest.raises(NonFiniteError, match="right-hand side"):
+        SOLVERS.get(name)(Counted(a), b, maxiter=3)
+
+
+@pytest.mark.parametrize("name", ["cg", "neumann", "exact", "layerwise"])
+def test_zero_rhs_gives_zero_solution(name: str, spd: tuple[Tensor, Tensor]) -> None:
+    a, _ = spd
+    kwargs = {"blocks": [N]} if name == "layerwise" else {}
+    x, info = SOLVERS.get(name)(Counted(a), torch.zeros(N, dtype=torch.float64), maxiter=3, **kwargs)
+    assert not x.any() and info.converged and info.matvecs == 0
+
+
+@pytest.mark.parametrize("name", ["cg", "neumann", "layerwise"])
+def test_zero_iterations_is_refused(name: str, spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    kwargs = {"blocks": [N]} if name == "layerwise" else {}
+    with pytest.raises(ConfigError, match="identity"):
+        SOLVERS.get(name)(Counted(a), b, maxiter=0, **kwargs)
+
+
+def test_negative_rtol_is_refused(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    with pytest.raises(ConfigError, match="rtol"):
+        cg(Counted(a), b, maxiter=3, rtol=-1.0)
+
+
+def test_neumann_matches_where_it_converges() -> None:
+    a, b = system(torch.linspace(-2.0, 2.0, N), mu=4.0)  # ||H/mu|| = 0.5
+    x, info = neumann(Counted(a), b, maxiter=200, rtol=1e-12)
+    assert info.converged and rel_err(x, torch.linalg.solve(a, b)) < 1e-10
+    assert info.iterations <= 45  # rate 0.5 per product
+    assert info.residual == pytest.approx(true_residual(a, x, b), rel=1e-6)
+
+
+def test_neumann_is_the_truncated_series() -> None:
+    a, b = system(torch.linspace(-2.0, 2.0, N), mu=4.0)
+    x, info = neumann(Counted(a), b, maxiter=4)
+    m = torch.eye(N, dtype=torch.float64) - a
+    series = sum(torch.linalg.matrix_power(m, j) @ b for j in range(4))
+    assert torch.allclose(x, series, atol=1e-12) and info.matvecs == 4
+
+
+def test_neumann_diverging_warns_and_keeps_the_best_iterate() -> None:
+    a, b = system(torch.linspace(-3.0, 12.0, N), mu=4.0)  # ||H/mu|| = 3
+    with pytest.warns(RuntimeWarning, match="diverges"):
+        x, info = neumann(Counted(a), b, maxiter=20)
+    assert info.reason == "diverging" and torch.isfinite(x).all() and x.abs().sum() > 0
+    assert info.residual == pytest.approx(true_residual(a, x, b), rel=1e-8)
+
+
+def test_identity_uses_no_products(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    mv = Counted(a)
+    x, info = identity(mv, b, maxiter=5)
+    assert torch.equal(x, b) and mv.calls == 0 and info.matvecs == 0 and math.isnan(info.residual)
+
+
+def test_exact_matches_and_refuses_large_systems(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    mv = Counted(a)
+    x, info = exact(mv, b.float())
+    assert x.dtype == torch.float32 and rel_err(x, torch.linalg.solve(a, b)) < 1e-5
+    assert info.matvecs == mv.calls == N and info.converged and info.residual < 1e-6
+    with pytest.raises(ConfigError, match="cg"):
+        exact(mv, b, max_size=N - 1)
+
+
+def test_layerwise_single_block_is_cg(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    x_cg, _ = cg(Counted(a), b, maxiter=5)
+    x_lw, info = layerwise(Counted(a), b, blocks=[N], maxiter=5)
+    assert torch.allclose(x_lw, x_cg, rtol=1e-9, atol=1e-12)
+    assert info.matvecs == 6  # 5 iterations + 1 for the true residual
+
+
+def test_layerwise_is_exact_without_coupling_and_worse_with_it() -> None:
+    blocks = [10, 10, 20]
+    gen = torch.Generator().manual_seed(1)
+    eig = torch.linspace(-3.0, 12.0, N)
+    diag_blocks = []
+    start = 0
+    for size in blocks:
+        q, _ = torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64))
+        diag_blocks.append(q @ torch.diag(eig[start : start + size].double()) @ q.T)
+        start += size
+    a_uncoupled = torch.eye(N, dtype=torch.float64) + torch.block_diag(*diag_blocks) / 4.0
+    b = torch.randn(N, generator=gen, dtype=torch.float64)
+    x, info = layerwise(Counted(a_uncoupled), b, blocks=blocks, maxiter=15)
+    assert rel_err(x, torch.linalg.solve(a_uncoupled, b)) < 1e-6 and info.residual < 1e-6
+
+    a, b = system(eig, mu=4.0, seed=2)
+    x_lw, info_lw = layerwise(Counted(a), b, blocks=blocks, maxiter=5)
+    _, info_cg = cg(Counted(a), b, maxiter=5)
+    assert info_lw.residual == pytest.approx(true_residual(a, x_lw, b), rel=1e-10)  # the TRUE residual
+    assert info_lw.residual > 2 * info_cg.residual
+
+
+def test_layerwise_rejects_wrong_blocks(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    with pytest.raises(ValueError, match="blocks"):
+        layerwise(Counted(a), b, blocks=[N - 1], maxiter=3)
+
+
+def test_cg_low_precision_vectors_keep_float64_scalars(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    x, info = cg(Counted(a), b.to(torch.bfloat16), maxiter=N, rtol=1e-2)
+    assert x.dtype == torch.bfloat16 and info.converged
+    assert rel_err(x, torch.linalg.solve(a, b)) < 5e-2
+
+
+def test_solve_info_is_a_frozen_record() -> None:
+    info = SolveInfo("cg", 1, 1, 0.5, False, "maxiter")
+    with pytest.raises(AttributeError):
+        info.iterations = 2  # type: ignore[misc]
