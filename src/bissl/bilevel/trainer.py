@@ -1,0 +1,222 @@
+"""BiSSLTrainer: alternating lower (pretext) and upper (downstream) steps of the BiSSL bilevel problem.
+
+Lower level, ``N_L`` steps per cycle on the lower backbone theta and pretext head psi::
+
+    min_{theta, psi}  L_P(theta, psi) + lam/2 ||theta - phi||^2           (phi detached)
+
+Upper level, ``N_U`` steps per cycle on the upper backbone phi and downstream head omega, with one
+pretext batch per cycle fixing the Hessian ``H = d^2 L_P / d theta^2`` (psi held fixed)::
+
+    g_phi   = mu (H + mu I)^-1 grad_theta L_D(theta, omega) + gamma grad_phi L_D(phi, omega),  mu = lam + damping
+    g_omega = grad_omega L_D(theta, omega) + gamma grad_omega L_D(phi, omega)
+
+The trainer knows nothing of datasets or files: it takes prepared batches, so any backbone, any
+:class:`~bissl.pretext.base.PretextMethod` and any :class:`~bissl.downstream.base.DownstreamTask` plug in.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bissl.bilevel.hvp import preserve_buffers
+from bissl.bilevel.implicit import implicit_gradient
+from bissl.downstream.base import DownstreamTask
+from bissl.pretext.base import PretextMethod
+from bissl.utils.errors import ConfigError
+from bissl.utils.numerics import clip_gradients, global_norm, require_finite
+
+ViewFn = Callable[[Tensor], Sequence[Tensor]]
+
+
+@dataclass(frozen=True)
+class BilevelSettings:
+    """The bilevel hyper-parameters; defaults are those of the paper's public code."""
+
+    n_lower: int = 20
+    n_upper: int = 8
+    lam: float = 1e-3
+    damping: float = 10.0
+    gamma: float = 1.0
+    solver: str = "cg"
+    solver_iters: int = 5
+    solver_tol: float | None = None
+    hvp: str | None = None  # None: the library default
+    warm_start: bool = False
+    lower_grad_clip: float | None = 10.0
+    upper_grad_clip: float | None = 10.0
+
+    def __post_init__(self) -> None:
+        if self.lam <= 0:
+            raise ConfigError(
+                f"bilevel.lam must be > 0 (got {self.lam}); the proximal weight lam defines d theta/d phi"
+            )
+        if self.damping < 0:
+            raise ConfigError(f"bilevel.damping must be >= 0 (got {self.damping}); the paper uses 10")
+        if self.n_lower < 1 or self.n_upper < 1:
+            raise ConfigError(f"bilevel.n_lower and n_upper must be >= 1 (got {self.n_lower}, {self.n_upper})")
+
+
+class BiSSLTrainer:
+    """Holds theta (``lower_backbone``), phi (``upper_backbone``), psi (``pretext``) and omega (``head``).
+
+    ``lower_optimizer`` must cover theta and psi; ``upper_optimizer`` phi and omega. Schedulers are
+    optional and stepped once per step of their level.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        pretext: PretextMethod,
+        task: DownstreamTask,
+        head: nn.Module,
+        settings: BilevelSettings,
+        make_lower_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        make_upper_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        upper_backbone: nn.Module | None = None,
+    ) -> None:
+        self.settings = settings
+        self.lower_backbone = backbone
+        self.upper_backbone = upper_backbone if upper_backbone is not None else copy.deepcopy(backbone)
+        self.pretext = pretext
+        self._lower_modules = nn.ModuleList([backbone, pretext])
+        self.task = task
+        self.head = head
+        self.theta = [p for p in backbone.parameters() if p.requires_grad]
+        self.phi = [p for p in self.upper_backbone.parameters() if p.requires_grad]
+        self.lower_params = [*self.theta, *pretext.head_parameters()]
+        self.upper_params = [*self.phi, *head.parameters()]
+        self.lower_optimizer = make_lower_optimizer(self.lower_params)
+        self.upper_optimizer = make_upper_optimizer(self.upper_params)
+        self.lower_scheduler: Any = None
+        self.upper_scheduler: Any = None
+        self.lower_steps = 0
+        self.upper_steps = 0
+        self._last_solution: tuple[Tensor, ...] | None = None
+
+    # ----------------------------------------------------------------------------------- lower level
+    def proximal_term(self) -> Tensor:
+        """``lam/2 * sum ||theta - phi||^2`` with phi detached."""
+        sq = sum(((t - p.detach()) ** 2).sum() for t, p in zip(self.theta, self.phi, strict=True))
+        return 0.5 * self.settings.lam * sq
+
+    def lower_step(self, views: Sequence[Tensor], total_lower_steps: int) -> dict[str, float]:
+        """One step on ``L_P(theta, psi) + lam/2 ||theta - phi||^2``."""
+        self.lower_backbone.train()
+        self.pretext.train()
+        pretext_loss = self.pretext.loss(self.lower_backbone, views)
+        prox = self.proximal_term()
+        total = pretext_loss + prox
+        require_finite(total, f"lower-level loss at lower step {self.lower_steps}", "lower lower.optim.lr")
+        self.lower_optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = clip_gradients(self.lower_params, self.settings.lower_grad_clip)
+        self.lower_optimizer.step()
+        if self.lower_scheduler is not None:
+            self.lower_scheduler.step()
+        self.lower_steps += 1
+        self.pretext.on_step_end(self.lower_backbone, self.lower_steps, total_lower_steps)
+        return {"pretext_loss": pretext_loss.item(), "proximal": prox.item(), "grad_norm": grad_norm}
+
+    # ----------------------------------------------------------------------------------- upper level
+    def hypergradient(self, batch: Any, hessian_views: Sequence[Tensor]) -> tuple[list[Tensor], dict[str, float]]:
+        """The upper gradients ``[g_phi..., g_omega...]`` (aligned with ``upper_params``) and diagnostics.
+
+        The lower level's buffers (BatchNorm running statistics of theta and of the pretext heads) are left
+        untouched: the downstream pass at theta and the Hessian-vector products use batch statistics inside
+        :func:`preserve_buffers`.
+        """
+        s = self.settings
+        head_params = list(self.head.parameters())
+        self.lower_backbone.train()
+        with preserve_buffers(self._lower_modules):
+            loss_theta = self.task.loss(self.lower_backbone, self.head, batch)
+            require_finite(loss_theta, "downstream loss at theta", "lower upper.optim.lr")
+            grads = torch.autograd.grad(loss_theta, [*self.theta, *head_params])
+            v_theta, g_head = grads[: len(self.theta)], grads[len(self.theta) :]
+            implicit, info = implicit_gradient(
+                lambda: self.pretext.loss(self.lower_backbone, hessian_views),
+                self.theta,
+                v_theta,
+                lam=s.lam,
+                damping=s.damping,
+                solver=s.solver,
+                iters=s.solver_iters,
+                tol=s.solver_tol,
+                **({"hvp": s.hvp} if s.hvp is not None else {}),
+                x0=self._last_solution if s.warm_start else None,
+            )
+        if s.warm_start:
+            self._last_solution = tuple(x.detach() for x in implicit)
+        self.upper_backbone.train()
+        loss_phi = self.task.loss(self.upper_backbone, self.head, batch)
+        require_finite(loss_phi, "downstream loss at phi", "lower upper.optim.lr")
+        grads_phi = torch.autograd.grad(loss_phi, [*self.phi, *head_params])
+        g_phi_plain, g_head_phi = grads_phi[: len(self.phi)], grads_phi[len(self.phi) :]
+        g_phi = [x + s.gamma * g for x, g in zip(implicit, g_phi_plain, strict=True)]
+        g_omega = [a + s.gamma * b for a, b in zip(g_head, g_head_phi, strict=True)]
+        stats = {
+            "loss_theta": loss_theta.item(),
+            "loss_phi": loss_phi.item(),
+            "implicit_grad_norm": global_norm(implicit),
+            "downstream_grad_norm": global_norm(v_theta),
+            "hypergrad_norm": global_norm(g_phi),
+            "solver_iters": float(info.iterations),
+            "solver_hvps": float(info.matvecs),
+            "solver_residual": float(info.residual),
+            "solver_converged": float(info.converged),
+        }
+        return [*g_phi, *g_omega], stats
+
+    def upper_step(self, batch: Any, hessian_views: Sequence[Tensor]) -> dict[str, float]:
+        """One step of phi and omega along the combined hypergradient."""
+        grads, stats = self.hypergradient(batch, hessian_views)
+        for param, grad in zip(self.upper_params, grads, strict=True):
+            param.grad = grad.detach()
+        stats["grad_norm"] = clip_gradients(self.upper_params, self.settings.upper_grad_clip)
+        self.upper_optimizer.step()
+        self.upper_optimizer.zero_grad(set_to_none=True)
+        if self.upper_scheduler is not None:
+            self.upper_scheduler.step()
+        self.upper_steps += 1
+        return stats
+
+    # ----------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "lower_backbone": self.lower_backbone.state_dict(),
+            "upper_backbone": self.upper_backbone.state_dict(),
+            "pretext": self.pretext.state_dict(),
+            "head": self.head.state_dict(),
+            "lower_optimizer": self.lower_optimizer.state_dict(),
+            "upper_optimizer": self.upper_optimizer.state_dict(),
+            "lower_steps": self.lower_steps,
+            "upper_steps": self.upper_steps,
+            "last_solution": list(self._last_solution) if self._last_solution is not None else None,
+        }
+        for name in ("lower_scheduler", "upper_scheduler"):
+            scheduler = getattr(self, name)
+            state[name] = scheduler.state_dict() if scheduler is not None else None
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lower_backbone.load_state_dict(state["lower_backbone"])
+        self.upper_backbone.load_state_dict(state["upper_backbone"])
+        self.pretext.load_state_dict(state["pretext"])
+        self.head.load_state_dict(state["head"])
+        self.lower_optimizer.load_state_dict(state["lower_optimizer"])
+        self.upper_optimizer.load_state_dict(state["upper_optimizer"])
+        self.lower_steps = int(state["lower_steps"])
+        self.upper_steps = int(state["upper_steps"])
+        solution = state["last_solution"]
+        self._last_solution = tuple(solution) if solution is not None else None
+        for name in ("lower_scheduler", "upper_scheduler"):
+            scheduler = getattr(self, name)
+            if scheduler is not None:
+                scheduler.load_state_dict(state[name])

@@ -1,0 +1,158 @@
+"""BiSSLTrainer against ground truth, with a user-defined pretext method and downstream task (the plug-in path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer
+from bissl.downstream.base import DownstreamTask
+from bissl.pretext.base import PretextMethod
+from bissl.utils.errors import ConfigError
+
+
+class TinyBackbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+        self.feature_dim = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class RegressViewPretext(PretextMethod):
+    """A user pretext method: predict view 2's first coordinates from view 1's features."""
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__(feature_dim)
+        self.head = nn.Linear(feature_dim, 2)
+
+    def loss(self, backbone, views):
+        return F.mse_loss(self.head(backbone(views[0])), views[1][:, :2])
+
+
+class TinyTask(DownstreamTask):
+    def build_head(self, feature_dim):
+        return nn.Linear(feature_dim, 3)
+
+    def prepare(self, batch, device, generator):
+        return batch
+
+    def loss(self, backbone, head, batch):
+        x, y = batch
+        return F.cross_entropy(head(backbone(x)), y)
+
+    def evaluate(self, backbone, head, dataset, device):
+        raise NotImplementedError
+
+
+def _trainer(gamma=1.0, damping=20.0, solver="exact", iters=5):
+    torch.manual_seed(0)
+    backbone = TinyBackbone().double()
+    pretext = RegressViewPretext(3).double()
+    task = TinyTask()
+    head = task.build_head(3).double()
+    settings = BilevelSettings(lam=0.3, damping=damping, gamma=gamma, solver=solver, solver_iters=iters)
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    trainer = BiSSLTrainer(
+        backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,
+        make_lower_optimizer=sgd, make_upper_optimizer=sgd,
+    )  # fmt: skip
+    with torch.no_grad():  # phi != theta, as after some lower steps
+        for p in trainer.phi:
+            p.add_(0.1 * torch.randn_like(p))
+    return trainer
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    views = [torch.randn(16, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    down = (torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))
+    return views, down
+
+
+def _dense_expected(trainer: BiSSLTrainer, views, batch):
+    """mu (H + mu I)^-1 grad_theta L_D(theta) + gamma grad_phi L_D(phi), with a dense Hessian."""
+    s = trainer.settings
+    backbone = trainer.lower_backbone
+    names = [n for n, _ in backbone.named_parameters()]
+    shapes = [p.shape for p in trainer.theta]
+    flat = torch.cat([p.detach().reshape(-1) for p in trainer.theta])
+
+    def pretext_loss(theta_flat):
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            params[name] = theta_flat[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return trainer.pretext.head(functional_call(backbone, params, (views[0],))).sub(views[1][:, :2]).pow(2).mean()
+
+    buffers = {k: v.clone() for k, v in backbone.state_dict().items()}
+    hessian = torch.autograd.functional.hessian(pretext_loss, flat)
+    backbone.load_state_dict(buffers)
+    v = torch.cat(
+        [g.reshape(-1) for g in torch.autograd.grad(trainer.task.loss(backbone, trainer.head, batch), trainer.theta)]
+    )
+    backbone.load_state_dict(buffers)
+    mu = s.lam + s.damping
+    implicit = mu * torch.linalg.solve(hessian + mu * torch.eye(len(flat), dtype=flat.dtype), v)
+    plain = torch.autograd.grad(trainer.task.loss(trainer.upper_backbone, trainer.head, batch), trainer.phi)
+    return implicit + s.gamma * torch.cat([g.reshape(-1) for g in plain])
+
+
+@pytest.mark.parametrize(
+    ("solver", "iters", "damping"),
+    [("exact", 0, 0.5), ("exact", 0, 20.0), ("cg", 60, 20.0)],  # H has eigenvalues below -5: CG needs mu > 5
+)
+@pytest.mark.parametrize("gamma", [1.0, 0.0])
+def test_hypergradient_matches_dense_solve(solver, iters, damping, gamma):
+    trainer = _trainer(gamma=gamma, solver=solver, iters=iters, damping=damping)
+    views, batch = _batches()
+    expected = _dense_expected(trainer, views, batch)
+    grads, stats = trainer.hypergradient(batch, views)
+    got = torch.cat([g.reshape(-1) for g in grads[: len(trainer.phi)]])
+    assert torch.linalg.vector_norm(got - expected) / torch.linalg.vector_norm(expected) < 1e-6
+    assert stats["solver_residual"] < 1e-6
+
+
+def test_head_gradient_sums_both_terms():
+    trainer = _trainer(gamma=0.5)
+    views, batch = _batches()
+    grads, _ = trainer.hypergradient(batch, views)
+    head = list(trainer.head.parameters())
+    g_theta = torch.autograd.grad(trainer.task.loss(trainer.lower_backbone, trainer.head, batch), head)
+    g_phi = torch.autograd.grad(trainer.task.loss(trainer.upper_backbone, trainer.head, batch), head)
+    for got, a, b in zip(grads[len(trainer.phi) :], g_theta, g_phi, strict=True):
+        torch.testing.assert_close(got, a + 0.5 * b)
+
+
+def test_upper_step_leaves_lower_buffers_and_theta_untouched():
+    trainer = _trainer(solver="cg")
+    views, batch = _batches()
+    before = {k: v.clone() for k, v in trainer.lower_backbone.state_dict().items()}
+    stats = trainer.upper_step(batch, views)
+    for key, value in trainer.lower_backbone.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert stats["solver_hvps"] >= 1 and trainer.upper_steps == 1
+
+
+def test_lower_step_pulls_theta_towards_phi_and_state_roundtrips():
+    trainer = _trainer()
+    views, _ = _batches()
+    prox_before = trainer.proximal_term().item()
+    stats = trainer.lower_step(views, total_lower_steps=10)
+    assert stats["proximal"] == pytest.approx(prox_before)
+    clone = _trainer()
+    clone.load_state_dict(trainer.state_dict())
+    for a, b in zip(trainer.theta, clone.theta, strict=True):
+        assert torch.equal(a, b)
+    assert clone.lower_steps == 1
+
+
+@pytest.mark.parametrize("lam", [0.0, -1.0])
+def test_non_positive_lam_is_a_config_error(lam):
+    with pytest.raises(ConfigError, match=r"bilevel.lam must be > 0"):
+        BilevelSettings(lam=lam)
