@@ -3,10 +3,13 @@
 from bissl.bilevel.hvp import DEFAULT_HVP_METHOD, HessianOperator, flatten, preserve_buffers, unflatten
 from bissl.bilevel.implicit import implicit_gradient, proximal_mu
 from bissl.bilevel.solvers import SOLVERS, SolveInfo, Solver
+from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer
 
 __all__ = [
     "DEFAULT_HVP_METHOD",
     "SOLVERS",
+    "BiSSLTrainer",
+    "BilevelSettings",
     "HessianOperator",
     "SolveInfo",
     "Solver",
