@@ -9,11 +9,14 @@ backbone) and any user backbone.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
-from typing import ClassVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
+
+from bissl.utils.errors import ConfigError
+from bissl.utils.registry import Registry
 
 
 class PretextConfig(BaseModel):
@@ -55,3 +58,31 @@ class PretextMethod(nn.Module, abc.ABC):
     def head_parameters(self) -> Iterator[nn.Parameter]:
         """The trainable head parameters (EMA targets and other frozen state excluded)."""
         return (p for p in self.parameters() if p.requires_grad)
+
+    def check_views(self, views: Sequence[Tensor]) -> None:
+        """Raise ``ValueError`` unless ``views`` holds ``n_views`` batches."""
+        if len(views) != self.n_views:
+            raise ValueError(f"{type(self).__name__} takes {self.n_views} views per batch, got {len(views)}")
+
+
+PRETEXT_METHODS: Registry[type[PretextMethod]] = Registry("pretext method")
+
+
+def build_pretext(name: str, feature_dim: int, params: Mapping[str, Any] | None = None) -> PretextMethod:
+    """The registered method ``name`` on ``feature_dim``-dim features, its ``params`` validated by its ``Config``."""
+    method_cls = PRETEXT_METHODS.get(name)
+    try:
+        config = method_cls.Config.model_validate(dict(params or {}))
+    except ValidationError as exc:
+        raise ConfigError(f"pretext {name!r}: {_describe(exc, method_cls.Config)}") from None
+    return method_cls(feature_dim, config)
+
+
+def _describe(exc: ValidationError, config_cls: type[PretextConfig]) -> str:
+    """One line for the first validation error, naming the offending key."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key!r}; allowed keys: {', '.join(config_cls.model_fields)}"
+    return f"invalid {key!r}: {message} (got {error.get('input')!r})" if key else message

@@ -1,0 +1,76 @@
+"""The backbone interface and registry.
+
+A backbone is any ``nn.Module`` mapping images ``[B, C, H, W]`` to features ``[B, D]`` with an int
+attribute ``feature_dim = D``. Built-ins register a builder ``(in_channels, small_images, **kwargs) -> module``
+in :data:`BACKBONES`; a user's module plugs in through :func:`as_backbone` or by registering its builder::
+
+    @BACKBONES.register("my_net")
+    def my_net(*, in_channels: int, small_images: bool, width: int = 64) -> nn.Module: ...
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bissl.utils.errors import ConfigError
+from bissl.utils.registry import Registry
+
+BackboneBuilder = Callable[..., nn.Module]
+BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
+
+
+def build_backbone(name: str, *, in_channels: int, small_images: bool = True, **kwargs: Any) -> nn.Module:
+    """Build the registered backbone ``name``; extra ``kwargs`` go to its builder (e.g. ``width`` of small_cnn)."""
+    builder = BACKBONES.get(name)
+    try:
+        inspect.signature(builder).bind(in_channels=in_channels, small_images=small_images, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"backbone {name!r}: {exc}; check backbone.kwargs") from None
+    module = builder(in_channels=in_channels, small_images=small_images, **kwargs)
+    feature_dim_of(module)
+    return module
+
+
+def feature_dim_of(module: nn.Module) -> int:
+    """The declared feature dimension ``D`` of a backbone (its ``feature_dim`` attribute)."""
+    dim = getattr(module, "feature_dim", None)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise ConfigError(
+            f"backbone {type(module).__name__} declares no positive int `feature_dim` (got {dim!r}); set "
+            "`self.feature_dim = D` in its __init__ or wrap it with bissl.models.as_backbone(module, feature_dim=D)"
+        )
+    return dim
+
+
+def as_backbone(
+    module: nn.Module, feature_dim: int | None = None, *, example_input: torch.Tensor | None = None
+) -> nn.Module:
+    """Declare (or, with ``feature_dim=None``, validate) a user module's ``feature_dim`` and return the module.
+
+    With ``example_input`` the module is also run once (eval mode, no grad) to check it returns ``[B, D]``.
+    """
+    if feature_dim is not None:
+        declared = getattr(module, "feature_dim", None)
+        if declared is not None and declared != feature_dim:
+            raise ConfigError(f"{type(module).__name__} declares feature_dim={declared!r} but {feature_dim} was given")
+        module.feature_dim = feature_dim
+    dim = feature_dim_of(module)
+    if example_input is not None:
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            out = module(example_input)
+        module.train(was_training)
+        expected = (example_input.shape[0], dim)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(
+                f"{type(module).__name__} must map images to features of shape [B, feature_dim] = {list(expected)}, "
+                f"got {got}; flatten/pool its output or fix feature_dim"
+            )
+    return module

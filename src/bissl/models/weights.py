@@ -1,0 +1,151 @@
+"""Loading local weights into a backbone: torchvision/timm state dicts, SSL checkpoints, bissl backbone files.
+
+Foreign checkpoints wrap the backbone's tensors in containers (``{"state_dict": ...}``, ``{"teacher": ...}``)
+and prefix their names (``module.``, ``backbone.``, ...). :func:`load_backbone_weights` unwraps the
+container, strips the prefixes that make the names match the backbone best, drops classifier weights the
+backbone does not have, and refuses (``CheckpointError``, one line) anything that does not fit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bissl.utils.errors import CheckpointError
+from bissl.utils.io import load_torch
+
+BACKBONE_FORMAT = "bissl.backbone/v1"
+"""``format`` of bissl's backbone files ``{"format", "backbone": spec, "feature_dim", "state_dict"}``."""
+
+CONTAINER_KEYS = ("state_dict", "model", "backbone", "teacher", "student", "network", "net", "module")
+PREFIXES = ("module.", "backbone.", "encoder.", "model.", "_orig_mod.")
+CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
+_MAX_STRIPPED = 4  # prefixes stripped at most, e.g. "module.model.backbone."
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """Backbone keys the weights did not provide, and weight keys the backbone does not have."""
+
+    missing: list[str]
+    unexpected: list[str]
+
+
+def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """The name -> tensor mapping inside a loaded checkpoint.
+
+    A mapping of tensors is returned as is; a bissl backbone file yields its ``state_dict``; otherwise the
+    first of :data:`CONTAINER_KEYS` holding a mapping is opened, recursively.
+    """
+    obj = checkpoint
+    while True:
+        if not isinstance(obj, Mapping) or not obj:
+            raise CheckpointError(
+                f"found no state dict in the checkpoint (got {type(obj).__name__}); save the backbone's state_dict()"
+            )
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        fmt = obj.get("format")
+        if isinstance(fmt, str) and fmt.startswith("bissl.backbone/"):
+            if fmt != BACKBONE_FORMAT:
+                raise CheckpointError(f"backbone file format {fmt!r} is not supported (expected {BACKBONE_FORMAT!r})")
+            obj = obj["state_dict"]
+            continue
+        inner = next((obj[key] for key in CONTAINER_KEYS if isinstance(obj.get(key), Mapping)), None)
+        if inner is None:
+            keys = ", ".join(sorted(map(str, obj))[:8])
+            raise CheckpointError(
+                f"found no state dict in the checkpoint (top-level keys: {keys}); expected tensors or one of "
+                f"{', '.join(CONTAINER_KEYS)}"
+            )
+        obj = inner
+
+
+def _align_names(state: dict[str, torch.Tensor], target: set[str]) -> dict[str, torch.Tensor]:
+    """``state`` with the known prefixes stripped that make most of its names match ``target``.
+
+    Searches every chain of up to ``_MAX_STRIPPED`` prefixes (keeping only the keys carrying them); ties go to
+    fewer strips, so a user module whose own submodule is called ``encoder`` keeps its names.
+    """
+    best, best_score = state, len(target.intersection(state))
+    frontier = [state]
+    for _ in range(_MAX_STRIPPED):
+        candidates = []
+        for cand in frontier:
+            for prefix in PREFIXES:
+                sub = {k[len(prefix) :]: v for k, v in cand.items() if k.startswith(prefix)}
+                if sub:
+                    candidates.append(sub)
+                    score = len(target.intersection(sub))
+                    if score > best_score:
+                        best, best_score = sub, score
+        frontier = candidates
+    return best
+
+
+def _likely_cause(key: str, first_key: str, ours: torch.Size, theirs: torch.Size) -> str:
+    if key == first_key and len(ours) == len(theirs) == 4 and ours[0] == theirs[0]:
+        if ours[1] != theirs[1]:
+            return f"in_channels differs (checkpoint {theirs[1]}, backbone {ours[1]})"
+        return (
+            f"the small_images setting differs (checkpoint stem {theirs[2]}x{theirs[3]}, backbone {ours[2]}x{ours[3]}; "
+            "small_images=True uses 3x3)"
+        )
+    return "the checkpoint is for another architecture or width (e.g. resnet50 weights for a resnet18)"
+
+
+def _brief(keys: list[str], limit: int = 3) -> str:
+    more = f", ... (+{len(keys) - limit})" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_backbone_weights(
+    backbone: nn.Module,
+    path_or_state_dict: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    strict: bool = True,
+) -> LoadReport:
+    """Load local weights (a file, loaded with ``weights_only=True``, or an in-memory checkpoint) into ``backbone``.
+
+    Shape mismatches always raise ``CheckpointError`` naming the first key, both shapes and the likely cause;
+    with ``strict`` so do missing or unexpected keys (BatchNorm's ``num_batches_tracked`` may be missing).
+    Nothing is loaded when an error is raised.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        checkpoint = path_or_state_dict
+        source = "the given state dict"
+    else:
+        checkpoint = load_torch(path_or_state_dict, weights_only=True)
+        source = str(path_or_state_dict)
+    ours = backbone.state_dict()
+    state = _align_names(extract_state_dict(checkpoint), set(ours))
+    state = {k: v for k, v in state.items() if k in ours or not k.startswith(CLASSIFIER_PREFIXES)}
+
+    if not ours.keys() & state.keys():
+        raise CheckpointError(
+            f"no weight name in {source} matches {type(backbone).__name__} (checkpoint: {_brief(sorted(state))}; "
+            f"backbone: {_brief(list(ours))}); the checkpoint is for another model"
+        )
+    mismatched = [k for k in ours if k in state and state[k].shape != ours[k].shape]
+    if mismatched:
+        key = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        cause = _likely_cause(key, next(iter(ours)), ours[key].shape, state[key].shape)
+        raise CheckpointError(
+            f"weights in {source} do not fit the backbone: {key!r} has shape {list(state[key].shape)} in the "
+            f"checkpoint but {list(ours[key].shape)} in the backbone{more}; likely cause: {cause}"
+        )
+    missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in ours]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"weights in {source} do not fit the backbone: {len(missing)} missing ({_brief(missing)}), "
+            f"{len(unexpected)} unexpected ({_brief(unexpected)}); pass strict=False to load only the matching ones"
+        )
+    backbone.load_state_dict(state, strict=False)
+    return LoadReport(missing=missing, unexpected=unexpected)
