@@ -66,6 +66,24 @@ def cmd_align(args: argparse.Namespace) -> None:
     print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from bissl.config import EvaluateConfig, load_config
+    from bissl.train.evaluate import evaluate
+
+    extra = _overrides(args)
+    if args.backbone:
+        extra.append(f"backbone={args.backbone}")
+    if args.data:
+        extra.append(f"downstream.data.name={args.data}")
+    cfg = load_config(EvaluateConfig, args.config, extra)
+    result = evaluate(cfg)
+    for key, value in result.metrics.items():
+        print(f"{key}: {value:.4f}")
+    if result.embedding_path is not None:
+        print(f"embedding: {result.embedding_path}")
+    print(f"summary: {result.summary_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bissl", description="Bilevel self-supervised learning (BiSSL).")
     parser.add_argument("--version", action="version", version=f"bissl {__version__}")
@@ -74,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
         "pretrain": (cmd_pretrain, "pretrain_digits", "self-supervised pretraining of a backbone"),
         "align": (cmd_align, "align_digits", "BiSSL: bilevel alignment of a pretrained backbone to a downstream task"),
+        "evaluate": (cmd_evaluate, "evaluate_digits", "kNN / linear-probe accuracy and t-SNE of a frozen backbone"),
     }
     for name, (func, default_config, help_text) in commands.items():
         sub = verbs.add_parser(name, help=help_text, description=help_text)
@@ -83,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--pretrained", help="pretrain run folder or backbone.pt (same as pretrained=...)")
             sub.add_argument("--downstream", help="downstream task (same as downstream.task=...)")
             sub.add_argument("--data", help="downstream dataset (same as downstream.data.name=...)")
+        if name == "evaluate":
+            sub.add_argument("--backbone", help="run folder or backbone.pt to evaluate (same as backbone=...)")
+            sub.add_argument("--data", help="labelled dataset (same as downstream.data.name=...)")
     return parser
 
 

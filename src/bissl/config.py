@@ -261,6 +261,24 @@ class FinetuneConfig(StrictModel):
         return self
 
 
+class EvaluateConfig(StrictModel):
+    """``bissl evaluate``: kNN and linear-probe accuracy of a frozen backbone, and a t-SNE plot of its features."""
+
+    seed: int = 0
+    out_dir: str = "runs/evaluate"
+    device: Device = "auto"
+    backbone: str = "runs/pretrain_digits"  # a run folder or its backbone.pt
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    knn_k: int = Field(20, gt=0)
+    knn_temperature: float = Field(0.07, gt=0)
+    linear_probe_epochs: int = Field(100, ge=0)  # 0: no linear probe
+    linear_probe_lr: float = Field(1e-2, gt=0)
+    linear_probe_weight_decay: float = Field(1e-4, ge=0)
+    embedding: bool = True  # embedding.png: t-SNE of the TEST features coloured by class (needs matplotlib)
+    embedding_max_points: int = Field(2000, ge=3)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
@@ -360,6 +378,7 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "pretrain": PretrainConfig,
     "align": AlignConfig,
     "finetune": FinetuneConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

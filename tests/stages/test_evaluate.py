@@ -1,0 +1,92 @@
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from bissl.cli import main
+from bissl.config import EvaluateConfig, PretrainConfig, load_config
+from bissl.models import build_backbone
+from bissl.train.checkpoint import backbone_spec, export_backbone
+from bissl.train.evaluate import evaluate
+from bissl.train.logger import read_metrics
+from bissl.train.pretrain import pretrain
+from bissl.utils.errors import ConfigError
+
+TINY_EVALUATE = ["downstream.data.image_size=8", "linear_probe_epochs=20", "log.progress=false"]
+
+
+@pytest.fixture
+def pretrained(tiny_pretrain_overrides):
+    """The folder of a tiny finished pretrain run."""
+    return pretrain(load_config(PretrainConfig, "pretrain_digits", tiny_pretrain_overrides)).out_dir
+
+
+def _cfg(tmp_path, backbone, *extra):
+    return load_config(
+        EvaluateConfig, "evaluate_digits", [*TINY_EVALUATE, f"backbone={backbone}", f"out_dir={tmp_path}", *extra]
+    )
+
+
+def test_evaluate_reports_knn_probe_and_embedding(tmp_path, pretrained):
+    result = evaluate(_cfg(tmp_path / "eval", pretrained, "embedding_max_points=200"))
+    keys = {"knn_val", "knn_test", "linear_probe_val", "linear_probe_test"}
+    assert set(result.metrics) == keys
+    assert all(math.isfinite(v) and 0 <= v <= 1 for v in result.metrics.values())
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["stage"] == "evaluate" and summary["metrics"] == result.metrics
+    assert summary["num_samples"] == {"train": 1079, "val": 359, "test": 359}
+    assert read_metrics(result.out_dir / "metrics.jsonl", "evaluate")[0]["knn_test"] == result.metrics["knn_test"]
+    assert result.embedding_path == result.out_dir / "embedding.png"
+    assert result.embedding_path.read_bytes().startswith(b"\x89PNG") and (result.out_dir / "config.yaml").is_file()
+
+    again = evaluate(_cfg(tmp_path / "eval", pretrained / "backbone.pt", "embedding=false"))
+    assert again.metrics == result.metrics  # reproducible from the seed
+    assert again.embedding_path is None and not (again.out_dir / "embedding.png").exists()  # no stale plot
+
+
+def test_cli_evaluate_prints_metrics_and_files(tmp_path, pretrained, capsys):
+    out_dir = tmp_path / "cli"
+    argv = ["evaluate", "--backbone", str(pretrained), "--out-dir", str(out_dir), *TINY_EVALUATE]
+    assert main([*argv, "embedding_max_points=60", "linear_probe_epochs=0"]) == 0
+    printed = capsys.readouterr().out
+    assert "knn_test: " in printed and "linear_probe" not in printed
+    assert f"embedding: {out_dir / 'embedding.png'}" in printed and f"summary: {out_dir / 'summary.json'}" in printed
+
+
+def test_missing_backbone_is_one_line_error(tmp_path, capsys):
+    out_dir = tmp_path / "eval"
+    assert main(["evaluate", "--backbone", str(tmp_path / "nowhere"), "--out-dir", str(out_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("bissl evaluate: error: backbone=")
+    assert "no backbone file" in err and "--backbone" in err
+    assert not out_dir.exists()  # nothing written for a run that cannot start
+
+
+def _exported_backbone(tmp_path, in_channels):
+    path = tmp_path / f"backbone_{in_channels}ch.pt"
+    module = build_backbone("small_cnn", in_channels=in_channels, width=8)
+    export_backbone(path, module, backbone_spec("small_cnn", in_channels, True, {"width": 8}))
+    return path
+
+
+def test_channel_mismatch_names_the_fix(tmp_path):
+    cfg = _cfg(tmp_path / "eval", _exported_backbone(tmp_path, 3))
+    with pytest.raises(ConfigError, match="'digits' has 1 channels but the backbone takes 3; use data with matching"):
+        evaluate(cfg)
+
+
+def test_unlabelled_dataset_is_refused(tmp_path):
+    root = tmp_path / "images"
+    for split in ("train", "val", "test"):
+        (root / split).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), color=i * 100).save(root / split / f"{i}.png")
+    cfg = _cfg(
+        tmp_path / "eval",
+        _exported_backbone(tmp_path, 1),
+        "downstream.data.name=unlabelled_folder",
+        f"downstream.data.root={root}",
+    )
+    with pytest.raises(ConfigError, match="has no labels; choose a labelled dataset"):
+        evaluate(cfg)
