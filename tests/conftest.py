@@ -31,3 +31,37 @@ def _fast_torch():
 @pytest.fixture
 def tiny_pretrain_overrides(tmp_path):
     return [*TINY_PRETRAIN, f"out_dir={tmp_path / 'pretrain'}"]
+
+
+TINY_ALIGN = [
+    "pretext_data.image_size=8",
+    "downstream.data.image_size=8",
+    "lower.batch_size=64",
+    "upper.batch_size=32",
+    "bilevel.cycles=2",
+    "bilevel.n_lower=2",
+    "bilevel.n_upper=2",
+    "bilevel.head_warmup_epochs=1",
+    "checkpoint_every_cycles=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory):
+    """A finished tiny pretraining run (digits, 8 px, small_cnn width 8), shared by the stage tests."""
+    from bissl.config import PretrainConfig, load_config
+    from bissl.train.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("pretrained")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pretrain(load_config(PretrainConfig, "pretrain_digits", [*TINY_PRETRAIN, f"out_dir={out}"]))
+    torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture
+def tiny_align_overrides(tmp_path, tiny_pretrained):
+    return [*TINY_ALIGN, f"pretrained={tiny_pretrained}", f"out_dir={tmp_path / 'align'}"]

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bissl.models.weights import BACKBONE_FORMAT
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.io import load_torch, save_torch
 
-BACKBONE_FORMAT = "bissl.backbone/v1"
 HEAD_FORMAT = "bissl.head/v1"
 STATE_FORMAT = "bissl.state/v1"
 BACKBONE_FILE = "backbone.pt"
