@@ -50,7 +50,7 @@ def test_existing_run_is_not_overwritten_without_resume(tiny_pretrain_overrides)
 
 def test_resume_refuses_a_changed_config(tmp_path, tiny_pretrain_overrides):
     pretrain(_cfg(tiny_pretrain_overrides), until_step=1)
-    with pytest.raises(ConfigError, match=r"config changed \(optim.lr: 0.3 -> 0.1\)"):
+    with pytest.raises(ConfigError, match=r"another config \(optim.lr: 0.3 -> 0.1\); restore the config"):
         pretrain(_cfg(tiny_pretrain_overrides, "optim.lr=0.1"), resume=True)
 
 

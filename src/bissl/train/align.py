@@ -42,6 +42,7 @@ from bissl.train.head_warmup import warm_up_head
 from bissl.train.logger import MetricLogger
 from bissl.train.optim import build_optimizer, cosine_with_warmup
 from bissl.train.runtime import (
+    RESUMABLE_KEYS,
     STATE_FILE,
     check_batch_size,
     check_channels,
@@ -145,7 +146,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
     config_dict = cfg.model_dump(mode="json")
     cycle = 0
     if has_state:
-        state = load_state(out / STATE_FILE, config_dict, ignore=("log", "device"))
+        state = load_state(out / STATE_FILE, config_dict, ignore=RESUMABLE_KEYS)
         trainer.load_state_dict(state["trainer"])
         lower_stream.position, upper_stream.position = state["lower_position"], state["upper_position"]
         cycle = int(state["cycle"])

@@ -32,6 +32,7 @@ from bissl.train.checkpoint import (
 from bissl.train.logger import MetricLogger
 from bissl.train.optim import build_optimizer, cosine_with_warmup
 from bissl.train.runtime import (
+    RESUMABLE_KEYS,
     STATE_FILE,
     check_batch_size,
     check_channels,
@@ -96,7 +97,7 @@ def finetune(
     epoch, step = 0, 0
     best: dict[str, Any] = {"score": float("-inf"), "epoch": 0, "backbone": None, "head": None}
     if has_state:
-        state = load_state(out / STATE_FILE, config_dict, ignore=("log", "device"))
+        state = load_state(out / STATE_FILE, config_dict, ignore=RESUMABLE_KEYS)
         backbone.load_state_dict(state["backbone"])
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])

@@ -37,6 +37,7 @@ from bissl.train.checkpoint import (
 from bissl.train.logger import MetricLogger
 from bissl.train.optim import build_optimizer, cosine_with_warmup
 from bissl.train.runtime import (
+    RESUMABLE_KEYS,
     STATE_FILE,
     check_batch_size,
     prepare_run_dir,
@@ -130,7 +131,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | Non
     config_dict = cfg.model_dump(mode="json")
     step = 0
     if has_state:
-        state = load_state(out / STATE_FILE, config_dict, ignore=("log", "device"))
+        state = load_state(out / STATE_FILE, config_dict, ignore=RESUMABLE_KEYS)
         backbone.load_state_dict(state["backbone"])
         method.load_state_dict(state["pretext"])
         optimizer.load_state_dict(state["optimizer"])

@@ -8,13 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from pydantic import BaseModel
 
 from bissl.config import to_yaml
+from bissl.train.checkpoint import config_diff
 from bissl.utils.errors import ConfigError, DataError
 from bissl.utils.io import atomic_write, save_json
 
 STATE_FILE = "checkpoints/last.pt"
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+RESUMABLE_KEYS = ("log", "device")  # config keys that may differ between a run and its continuation
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,9 +41,28 @@ def prepare_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool) -> 
     has_state = (out / STATE_FILE).is_file()
     if has_state and not resume:
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another out_dir")
+    if has_state:
+        require_same_config(out, config)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.yaml", lambda f: f.write(to_yaml(config)), mode="w")
+    atomic_write(out / CONFIG_FILE, lambda f: f.write(to_yaml(config)), mode="w")
     return out, has_state
+
+
+def require_same_config(out: Path, config: BaseModel) -> None:
+    """Refuse to continue or reuse the run in ``out`` when it was made with another config.
+
+    ``log`` and ``device`` may change between a run and its continuation; every other key must not.
+    """
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    diff = config_diff(old, config.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
+    if diff:
+        raise ConfigError(
+            f"{out} holds a run made with another config ({diff}); restore the config, or use a new out_dir "
+            "(or delete that folder) to start over"
+        )
 
 
 def check_batch_size(num_samples: int, batch_size: int, dataset: str, key: str) -> None:
@@ -70,6 +94,6 @@ def environment() -> dict[str, Any]:
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
-    path = out_dir / "summary.json"
+    path = out_dir / SUMMARY_FILE
     save_json({**summary, "environment": environment(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, path)
     return path
