@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bissl.utils.errors import BisslError, ConfigError
-from bissl.utils.io import atomic_write
+from bissl.utils.errors import ConfigError
+from bissl.utils.plotting import new_figure, save_png
 
 EMBEDDING_METHODS = ("tsne", "pca")
 Panel = tuple[str, np.ndarray, np.ndarray]  # (title, points [N, 2], labels [N])
@@ -68,21 +68,6 @@ def embed_2d(
     return points.astype(np.float32), y
 
 
-def _figure_classes() -> tuple[Any, Any]:
-    """matplotlib's ``Figure`` and Agg canvas, or a one-line error naming the extra to install."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise BisslError("plots need matplotlib, which is not installed; pip install 'bissl[plots]'") from None
-    return Figure, FigureCanvasAgg
-
-
-def require_plotting() -> None:
-    """Fail early (before long work) when plots cannot be drawn."""
-    _figure_classes()
-
-
 def _scatter(
     ax: Any,
     points: np.ndarray,
@@ -133,9 +118,7 @@ def plot_embeddings_grid(
     """
     if not panels:
         raise ValueError("plot_embeddings_grid needs at least one panel")
-    figure_cls, canvas_cls = _figure_classes()
-    fig = figure_cls(figsize=(4.6 * len(panels), 4.0))
-    canvas_cls(fig)
+    fig = new_figure((4.6 * len(panels), 4.0))
     all_labels = [_numpy(labels).astype(int) for _, _, labels in panels]
     num_classes = max(1, len(class_names or ()), *(int(labels.max()) + 1 for labels in all_labels if len(labels)))
     for i, ((panel_title, points, _), labels) in enumerate(zip(panels, all_labels, strict=True)):
@@ -144,5 +127,4 @@ def plot_embeddings_grid(
         ax.set_title(panel_title, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
-    return Path(path)
+    return save_png(fig, path)

@@ -16,7 +16,7 @@ import torch
 
 from bissl.config import EvaluateConfig
 from bissl.downstream.build import build_splits
-from bissl.eval.embedding import embed_2d, plot_embedding, require_plotting
+from bissl.eval.embedding import embed_2d, plot_embedding
 from bissl.eval.frozen import dataset_features
 from bissl.eval.knn import knn_accuracy
 from bissl.eval.linear_probe import fit_linear_classifier
@@ -24,6 +24,7 @@ from bissl.train.checkpoint import load_backbone, resolve_backbone_file
 from bissl.train.logger import MetricLogger
 from bissl.train.runtime import check_channels, prepare_run_dir, resolve_device, write_summary
 from bissl.utils.errors import CheckpointError, ConfigError
+from bissl.utils.plotting import require_plotting
 from bissl.utils.seed import seed_everything
 
 log = logging.getLogger("bissl.evaluate")
