@@ -24,14 +24,14 @@ def _common(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
+def _overrides(args: argparse.Namespace, data_key: str = "data") -> list[str]:
     extra = list(args.overrides)
     if args.out_dir:
         extra.append(f"out_dir={args.out_dir}")
     if args.data_root:
-        extra.append(f"data.root={args.data_root}")
+        extra.append(f"{data_key}.root={args.data_root}")
     if args.download:
-        extra.append("data.download=true")
+        extra.append(f"{data_key}.download=true")
     return extra
 
 
@@ -84,6 +84,38 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"summary: {result.summary_path}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from bissl.config import FinetuneConfig, load_config
+
+    extra = _overrides(args, data_key="downstream.data")
+    if args.backbone:
+        extra.append(f"backbone={args.backbone}")
+    if args.data:
+        extra.append(f"downstream.data.name={args.data}")
+    cfg = load_config(FinetuneConfig, args.config, extra)
+    if cfg.hpo.trials == 0:
+        from bissl.train.finetune import finetune
+
+        result = finetune(cfg, resume=args.resume)
+        for key, value in result.metrics.items():
+            print(f"{key}: {value:.4f}")
+        print(f"best epoch (validation): {result.best_epoch}")
+        print(f"run folder: {result.out_dir} (backbone.pt, downstream_head.pt, metrics.csv, summary.json)")
+        return
+    from bissl.train.hpo import aggregate, final_runs, search
+
+    found = search(cfg)
+    params = " ".join(f"{key}={value:.4g}" for key, value in found.best_params.items())
+    print(f"best trial: {found.best_trial} (val_{found.metric} {found.best_value:.4f}): {params}")
+    if not cfg.hpo.final_seeds:
+        print(f"study: {found.storage} (no final runs: hpo.final_seeds is empty)")
+        return
+    results = final_runs(cfg, found.best_params, cfg.hpo.final_seeds, search=found)
+    for key, stats in aggregate(results).items():
+        print(f"{key}: {stats['mean']:.4f} ± {stats['std']:.4f} (mean ± std over {stats['n']} seeds)")
+    print(f"run folder: {cfg.out_dir} (study.db, trials/, final/seed<k>/, hpo_summary.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bissl", description="Bilevel self-supervised learning (BiSSL).")
     parser.add_argument("--version", action="version", version=f"bissl {__version__}")
@@ -92,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
         "pretrain": (cmd_pretrain, "pretrain_digits", "self-supervised pretraining of a backbone"),
         "align": (cmd_align, "align_digits", "BiSSL: bilevel alignment of a pretrained backbone to a downstream task"),
+        "finetune": (cmd_finetune, "finetune_digits", "fine-tuning, optionally with a search over lr and weight decay"),
         "evaluate": (cmd_evaluate, "evaluate_digits", "kNN / linear-probe accuracy and t-SNE of a frozen backbone"),
     }
     for name, (func, default_config, help_text) in commands.items():
@@ -101,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "align":
             sub.add_argument("--pretrained", help="pretrain run folder or backbone.pt (same as pretrained=...)")
             sub.add_argument("--downstream", help="downstream task (same as downstream.task=...)")
+            sub.add_argument("--data", help="downstream dataset (same as downstream.data.name=...)")
+        if name == "finetune":
+            sub.add_argument("--backbone", help="pretrain/align run folder or backbone.pt (same as backbone=...)")
             sub.add_argument("--data", help="downstream dataset (same as downstream.data.name=...)")
         if name == "evaluate":
             sub.add_argument("--backbone", help="run folder or backbone.pt to evaluate (same as backbone=...)")

@@ -241,6 +241,30 @@ class AlignConfig(StrictModel):
     log: LogConfig = Field(default_factory=LogConfig)
 
 
+class HPOConfig(StrictModel):
+    """Random/TPE search over ``optim.lr`` and ``optim.weight_decay`` (Optuna), then the best setting per seed.
+
+    Defaults follow the paper: random search, lr in [1e-4, 1], weight decay in [1e-5, 1e-2] (log-uniform).
+    """
+
+    trials: int = Field(0, ge=0)  # finished trials the study should hold; 0: no search, one plain run
+    sampler: Literal["random", "tpe"] = "random"
+    pruner: Literal["median", "none"] = "median"
+    lr_range: tuple[float, float] = (1e-4, 1.0)
+    weight_decay_range: tuple[float, float] = (1e-5, 1e-2)
+    storage: str | None = None  # Optuna storage URL (e.g. postgresql://...); None: sqlite:///<out_dir>/study.db
+    study_name: str = "finetune"
+    heartbeat_s: int = Field(30, gt=0)  # a RUNNING trial without a heartbeat for 2x this is failed and re-queued
+    final_seeds: list[int] = Field(default_factory=lambda: [0])  # runs of the best setting; []: search only
+
+    @field_validator("lr_range", "weight_decay_range")
+    @classmethod
+    def _positive_increasing(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] < value[1]:
+            raise ValueError("must be [low, high] with 0 < low < high")
+        return value
+
+
 class FinetuneConfig(StrictModel):
     """``bissl finetune``: supervised fine-tuning of a backbone (from ``pretrain`` or ``align``) on a task."""
 
@@ -254,6 +278,7 @@ class FinetuneConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.01, weight_decay=1e-4))
     eval_every_epochs: int = Field(1, gt=0)
     log: LogConfig = Field(default_factory=LogConfig)
+    hpo: HPOConfig = Field(default_factory=HPOConfig)
 
     @model_validator(mode="after")
     def _warmup_within_run(self) -> FinetuneConfig:

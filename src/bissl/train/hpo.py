@@ -1,0 +1,380 @@
+"""Hyper-parameter search for fine-tuning (Optuna), then the best setting re-run over several seeds.
+
+The paper's protocol: random search over log-uniform ``optim.lr`` and ``optim.weight_decay``, model
+selection on the validation split, then final runs of the best setting over seeds, reported as mean and
+std of the TEST metrics. Layout of ``out_dir``::
+
+    study.db              the default storage (any Optuna RDB URL works, e.g. PostgreSQL: hpo.storage)
+    trials/<number>/      one fine-tuning run per trial
+    final/seed<k>/        the best setting, one run per seed
+    hpo_summary.json      best params, every trial, per-seed test metrics, mean and std
+
+Re-running resumes: ``hpo.trials`` counts the finished (complete or pruned) trials already in the study.
+Several workers may share one study through its storage URL. Each trial's parameters are drawn from a
+sampler seeded by ``(seed, trial number)``, so they do not depend on restarts or on which worker runs it.
+A trial whose process died stops sending heartbeats; after ``2 * hpo.heartbeat_s`` the next worker marks
+it failed and re-queues its parameters, and the retry restarts the dead trial's folder. Until then it stays
+RUNNING and is neither counted nor waited for.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import re
+import shutil
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from bissl.config import FinetuneConfig, HPOConfig, build_config
+from bissl.downstream import DOWNSTREAM_TASKS
+from bissl.train.checkpoint import config_diff
+from bissl.train.finetune import FinetuneResult, finetune
+from bissl.train.runtime import environment
+from bissl.utils.errors import BisslError, ConfigError, NonFiniteError
+from bissl.utils.io import save_json
+from bissl.utils.seed import derive_seed
+
+if TYPE_CHECKING:
+    import optuna
+
+log = logging.getLogger("bissl.hpo")
+
+STUDY_FILE = "study.db"
+SUMMARY_FILE = "hpo_summary.json"
+# Keys that may differ between the runs (or workers) of one study: where things go, and what is searched.
+_STUDY_IGNORES = (
+    "out_dir",
+    "device",
+    "log",
+    "optim.lr",
+    "optim.weight_decay",
+    "downstream.data.root",
+    "downstream.data.num_workers",
+    "hpo.trials",
+    "hpo.storage",
+    "hpo.heartbeat_s",
+    "hpo.final_seeds",
+)
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    storage: str  # the storage URL, password hidden
+    metric: str  # the validation metric maximised
+    best_trial: int
+    best_value: float
+    best_params: dict[str, float]
+    trials: list[dict[str, Any]]  # number, state, params, value, intermediate values, user attrs
+    new_trials: int  # trials finished while this call ran (by any worker of the study)
+
+
+def _optuna() -> ModuleType:
+    try:
+        import optuna
+    except ImportError:
+        raise BisslError("hyper-parameter search needs optuna; pip install 'bissl[hpo]'") from None
+    return optuna
+
+
+def storage_url(cfg: FinetuneConfig, hpo: HPOConfig) -> str:
+    """``hpo.storage``, or a SQLite file in the run folder."""
+    return hpo.storage or f"sqlite:///{(Path(cfg.out_dir) / STUDY_FILE).resolve()}"
+
+
+def _hide_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def _finished_states(optuna: ModuleType) -> tuple[Any, ...]:
+    return (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def _sampler(optuna: ModuleType, kind: str, seed: int) -> optuna.samplers.BaseSampler:
+    """A sampler that delegates each trial to a fresh ``kind`` sampler seeded by ``(seed, trial number)``."""
+
+    def make(number: int) -> optuna.samplers.BaseSampler:
+        trial_seed = derive_seed(seed, "hpo", number) % 2**32
+        if kind == "tpe":
+            return optuna.samplers.TPESampler(seed=trial_seed)
+        return optuna.samplers.RandomSampler(seed=trial_seed)
+
+    class TrialSeededSampler(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self._current: tuple[int, optuna.samplers.BaseSampler] | None = None
+
+        def _of(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
+            if self._current is None or self._current[0] != trial.number:
+                self._current = (trial.number, make(trial.number))
+            return self._current[1]
+
+        def infer_relative_search_space(
+            self, study: optuna.Study, trial: optuna.trial.FrozenTrial
+        ) -> dict[str, optuna.distributions.BaseDistribution]:
+            return self._of(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(
+            self,
+            study: optuna.Study,
+            trial: optuna.trial.FrozenTrial,
+            search_space: dict[str, optuna.distributions.BaseDistribution],
+        ) -> dict[str, Any]:
+            return self._of(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(
+            self,
+            study: optuna.Study,
+            trial: optuna.trial.FrozenTrial,
+            param_name: str,
+            param_distribution: optuna.distributions.BaseDistribution,
+        ) -> Any:
+            return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            self._of(trial).before_trial(study, trial)
+
+        def after_trial(
+            self,
+            study: optuna.Study,
+            trial: optuna.trial.FrozenTrial,
+            state: optuna.trial.TrialState,
+            values: Sequence[float] | None,
+        ) -> None:
+            self._of(trial).after_trial(study, trial, state, values)
+
+    return TrialSeededSampler()
+
+
+def _pruner(optuna: ModuleType, kind: str, epochs: int) -> optuna.pruners.BasePruner:
+    """Median pruning after 5 finished trials, never in the first quarter of a run (early epochs are noisy)."""
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=epochs // 4)
+    return optuna.pruners.NopPruner()
+
+
+def _storage(optuna: ModuleType, url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
+    """The RDB storage, with heartbeats and re-queueing of trials whose worker died."""
+    from sqlalchemy.exc import IntegrityError
+
+    def connect() -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():  # heartbeats and retries are marked experimental by Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                heartbeat_interval=heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
+
+    try:
+        try:
+            return connect()
+        except IntegrityError:  # another worker created the new database's tables at the same moment
+            time.sleep(1.0)
+            return connect()
+    except Exception as exc:  # bad URL, missing database driver, unreachable server
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"cannot open hpo.storage {_hide_password(url)!r}: {reason}") from None
+
+
+def open_study(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> optuna.Study:
+    """Create or load the study (``load_if_exists``); refuse one that was run with another config."""
+    optuna = _optuna()
+    hpo = hpo or cfg.hpo
+    url = storage_url(cfg, hpo)
+    if not hpo.storage:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        storage=_storage(optuna, url, hpo.heartbeat_s),
+        study_name=hpo.study_name,
+        direction="maximize",
+        sampler=_sampler(optuna, hpo.sampler, cfg.seed),
+        pruner=_pruner(optuna, hpo.pruner, cfg.epochs),
+        load_if_exists=True,
+    )
+    config = {**cfg.model_dump(mode="json"), "hpo": hpo.model_dump(mode="json")}
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        study.set_user_attr("config", config)
+    elif diff := config_diff(stored, config, ignore=_STUDY_IGNORES):
+        raise ConfigError(
+            f"study {hpo.study_name!r} in {_hide_password(url)} was run with another config ({diff}); restore it, "
+            "or set hpo.study_name (or out_dir) for a new study"
+        )
+    return study
+
+
+def run_config(cfg: FinetuneConfig, out_dir: Path, params: dict[str, float], seed: int | None = None) -> FinetuneConfig:
+    """The plain fine-tuning config of one trial or final run: ``params`` set in ``optim``, no search."""
+    data = cfg.model_dump(mode="json")
+    data["optim"].update(params)
+    data.update(out_dir=str(out_dir), seed=cfg.seed if seed is None else seed, hpo={})
+    return build_config(FinetuneConfig, data)
+
+
+def _objective(optuna: ModuleType, cfg: FinetuneConfig, hpo: HPOConfig, metric: str) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        params = {
+            "lr": trial.suggest_float("lr", *hpo.lr_range, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", *hpo.weight_decay_range, log=True),
+        }
+        # A retry of a dead trial inherits its user attrs, so it restarts the dead trial's folder.
+        run_dir = Path(trial.user_attrs.get("run_dir") or Path(cfg.out_dir) / "trials" / str(trial.number))
+        trial.set_user_attr("run_dir", str(run_dir))
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+        def report(epoch: int, val: dict[str, float]) -> None:
+            trial.report(val[metric], epoch)
+            if trial.should_prune():
+                reason = f"pruned at epoch {epoch} (val {metric} {val[metric]:.4f}, {hpo.pruner} pruner)"
+                trial.set_user_attr("pruned_reason", reason)
+                raise optuna.TrialPruned(reason)
+
+        try:
+            result = finetune(run_config(cfg, run_dir, params), on_eval=report)
+        except NonFiniteError as exc:
+            trial.set_user_attr("pruned_reason", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        return result.metrics[f"val_{metric}"]
+
+    return objective
+
+
+def _trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "params": trial.params,
+        "value": trial.value,
+        "intermediate_values": trial.intermediate_values,
+        "user_attrs": trial.user_attrs,
+    }
+
+
+def search(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> SearchResult:
+    """Run trials until the study holds ``hpo.trials`` finished ones (default ``hpo = cfg.hpo``)."""
+    optuna = _optuna()
+    hpo = hpo or cfg.hpo
+    if hpo.trials < 1:
+        raise ConfigError("hpo.trials is 0; set hpo.trials=N (N >= 1) to search")
+    metric = DOWNSTREAM_TASKS.get(cfg.downstream.task).primary_metric
+    study = open_study(cfg, hpo)
+    finished = _finished_states(optuna)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    log.info("study %s: %d of %d trials finished", hpo.study_name, done, hpo.trials)
+    if done < hpo.trials:
+        study.optimize(
+            _objective(optuna, cfg, hpo, metric),
+            n_trials=hpo.trials - done,
+            callbacks=[optuna.study.MaxTrialsCallback(hpo.trials, states=finished)],
+        )
+    trials = study.get_trials(deepcopy=False)
+    new = len([t for t in trials if t.state in finished]) - done
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise BisslError(
+            f"no trial of study {hpo.study_name!r} completed (all pruned or non-finite, see the trials' "
+            "pruned_reason); lower hpo.lr_range or set pruner=none"
+        ) from None
+    return SearchResult(
+        study_name=hpo.study_name,
+        storage=_hide_password(storage_url(cfg, hpo)),
+        metric=metric,
+        best_trial=best.number,
+        best_value=float(best.value),
+        best_params=dict(best.params),
+        trials=[_trial_record(t) for t in trials],
+        new_trials=new,
+    )
+
+
+def _finished_run(run_cfg: FinetuneConfig) -> FinetuneResult | None:
+    """The result of a finished run of exactly ``run_cfg``; a folder run with other settings is removed."""
+    out = Path(run_cfg.out_dir)
+    if not out.exists():
+        return None
+    config_file = out / "config.yaml"
+    if not config_file.is_file():
+        diff = "no config.yaml"
+    else:
+        diff = config_diff(
+            yaml.safe_load(config_file.read_text()), run_cfg.model_dump(mode="json"), ignore=("log", "device")
+        )
+    if diff:
+        log.warning("%s was run with other settings (%s); running it again", out, diff)
+        shutil.rmtree(out)
+        return None
+    summary_file = out / "summary.json"
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    return FinetuneResult(out, summary["epochs"], True, best_epoch=summary["best_epoch"], metrics=summary["metrics"])
+
+
+def aggregate(results: list[FinetuneResult]) -> dict[str, dict[str, float]]:
+    """Mean, sample std (0 for one run) and count of every test metric over runs."""
+    keys = sorted(k for k in results[0].metrics if k.startswith("test_"))
+    out = {}
+    for key in keys:
+        values = [r.metrics[key] for r in results]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[key] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    return out
+
+
+def final_runs(
+    cfg: FinetuneConfig, best_params: dict[str, float], seeds: list[int], *, search: SearchResult | None = None
+) -> list[FinetuneResult]:
+    """Fine-tune ``best_params`` once per seed into ``<out_dir>/final/seed<k>`` and write ``hpo_summary.json``.
+
+    Finished seeds are read back from their ``summary.json``, unfinished ones resumed; a seed folder run
+    with other settings (e.g. a new best after more trials) is run again. Workers of one study that share
+    ``out_dir`` take turns (a file lock): the first runs the seeds, the others read them back.
+    """
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"final runs need distinct seeds (got {seeds}); set hpo.final_seeds")
+    final_dir = Path(cfg.out_dir) / "final"
+    final_dir.mkdir(parents=True, exist_ok=True)
+    with open(final_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = []
+        for seed in seeds:
+            run_cfg = run_config(cfg, final_dir / f"seed{seed}", best_params, seed=seed)
+            result = _finished_run(run_cfg)
+            if result is None:
+                log.info("final run, seed %d: %s", seed, run_cfg.out_dir)
+                result = finetune(run_cfg, resume=True)
+            results.append(result)
+        summary = {
+            "stage": "finetune_hpo",
+            "best_params": best_params,
+            "seeds": seeds,
+            "per_seed": [
+                {"seed": s, "out_dir": str(r.out_dir), "best_epoch": r.best_epoch, "metrics": r.metrics}
+                for s, r in zip(seeds, results, strict=True)
+            ],
+            "aggregate": aggregate(results),
+            "config": cfg.model_dump(mode="json"),
+            "environment": environment(),
+        }
+        if search is not None:
+            summary.update(
+                study={"name": search.study_name, "storage": search.storage, "metric": f"val_{search.metric}"},
+                best_trial=search.best_trial,
+                best_value=search.best_value,
+                trials=search.trials,
+            )
+        save_json(summary, Path(cfg.out_dir) / SUMMARY_FILE)
+    return results

@@ -1,0 +1,170 @@
+import json
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+
+from bissl.config import FinetuneConfig, load_config
+from bissl.models import build_backbone
+from bissl.train.checkpoint import backbone_spec, export_backbone
+from bissl.train.hpo import final_runs, open_study, search
+from bissl.utils.errors import BisslError, ConfigError
+from bissl.utils.io import load_torch
+
+optuna = pytest.importorskip("optuna")
+TrialState = optuna.trial.TrialState
+
+TINY = [
+    "epochs=2",
+    "batch_size=128",
+    "downstream.data.image_size=8",
+    "hpo.lr_range=[0.01, 0.3]",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_backbone("small_cnn", in_channels=1, width=8)
+    path = tmp_path_factory.mktemp("backbone") / "backbone.pt"
+    export_backbone(path, net, backbone_spec("small_cnn", 1, True, {"width": 8}))
+    return path
+
+
+@pytest.fixture
+def make_cfg(backbone_file, tmp_path):
+    def make(*extra: str, out: str = "hpo") -> FinetuneConfig:
+        overrides = [*TINY, f"backbone={backbone_file}", f"out_dir={tmp_path / out}", *extra]
+        return load_config(FinetuneConfig, "finetune_digits", overrides)
+
+    return make
+
+
+def _params(trials):
+    return [(t["params"]["lr"], t["params"]["weight_decay"]) for t in trials]
+
+
+def test_search_resumes_without_rerunning_finished_trials(make_cfg, tmp_path):
+    first = search(make_cfg("hpo.trials=3"))
+    assert first.new_trials == 3 and [t["state"] for t in first.trials] == ["COMPLETE"] * 3
+    for trial in first.trials:
+        assert 0.01 <= trial["params"]["lr"] <= 0.3 and 1e-5 <= trial["params"]["weight_decay"] <= 1e-2
+        reported = trial["intermediate_values"]  # the pruning hook reports val top1 after every epoch
+        assert sorted(reported) == [1, 2] and all(0 <= v <= 1 for v in reported.values())
+        assert trial["value"] == pytest.approx(max(reported.values()))  # the best validation epoch is kept
+        assert (tmp_path / "hpo" / "trials" / str(trial["number"]) / "summary.json").is_file()
+    assert first.best_value == max(t["value"] for t in first.trials)
+
+    again = search(make_cfg("hpo.trials=3"))
+    assert again.new_trials == 0 and _params(again.trials) == _params(first.trials)
+    more = search(make_cfg("hpo.trials=4"))
+    assert more.new_trials == 1 and len(more.trials) == 4 and _params(more.trials)[:3] == _params(first.trials)
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_draws_depend_only_on_seed_and_trial_number(make_cfg, sampler):
+    """A resumed (or parallel) search draws what one uninterrupted search draws; the seed changes them."""
+
+    def draws(cfg, *chunks):
+        for n in chunks:
+            study = open_study(cfg)  # a new process: a new sampler object
+            study.optimize(lambda t: -abs(t.suggest_float("lr", 1e-4, 1, log=True) - 0.1), n_trials=n)
+        return [t.params["lr"] for t in study.trials]
+
+    n = 12 if sampler == "tpe" else 5  # TPE's random start-up is 10 trials: 2 model-based draws
+    whole = draws(make_cfg(f"hpo.sampler={sampler}", out="a"), n)
+    assert len(set(whole)) == n
+    assert draws(make_cfg(f"hpo.sampler={sampler}", out="b"), n - 3, 2, 1) == whole
+    if sampler == "random":
+        assert draws(make_cfg("seed=1", out="c"), n) != whole
+
+
+def test_running_trials_do_not_block_and_dead_ones_are_requeued(make_cfg, tmp_path):
+    cfg = make_cfg("hpo.trials=2", "hpo.heartbeat_s=1")
+    study = open_study(cfg)
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        orphan = study.ask()  # never told, no heartbeat: stays RUNNING, must not count or block
+        dead = study.ask()  # a trial whose process was killed: its heartbeat stops
+    lr = dead.suggest_float("lr", *cfg.hpo.lr_range, log=True)
+    dead.suggest_float("weight_decay", *cfg.hpo.weight_decay_range, log=True)
+    dead_dir = tmp_path / "hpo" / "trials" / str(dead.number)
+    dead.set_user_attr("run_dir", str(dead_dir))
+    dead_dir.mkdir(parents=True)
+    (dead_dir / "partial.txt").write_text("left by the killed process")
+    study._storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.2)  # grace period: 2 x heartbeat_s
+
+    result = search(cfg)
+    states = {t["number"]: t["state"] for t in result.trials}
+    assert states[orphan.number] == "RUNNING" and states[dead.number] == "FAIL"
+    assert result.new_trials == 2 and list(states.values()).count("COMPLETE") == 2
+    retry = next(t for t in result.trials if t["state"] == "COMPLETE" and t["user_attrs"]["run_dir"] == str(dead_dir))
+    assert retry["params"]["lr"] == lr and retry["number"] > dead.number
+    assert not (dead_dir / "partial.txt").exists() and (dead_dir / "summary.json").is_file()
+
+
+def test_pruned_and_non_finite_trials_are_recorded_not_crashes(make_cfg, monkeypatch):
+    monkeypatch.setattr(optuna.pruners, "MedianPruner", lambda **_: optuna.pruners.ThresholdPruner(lower=2.0))
+    with pytest.raises(BisslError, match="no trial of study 'finetune_digits' completed"):
+        search(make_cfg("hpo.trials=2", out="pruned"))
+    study = open_study(make_cfg(out="pruned"))
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    assert all(list(t.intermediate_values) == [1] for t in study.trials)
+    assert "pruned at epoch 1 (val top1" in study.trials[0].user_attrs["pruned_reason"]
+
+    cfg = make_cfg("hpo.trials=1", "hpo.pruner=none", "hpo.lr_range=[1e20, 1e21]", out="nan")
+    with pytest.raises(BisslError, match="no trial"):
+        search(cfg)
+    (trial,) = open_study(cfg).trials
+    assert trial.state == TrialState.PRUNED
+    assert "fine-tuning loss at step" in trial.user_attrs["pruned_reason"]
+
+
+def test_final_runs_aggregate_resume_and_apply_the_seed(make_cfg, tmp_path):
+    cfg = make_cfg("hpo.trials=2")
+    found = search(cfg)
+    results = final_runs(cfg, found.best_params, [0, 1], search=found)
+    summary = json.loads((tmp_path / "hpo" / "hpo_summary.json").read_text())
+    assert summary["best_params"] == found.best_params and summary["best_trial"] == found.best_trial
+    assert [(t["state"], t["params"]) for t in summary["trials"]] == [("COMPLETE", t["params"]) for t in found.trials]
+    top1 = [r["metrics"]["test_top1"] for r in summary["per_seed"]]
+    assert [r.metrics["test_top1"] for r in results] == top1 and all(0 <= v <= 1 for v in top1)
+    assert summary["aggregate"]["test_top1"] == {"mean": statistics.fmean(top1), "std": statistics.stdev(top1), "n": 2}
+    weights = [load_torch(r.out_dir / "backbone.pt")["state_dict"] for r in results]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # seeds differ
+
+    stamp = (results[1].out_dir / "summary.json").stat().st_mtime_ns
+    again = final_runs(cfg, found.best_params, [0, 1], search=found)  # finished seeds are read back
+    assert (results[1].out_dir / "summary.json").stat().st_mtime_ns == stamp
+    assert [r.metrics for r in again] == [r.metrics for r in results]
+
+    (twin,) = final_runs(make_cfg(out="twin"), found.best_params, [1])  # the same seed elsewhere: identical
+    assert twin.metrics == results[1].metrics
+    twin_weights = load_torch(twin.out_dir / "backbone.pt")["state_dict"]
+    assert all(torch.equal(twin_weights[k], weights[1][k]) for k in twin_weights)
+
+    other = {**found.best_params, "lr": found.best_params["lr"] / 2}
+    (rerun,) = final_runs(cfg, other, [1])  # a new best setting re-runs the seed folder
+    assert rerun.out_dir == results[1].out_dir and (rerun.out_dir / "summary.json").stat().st_mtime_ns != stamp
+    assert json.loads((tmp_path / "hpo" / "hpo_summary.json").read_text())["best_params"] == other
+
+
+def test_bad_setups_are_one_line_errors(make_cfg, monkeypatch):
+    open_study(make_cfg())
+    with pytest.raises(ConfigError, match=r"was run with another config \(epochs: 2 -> 3\)"):
+        open_study(make_cfg("epochs=3"))
+    with pytest.raises(ConfigError, match=r"cannot open hpo\.storage 'nosuchdb://u:\*\*\*@host/x'"):
+        open_study(make_cfg("hpo.storage=nosuchdb://u:secret@host/x"))
+    with pytest.raises(ConfigError, match=r"hpo\.trials is 0"):
+        search(make_cfg())
+    with pytest.raises(ConfigError, match=r"hpo\.lr_range"):
+        make_cfg("hpo.lr_range=[0.1, 0.01]")
+    with pytest.raises(ConfigError, match=r"distinct seeds \(got \[0, 0\]\)"):
+        final_runs(make_cfg(), {"lr": 0.1, "weight_decay": 1e-4}, [0, 0])
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(BisslError, match=r"^hyper-parameter search needs optuna; pip install 'bissl\[hpo\]'$"):
+        search(make_cfg("hpo.trials=1"))
