@@ -156,7 +156,7 @@ def _sampler(optuna: ModuleType, kind: str, seed: int) -> optuna.samplers.BaseSa
 
 
 def _pruner(optuna: ModuleType, kind: str, epochs: int) -> optuna.pruners.BasePruner:
-    """Median pruning after 5 finished trials, never in the first quarter of a run (early epochs are noisy)."""
+    """Median pruning once 5 trials finished, from epoch ``epochs // 4`` on (the first epochs are noisy)."""
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=epochs // 4)
     return optuna.pruners.NopPruner()
