@@ -1,4 +1,8 @@
-"""The ``bissl`` command line: one verb per stage; each parses a config plus overrides and calls one function."""
+"""The ``bissl`` command line: one verb per stage; each parses a config plus overrides and calls one function.
+
+Every verb takes ``--config`` (a YAML path or a shipped config name), dotted ``key=value`` overrides and a
+few flags that are shorthands for overrides. Errors on bad input are one line on stderr (exit code 2).
+"""
 
 from __future__ import annotations
 
@@ -6,99 +10,54 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from bissl import __version__
 from bissl.utils.errors import BisslError
 
-log = logging.getLogger("bissl")
+
+@dataclass(frozen=True)
+class Verb:
+    """A stage command: its default config, the config keys its data flags set, and its shorthand flags."""
+
+    run: Callable[[Any, argparse.Namespace], None]
+    config_class: str
+    default_config: str
+    help: str
+    data_keys: tuple[str, ...]
+    flags: dict[str, tuple[str, str]] = field(default_factory=dict)  # --flag -> (config key, help)
 
 
-def _common(parser: argparse.ArgumentParser, default_config: str) -> None:
-    parser.add_argument(
-        "--config", default=default_config, help=f"YAML file or shipped config name (default: {default_config})"
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.05")
-    parser.add_argument("--out-dir", help="run folder (same as out_dir=...)")
-    parser.add_argument("--data-root", help="folder holding the datasets (same as data.root=...)")
-    parser.add_argument("--download", action="store_true", help="allow torchvision to download missing data")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+def _print_metrics(metrics: dict[str, float]) -> None:
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}")
 
 
-def _overrides(args: argparse.Namespace, data_key: str = "data") -> list[str]:
-    extra = list(args.overrides)
-    if args.out_dir:
-        extra.append(f"out_dir={args.out_dir}")
-    if args.data_root:
-        extra.append(f"{data_key}.root={args.data_root}")
-    if args.download:
-        extra.append(f"{data_key}.download=true")
-    return extra
-
-
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from bissl.config import PretrainConfig, load_config
+def run_pretrain(cfg: Any, args: argparse.Namespace) -> None:
     from bissl.train.pretrain import pretrain
 
-    cfg = load_config(PretrainConfig, args.config, _overrides(args))
     result = pretrain(cfg, resume=args.resume)
-    for key, value in result.metrics.items():
-        print(f"{key}: {value:.4f}")
+    _print_metrics(result.metrics)
     print(f"backbone: {result.backbone_path}")
     print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
 
 
-def cmd_align(args: argparse.Namespace) -> None:
-    from bissl.config import AlignConfig, load_config
+def run_align(cfg: Any, args: argparse.Namespace) -> None:
     from bissl.train.align import align
 
-    extra = _overrides(args)
-    if args.pretrained:
-        extra.append(f"pretrained={args.pretrained}")
-    if args.downstream:
-        extra.append(f"downstream.task={args.downstream}")
-    if args.data:
-        extra.append(f"downstream.data.name={args.data}")
-    cfg = load_config(AlignConfig, args.config, extra)
     result = align(cfg, resume=args.resume)
-    for key, value in result.metrics.items():
-        print(f"{key}: {value:.4f}")
+    _print_metrics(result.metrics)
     print(f"aligned backbone (theta): {result.backbone_path}")
     print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from bissl.config import EvaluateConfig, load_config
-    from bissl.train.evaluate import evaluate
-
-    extra = _overrides(args)
-    if args.backbone:
-        extra.append(f"backbone={args.backbone}")
-    if args.data:
-        extra.append(f"downstream.data.name={args.data}")
-    cfg = load_config(EvaluateConfig, args.config, extra)
-    result = evaluate(cfg)
-    for key, value in result.metrics.items():
-        print(f"{key}: {value:.4f}")
-    if result.embedding_path is not None:
-        print(f"embedding: {result.embedding_path}")
-    print(f"summary: {result.summary_path}")
-
-
-def cmd_finetune(args: argparse.Namespace) -> None:
-    from bissl.config import FinetuneConfig, load_config
-
-    extra = _overrides(args, data_key="downstream.data")
-    if args.backbone:
-        extra.append(f"backbone={args.backbone}")
-    if args.data:
-        extra.append(f"downstream.data.name={args.data}")
-    cfg = load_config(FinetuneConfig, args.config, extra)
+def run_finetune(cfg: Any, args: argparse.Namespace) -> None:
     if cfg.hpo.trials == 0:
         from bissl.train.finetune import finetune
 
         result = finetune(cfg, resume=args.resume)
-        for key, value in result.metrics.items():
-            print(f"{key}: {value:.4f}")
+        _print_metrics(result.metrics)
         print(f"best epoch (validation): {result.best_epoch}")
         print(f"run folder: {result.out_dir} (backbone.pt, downstream_head.pt, metrics.csv, summary.json)")
         return
@@ -116,32 +75,81 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(f"run folder: {cfg.out_dir} (study.db, trials/, final/seed<k>/, hpo_summary.json)")
 
 
+def run_evaluate(cfg: Any, args: argparse.Namespace) -> None:
+    from bissl.train.evaluate import evaluate
+
+    result = evaluate(cfg)
+    _print_metrics(result.metrics)
+    if result.embedding_path is not None:
+        print(f"embedding: {result.embedding_path}")
+    print(f"summary: {result.summary_path}")
+
+
+def run_pipeline(cfg: Any, args: argparse.Namespace) -> None:
+    from bissl.pipeline import run_study
+
+    result = run_study(cfg)
+    print(result.report_path.read_text().split("## Paired")[0].strip())
+    print(f"\nreport: {result.report_path}")
+    print(f"results: {result.results_path}")
+
+
+_DATA = "downstream dataset (same as downstream.data.name=...)"
+VERBS: dict[str, Verb] = {
+    "pretrain": Verb(run_pretrain, "PretrainConfig", "pretrain_digits", "self-supervised pretraining of a backbone",
+                     ("data",)),
+    "align": Verb(run_align, "AlignConfig", "align_digits",
+                  "BiSSL: bilevel alignment of a pretrained backbone to a downstream task",
+                  ("pretext_data", "downstream.data"),
+                  {"--pretrained": ("pretrained", "pretrain run folder or backbone.pt"),
+                   "--downstream": ("downstream.task", "downstream task"), "--data": ("downstream.data.name", _DATA)}),
+    "finetune": Verb(run_finetune, "FinetuneConfig", "finetune_digits",
+                     "fine-tuning, optionally with a search over lr and weight decay", ("downstream.data",),
+                     {"--backbone": ("backbone", "pretrain/align run folder or backbone.pt"),
+                      "--data": ("downstream.data.name", _DATA)}),
+    "evaluate": Verb(run_evaluate, "EvaluateConfig", "evaluate_digits",
+                     "kNN / linear-probe accuracy and t-SNE of a frozen backbone", ("downstream.data",),
+                     {"--backbone": ("backbone", "run folder or backbone.pt to evaluate"),
+                      "--data": ("downstream.data.name", _DATA)}),
+    "pipeline": Verb(run_pipeline, "PipelineConfig", "pipeline_digits",
+                     "the whole study: pretrain, then conventional and BiSSL arms x tasks x seeds, then a report",
+                     ("data",)),
+}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bissl", description="Bilevel self-supervised learning (BiSSL).")
     parser.add_argument("--version", action="version", version=f"bissl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbs = parser.add_subparsers(dest="verb", required=True)
-    commands: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
-        "pretrain": (cmd_pretrain, "pretrain_digits", "self-supervised pretraining of a backbone"),
-        "align": (cmd_align, "align_digits", "BiSSL: bilevel alignment of a pretrained backbone to a downstream task"),
-        "finetune": (cmd_finetune, "finetune_digits", "fine-tuning, optionally with a search over lr and weight decay"),
-        "evaluate": (cmd_evaluate, "evaluate_digits", "kNN / linear-probe accuracy and t-SNE of a frozen backbone"),
-    }
-    for name, (func, default_config, help_text) in commands.items():
-        sub = verbs.add_parser(name, help=help_text, description=help_text)
-        _common(sub, default_config)
-        sub.set_defaults(func=func)
-        if name == "align":
-            sub.add_argument("--pretrained", help="pretrain run folder or backbone.pt (same as pretrained=...)")
-            sub.add_argument("--downstream", help="downstream task (same as downstream.task=...)")
-            sub.add_argument("--data", help="downstream dataset (same as downstream.data.name=...)")
-        if name == "finetune":
-            sub.add_argument("--backbone", help="pretrain/align run folder or backbone.pt (same as backbone=...)")
-            sub.add_argument("--data", help="downstream dataset (same as downstream.data.name=...)")
-        if name == "evaluate":
-            sub.add_argument("--backbone", help="run folder or backbone.pt to evaluate (same as backbone=...)")
-            sub.add_argument("--data", help="labelled dataset (same as downstream.data.name=...)")
+    subparsers = parser.add_subparsers(dest="verb", required=True)
+    for name, verb in VERBS.items():
+        sub = subparsers.add_parser(name, help=verb.help, description=verb.help)
+        sub.add_argument("--config", default=verb.default_config, help="YAML file or shipped config name")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.05")
+        sub.add_argument("--out-dir", help="run folder (same as out_dir=...)")
+        sub.add_argument("--data-root", help="folder holding the datasets")
+        sub.add_argument("--download", action="store_true", help="allow torchvision to download missing data")
+        sub.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+        if name == "pipeline":
+            sub.add_argument("--quick", action="store_true", help="apply the config's `quick` preset (smoke test)")
+        for flag, (key, help_text) in verb.flags.items():
+            sub.add_argument(flag, dest=key.replace(".", "_"), help=f"{help_text} (same as {key}=...)")
     return parser
+
+
+def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
+    """The verb's config: file, then ``quick`` preset (pipeline), then flags, then explicit overrides."""
+    from bissl import config
+
+    cls = getattr(config, verb.config_class)
+    flags = [f"out_dir={args.out_dir}"] if args.out_dir else []
+    for key in verb.data_keys:
+        flags += [f"{key}.root={args.data_root}"] if args.data_root else []
+        flags += [f"{key}.download=true"] if args.download else []
+    flags += [f"{key}={value}" for key, _ in verb.flags.values() if (value := getattr(args, key.replace(".", "_")))]
+    if getattr(args, "quick", False):
+        flags = [*config.load_config(cls, args.config).quick, *flags]
+    return config.load_config(cls, args.config, [*flags, *args.overrides])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,16 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
+    verb = VERBS[args.verb]
     try:
-        args.func(args)
+        verb.run(load_verb_config(verb, args), args)
     except BisslError as exc:
         print(f"bissl {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"bissl {args.verb}: interrupted; re-run with --resume to continue from the last checkpoint",
-            file=sys.stderr,
-        )
+        print(f"bissl {args.verb}: interrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130
     return 0
 

@@ -107,60 +107,63 @@ def finetune(
         log.info("resumed %s at epoch %d/%d", out, epoch, cfg.epochs)
     logger = MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=epoch if has_state else None)
 
-    stop = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
-    bar = tqdm(total=cfg.epochs, initial=epoch, desc="finetune", unit="epoch", disable=not cfg.log.progress)
-    while epoch < stop:
-        backbone.train()
-        head.train()
-        loss_sum = 0.0
-        for _ in range(per_epoch):
-            batch = task.prepare(next(stream), device, make_generator(cfg.seed, "finetune_views", step))
-            loss = task.loss(backbone, head, batch)
-            require_finite(loss, f"fine-tuning loss at step {step}", "lower optim.lr or set optim.grad_clip")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_gradients(params, o.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_sum += loss.item()
-        epoch += 1
-        record = {"train_loss": loss_sum / per_epoch, "lr": optimizer.param_groups[0]["lr"]}
-        if epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs:
-            val = task.evaluate(backbone, head, splits["val"], device)
-            record.update({f"val_{k}": v for k, v in val.items()})
-            if val[task.primary_metric] > best["score"]:
-                best = {
-                    "score": val[task.primary_metric],
-                    "epoch": epoch,
-                    "backbone": copy.deepcopy(backbone.state_dict()),
-                    "head": copy.deepcopy(head.state_dict()),
-                }
-        logger.log(epoch, "epoch", record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_' + task.primary_metric, 0):.3f}")
-        state = {
-            "epoch": epoch,
-            "backbone": backbone.state_dict(),
-            "head": head.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "best": best,
-        }
-        save_state(out / STATE_FILE, state, config_dict)
-        if on_eval is not None and "val_" + task.primary_metric in record:
-            on_eval(epoch, {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")})
-    bar.close()
-    if epoch < cfg.epochs:
-        logger.close()
-        return FinetuneResult(out, epoch, finished=False)
+    try:
+        stop = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
+        bar = tqdm(total=cfg.epochs, initial=epoch, desc="finetune", unit="epoch", disable=not cfg.log.progress)
+        while epoch < stop:
+            backbone.train()
+            head.train()
+            loss_sum = 0.0
+            for _ in range(per_epoch):
+                batch = task.prepare(next(stream), device, make_generator(cfg.seed, "finetune_views", step))
+                loss = task.loss(backbone, head, batch)
+                require_finite(loss, f"fine-tuning loss at step {step}", "lower optim.lr or set optim.grad_clip")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                clip_gradients(params, o.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                loss_sum += loss.item()
+            epoch += 1
+            record = {"train_loss": loss_sum / per_epoch, "lr": optimizer.param_groups[0]["lr"]}
+            if epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs:
+                val = task.evaluate(backbone, head, splits["val"], device)
+                record.update({f"val_{k}": v for k, v in val.items()})
+                if val[task.primary_metric] > best["score"]:
+                    best = {
+                        "score": val[task.primary_metric],
+                        "epoch": epoch,
+                        "backbone": copy.deepcopy(backbone.state_dict()),
+                        "head": copy.deepcopy(head.state_dict()),
+                    }
+            logger.log(epoch, "epoch", record)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_' + task.primary_metric, 0):.3f}"
+            )
+            state = {
+                "epoch": epoch,
+                "backbone": backbone.state_dict(),
+                "head": head.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "best": best,
+            }
+            save_state(out / STATE_FILE, state, config_dict)
+            if on_eval is not None and "val_" + task.primary_metric in record:
+                on_eval(epoch, {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")})
+        bar.close()
+        if epoch < cfg.epochs:
+            return FinetuneResult(out, epoch, finished=False)
 
-    backbone.load_state_dict(best["backbone"])
-    head.load_state_dict(best["head"])
-    metrics = {f"test_{k}": v for k, v in task.evaluate(backbone, head, splits["test"], device).items()}
-    metrics.update({f"val_{k}": v for k, v in task.evaluate(backbone, head, splits["val"], device).items()})
-    logger.log(epoch, "final", {**metrics, "best_epoch": best["epoch"]})
-    logger.close()
+        backbone.load_state_dict(best["backbone"])
+        head.load_state_dict(best["head"])
+        metrics = {f"test_{k}": v for k, v in task.evaluate(backbone, head, splits["test"], device).items()}
+        metrics.update({f"val_{k}": v for k, v in task.evaluate(backbone, head, splits["val"], device).items()})
+        logger.log(epoch, "final", {**metrics, "best_epoch": best["epoch"]})
+    finally:
+        logger.close()
     export_backbone(out / BACKBONE_FILE, backbone, spec)
     export_head(
         out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task, params=config_dict["downstream"]
