@@ -201,6 +201,9 @@ class SolverConfig(StrictModel):
     tol: float | None = Field(None, gt=0)  # relative residual at which to stop early
     hvp: str | None = None  # Hessian-vector product method; None: the library default
     warm_start: bool = False  # start each solve from the previous solution
+    hessian_fraction: float = Field(1.0, gt=0, le=1)  # H on this fraction of the cycle's pretext batch
+    mfac_window: int = Field(20, gt=0)  # name=mfac: Fisher of the last m lower-level pretext gradients
+    mfac_block_size: int | None = Field(None, gt=0)  # name=mfac: None, one block per parameter tensor
 
     @field_validator("name")
     @classmethod
@@ -304,6 +307,88 @@ class EvaluateConfig(StrictModel):
     log: LogConfig = Field(default_factory=LogConfig)
 
 
+class DataSource(StrictModel):
+    """Where every stage of a study finds its data (overrides each stage's ``root``/``download`` when set)."""
+
+    root: str | None = None
+    download: bool = False
+
+
+class TaskSpec(StrictModel):
+    """One downstream task of a study: a name (its folder) and the task's config."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+
+
+class ArmSpec(StrictModel):
+    """One arm of a study: fine-tuning from the pretrained backbone, or from BiSSL's theta (``bissl: true``).
+
+    ``align`` holds nested overrides of the study's ``align`` settings for this arm only (e.g. another
+    solver or damping), so a new arm is a config entry, not code.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    bissl: bool = False
+    align: dict[str, Any] = Field(default_factory=dict)
+
+
+def _default_arms() -> list[ArmSpec]:
+    return [ArmSpec(name="conventional"), ArmSpec(name="bissl", bissl=True)]
+
+
+class PipelineConfig(StrictModel):
+    """``bissl pipeline``: pretrain once, then every arm x task x seed, then the report.
+
+    ``pretrain``, ``align`` and ``finetune`` are the stage configs shared by all runs; the pipeline sets
+    their ``out_dir``, ``seed``, ``device``, ``pretrained``/``backbone`` and ``downstream`` per run.
+    """
+
+    out_dir: str = "runs/pipeline_digits"
+    device: Device = "auto"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    pretrained: str | None = None  # use this pretrain run folder / backbone.pt instead of pretraining
+    data: DataSource = Field(default_factory=DataSource)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    tasks: list[TaskSpec] = Field(default_factory=lambda: [TaskSpec(name="digits")], min_length=1)
+    arms: list[ArmSpec] = Field(default_factory=_default_arms, min_length=1)
+    baseline: str = "conventional"
+    embedding: bool = True
+    embedding_max_points: int = Field(1000, ge=10)
+    quick: list[str] = Field(default_factory=list)  # dotted overrides applied by `bissl pipeline --quick`
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        for kind, names in (("seed", self.seeds), ("task", [t.name for t in self.tasks]), ("arm", self.arm_names())):
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind}s must be unique, got {names}")
+        if self.baseline not in self.arm_names():
+            raise ValueError(f"baseline={self.baseline!r} is not an arm; choose one of {self.arm_names()}")
+        for i, arm in enumerate(self.arms):
+            try:
+                self.arm_align(arm)
+            except ValidationError as exc:
+                raise NestedValidationError(exc, f"arms.{i}.align") from None
+        return self
+
+    def arm_names(self) -> list[str]:
+        return [arm.name for arm in self.arms]
+
+    def arm_align(self, arm: ArmSpec) -> AlignConfig:
+        """The study's align settings with ``arm``'s overrides applied (validated)."""
+        return AlignConfig.model_validate(deep_merge(self.align.model_dump(mode="json"), arm.align))
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``update`` merged in recursively (``update`` wins at the leaves)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
@@ -403,6 +488,7 @@ STAGE_CONFIGS: dict[str, type[BaseModel]] = {
     "pretrain": PretrainConfig,
     "align": AlignConfig,
     "finetune": FinetuneConfig,
+    "pipeline": PipelineConfig,
     "evaluate": EvaluateConfig,
 }
 
