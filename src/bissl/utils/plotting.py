@@ -1,6 +1,6 @@
 """matplotlib figures drawn on the Agg canvas directly (no pyplot state), saved atomically as PNG.
 
-matplotlib is the optional ``plots`` extra: it is imported only when a figure is made.
+matplotlib is imported only when a figure is made, so ``import bissl`` stays light.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def new_figure(figsize: tuple[float, float]) -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise BisslError("plots need matplotlib, which is not installed; pip install 'bissl[plots]'") from None
+        raise BisslError("plots need matplotlib, which is not installed; pip install matplotlib") from None
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
     return fig
