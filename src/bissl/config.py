@@ -315,10 +315,14 @@ class DataSource(StrictModel):
 
 
 class TaskSpec(StrictModel):
-    """One downstream task of a study: a name (its folder) and the task's config."""
+    """One downstream task of a study: a name (its folder), the task's config, and nested overrides of
+    the study's ``finetune`` / ``align`` settings for this task (e.g. more epochs for a few-shot task),
+    applied to every arm alike so that the arms stay comparable."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    align: dict[str, Any] = Field(default_factory=dict)
 
 
 class ArmSpec(StrictModel):
@@ -366,19 +370,29 @@ class PipelineConfig(StrictModel):
                 raise ValueError(f"{kind}s must be unique, got {names}")
         if self.baseline not in self.arm_names():
             raise ValueError(f"baseline={self.baseline!r} is not an arm; choose one of {self.arm_names()}")
-        for i, arm in enumerate(self.arms):
+        for t, task in enumerate(self.tasks):
             try:
-                self.arm_align(arm)
+                self.task_finetune(task)
             except ValidationError as exc:
-                raise NestedValidationError(exc, f"arms.{i}.align") from None
+                raise NestedValidationError(exc, f"tasks.{t}.finetune") from None
+            for i, arm in enumerate(self.arms):
+                try:
+                    self.arm_align(arm, task)
+                except ValidationError as exc:
+                    raise NestedValidationError(exc, f"tasks.{t}.align / arms.{i}.align") from None
         return self
 
     def arm_names(self) -> list[str]:
         return [arm.name for arm in self.arms]
 
-    def arm_align(self, arm: ArmSpec) -> AlignConfig:
-        """The study's align settings with ``arm``'s overrides applied (validated)."""
-        return AlignConfig.model_validate(deep_merge(self.align.model_dump(mode="json"), arm.align))
+    def arm_align(self, arm: ArmSpec, task: TaskSpec) -> AlignConfig:
+        """The study's align settings with ``task``'s, then ``arm``'s overrides applied (validated)."""
+        merged = deep_merge(deep_merge(self.align.model_dump(mode="json"), task.align), arm.align)
+        return AlignConfig.model_validate(merged)
+
+    def task_finetune(self, task: TaskSpec) -> FinetuneConfig:
+        """The study's fine-tuning settings with ``task``'s overrides applied (validated)."""
+        return FinetuneConfig.model_validate(deep_merge(self.finetune.model_dump(mode="json"), task.finetune))
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def run_dir(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int) -> Pat
 
 
 def align_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, pretrained: Path) -> AlignConfig:
-    base = cfg.arm_align(arm)
+    base = cfg.arm_align(arm, task)
     update = {
         "seed": seed,
         "device": cfg.device,
@@ -110,7 +110,7 @@ def finetune_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int
         "backbone": str(backbone),
         "downstream": task.downstream,
     }
-    return with_data_source(cfg, cfg.finetune.model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
+    return with_data_source(cfg, cfg.task_finetune(task).model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
 
 
 def run_study(cfg: PipelineConfig) -> StudyResult:
