@@ -2,6 +2,7 @@
 
 from bissl.bilevel.hvp import DEFAULT_HVP_METHOD, HessianOperator, flatten, preserve_buffers, unflatten
 from bissl.bilevel.implicit import implicit_gradient, proximal_mu
+from bissl.bilevel.mfac import GradientWindow, MFACInverse
 from bissl.bilevel.solvers import SOLVERS, SolveInfo, Solver
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer
 
@@ -10,7 +11,9 @@ __all__ = [
     "SOLVERS",
     "BiSSLTrainer",
     "BilevelSettings",
+    "GradientWindow",
     "HessianOperator",
+    "MFACInverse",
     "SolveInfo",
     "Solver",
     "flatten",

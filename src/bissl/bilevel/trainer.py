@@ -10,6 +10,18 @@ pretext batch per cycle fixing the Hessian ``H = d^2 L_P / d theta^2`` (psi held
     g_phi   = mu (H + mu I)^-1 grad_theta L_D(theta, omega) + gamma grad_phi L_D(phi, omega),  mu = lam + damping
     g_omega = grad_omega L_D(theta, omega) + gamma grad_omega L_D(phi, omega)
 
+theta and the Hessian batch do not change during a cycle's upper steps, so ``H`` is one operator for all of them:
+:meth:`BiSSLTrainer.begin_cycle` sets it up once (a :class:`~bissl.bilevel.hvp.HessianOperator`, built at the
+first Hessian-vector product; or, for ``solver="mfac"``, the inverse of the empirical Fisher of the gradients the
+lower steps recorded, :mod:`bissl.bilevel.mfac`), every :meth:`~BiSSLTrainer.upper_step` until
+:meth:`~BiSSLTrainer.end_cycle` reuses it::
+
+    for cycle in ...:
+        for _ in range(n_lower): trainer.lower_step(views, total_lower_steps)
+        trainer.begin_cycle(hessian_views)
+        for _ in range(n_upper): trainer.upper_step(batch)
+        trainer.end_cycle()
+
 The trainer knows nothing of datasets or files: it takes prepared batches, so any backbone, any
 :class:`~bissl.pretext.base.PretextMethod` and any :class:`~bissl.downstream.base.DownstreamTask` plug in.
 """
@@ -17,6 +29,7 @@ The trainer knows nothing of datasets or files: it takes prepared batches, so an
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bissl.bilevel.hvp import preserve_buffers
-from bissl.bilevel.implicit import implicit_gradient
+from bissl.bilevel.hvp import DEFAULT_HVP_METHOD, HessianOperator, flatten, preserve_buffers, unflatten
+from bissl.bilevel.implicit import implicit_gradient, proximal_mu
+from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes, mfac
+from bissl.bilevel.solvers import SolveInfo
 from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
 from bissl.utils.errors import ConfigError
@@ -48,6 +63,9 @@ class BilevelSettings:
     solver_tol: float | None = None
     hvp: str | None = None  # None: the library default
     warm_start: bool = False
+    hessian_fraction: float = 1.0  # H on the first ceil(fraction * B) samples of each Hessian view
+    mfac_window: int = 20  # solver "mfac": the last m lower-level pretext gradients
+    mfac_block_size: int | None = None  # solver "mfac": None, one block per parameter tensor
     lower_grad_clip: float | None = 10.0
     upper_grad_clip: float | None = 10.0
 
@@ -60,6 +78,33 @@ class BilevelSettings:
             raise ConfigError(f"bilevel.damping must be >= 0 (got {self.damping}); the paper uses 10")
         if self.n_lower < 1 or self.n_upper < 1:
             raise ConfigError(f"bilevel.n_lower and n_upper must be >= 1 (got {self.n_lower}, {self.n_upper})")
+        if not 0 < self.hessian_fraction <= 1:
+            raise ConfigError(f"bilevel.solver.hessian_fraction must lie in (0, 1] (got {self.hessian_fraction})")
+
+
+class _DeferredHessian(HessianOperator):
+    """A :class:`HessianOperator` whose build (forward + first-order graph) waits for the first product, so a
+    cycle whose solver spends no product (``identity``) runs no Hessian forward pass."""
+
+    def _build_double_backward(self, loss_fn: Callable[[], Tensor]) -> None:
+        self._pending = (super()._build_double_backward, loss_fn)
+
+    def _build_func(self, loss_fn: Callable[[], Tensor]) -> None:
+        self._pending = (super()._build_func, loss_fn)
+
+    @property
+    def built(self) -> bool:
+        return self._pending is None
+
+    def matvec(self, v: Tensor) -> Tensor:
+        if self._pending is not None:
+            build, loss_fn = self._pending
+            self._pending = None
+            build(loss_fn)
+        return super().matvec(v)
+
+
+CycleOperator = HessianOperator | MFACInverse
 
 
 class BiSSLTrainer:
@@ -99,6 +144,8 @@ class BiSSLTrainer:
         self.lower_steps = 0
         self.upper_steps = 0
         self._last_solution: tuple[Tensor, ...] | None = None
+        self._cycle: CycleOperator | None = None
+        self._window = GradientWindow(settings.mfac_window) if settings.solver == "mfac" else None
 
     # ----------------------------------------------------------------------------------- lower level
     def proximal_term(self) -> Tensor:
@@ -107,7 +154,12 @@ class BiSSLTrainer:
         return 0.5 * self.settings.lam * sq
 
     def lower_step(self, views: Sequence[Tensor], total_lower_steps: int) -> dict[str, float]:
-        """One step on ``L_P(theta, psi) + lam/2 ||theta - phi||^2``."""
+        """One step on ``L_P(theta, psi) + lam/2 ||theta - phi||^2``; it moves theta, so it ends an open cycle.
+
+        With ``solver="mfac"`` the pretext gradient ``grad_theta L_P`` (the total gradient less the proximal
+        term's ``lam (theta - phi)``, before clipping) is recorded in the M-FAC window.
+        """
+        self.end_cycle()
         self.lower_backbone.train()
         self.pretext.train()
         pretext_loss = self.pretext.loss(self.lower_backbone, views)
@@ -116,6 +168,14 @@ class BiSSLTrainer:
         require_finite(total, f"lower-level loss at lower step {self.lower_steps}", "lower lower.optim.lr")
         self.lower_optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if self._window is not None:
+            lam = self.settings.lam
+            self._window.push(
+                [
+                    (torch.zeros_like(t) if t.grad is None else t.grad) - lam * (t.detach() - p.detach())
+                    for t, p in zip(self.theta, self.phi, strict=True)
+                ]
+            )
         grad_norm = clip_gradients(self.lower_params, self.settings.lower_grad_clip)
         self.lower_optimizer.step()
         if self.lower_scheduler is not None:
@@ -125,14 +185,78 @@ class BiSSLTrainer:
         return {"pretext_loss": pretext_loss.item(), "proximal": prox.item(), "grad_norm": grad_norm}
 
     # ----------------------------------------------------------------------------------- upper level
-    def hypergradient(self, batch: Any, hessian_views: Sequence[Tensor]) -> tuple[list[Tensor], dict[str, float]]:
-        """The upper gradients ``[g_phi..., g_omega...]`` (aligned with ``upper_params``) and diagnostics.
+    def begin_cycle(self, hessian_views: Sequence[Tensor]) -> None:
+        """Fix the cycle's pretext batch: the upper steps until :meth:`end_cycle` share one operator.
 
-        The lower level's buffers (BatchNorm running statistics of theta and of the pretext heads) are left
-        untouched: the downstream pass at theta and the Hessian-vector products use batch statistics inside
-        :func:`preserve_buffers`.
+        The Hessian operator is built at the first Hessian-vector product (never, for a solver that needs none)
+        on the first ``ceil(hessian_fraction * B)`` samples of each view; for ``mfac`` the block-wise inverse of
+        the recorded gradients' Fisher is factorised here (``hessian_views`` unused). Lower-level buffers
+        (BatchNorm running statistics) are not changed by either.
+        """
+        self._cycle = self._cycle_operator(hessian_views)
+
+    def end_cycle(self) -> None:
+        """Free the cycle's operator (its gradient graph); called by :meth:`lower_step` too."""
+        self._cycle = None
+
+    def _cycle_operator(self, hessian_views: Sequence[Tensor]) -> CycleOperator:
+        s = self.settings
+        if self._window is not None:
+            blocks = block_sizes([p.numel() for p in self.theta], s.mfac_block_size)
+            return MFACInverse(self._window.gradients(), proximal_mu(s.lam, s.damping), blocks)
+        views = list(hessian_views)
+        if s.hessian_fraction < 1:
+            views = [v[: max(1, math.ceil(s.hessian_fraction * v.shape[0]))] for v in views]
+        return _DeferredHessian(
+            lambda: self.pretext.loss(self.lower_backbone, views),
+            self.theta,
+            method=s.hvp or DEFAULT_HVP_METHOD,  # type: ignore[arg-type]
+            module=self._lower_modules,
+        )
+
+    def solve_implicit(
+        self, v_theta: Sequence[Tensor], operator: CycleOperator
+    ) -> tuple[tuple[Tensor, ...], SolveInfo]:
+        """``mu (H + mu I)^-1 v_theta`` by the configured solver (``mu (F + mu I)^-1 v_theta`` for ``mfac``).
+
+        The one place the implicit term is computed: a subclass may override it (``benchmarks/`` does, to time
+        other implementations inside the same cycle).
         """
         s = self.settings
+        if isinstance(operator, MFACInverse):
+            x, info = mfac(None, flatten(v_theta), inverse=operator)
+            return unflatten(x, [p.shape for p in self.theta]), info
+        self.lower_backbone.train()
+        self.pretext.train()
+        return implicit_gradient(
+            None,
+            self.theta,
+            v_theta,
+            lam=s.lam,
+            damping=s.damping,
+            solver=s.solver,
+            iters=s.solver_iters,
+            tol=s.solver_tol,
+            x0=self._last_solution if s.warm_start else None,
+            operator=operator,
+        )
+
+    def hypergradient(
+        self, batch: Any, hessian_views: Sequence[Tensor] | None = None
+    ) -> tuple[list[Tensor], dict[str, float]]:
+        """The upper gradients ``[g_phi..., g_omega...]`` (aligned with ``upper_params``) and diagnostics.
+
+        Uses the open cycle's operator (:meth:`begin_cycle`); given ``hessian_views``, an operator for this
+        call only. The lower level's buffers (BatchNorm running statistics of theta and of the pretext heads)
+        are left untouched: the downstream pass at theta and the Hessian-vector products use batch statistics.
+        """
+        s = self.settings
+        if hessian_views is not None:
+            operator = self._cycle_operator(hessian_views)
+        elif self._cycle is not None:
+            operator = self._cycle
+        else:
+            raise ValueError("no open cycle: call begin_cycle(hessian_views) first, or pass hessian_views")
         head_params = list(self.head.parameters())
         self.lower_backbone.train()
         with preserve_buffers(self._lower_modules):
@@ -140,18 +264,7 @@ class BiSSLTrainer:
             require_finite(loss_theta, "downstream loss at theta", "lower upper.optim.lr")
             grads = torch.autograd.grad(loss_theta, [*self.theta, *head_params])
             v_theta, g_head = grads[: len(self.theta)], grads[len(self.theta) :]
-            implicit, info = implicit_gradient(
-                lambda: self.pretext.loss(self.lower_backbone, hessian_views),
-                self.theta,
-                v_theta,
-                lam=s.lam,
-                damping=s.damping,
-                solver=s.solver,
-                iters=s.solver_iters,
-                tol=s.solver_tol,
-                **({"hvp": s.hvp} if s.hvp is not None else {}),
-                x0=self._last_solution if s.warm_start else None,
-            )
+            implicit, info = self.solve_implicit(v_theta, operator)
         if s.warm_start:
             self._last_solution = tuple(x.detach() for x in implicit)
         self.upper_backbone.train()
@@ -174,8 +287,8 @@ class BiSSLTrainer:
         }
         return [*g_phi, *g_omega], stats
 
-    def upper_step(self, batch: Any, hessian_views: Sequence[Tensor]) -> dict[str, float]:
-        """One step of phi and omega along the combined hypergradient."""
+    def upper_step(self, batch: Any, hessian_views: Sequence[Tensor] | None = None) -> dict[str, float]:
+        """One step of phi and omega along the combined hypergradient (operator: see :meth:`hypergradient`)."""
         grads, stats = self.hypergradient(batch, hessian_views)
         for param, grad in zip(self.upper_params, grads, strict=True):
             param.grad = grad.detach()
@@ -200,6 +313,8 @@ class BiSSLTrainer:
             "upper_steps": self.upper_steps,
             "last_solution": list(self._last_solution) if self._last_solution is not None else None,
         }
+        if self._window is not None:
+            state["mfac_window"] = self._window.state_dict()
         for name in ("lower_scheduler", "upper_scheduler"):
             scheduler = getattr(self, name)
             state[name] = scheduler.state_dict() if scheduler is not None else None
@@ -216,6 +331,8 @@ class BiSSLTrainer:
         self.upper_steps = int(state["upper_steps"])
         solution = state["last_solution"]
         self._last_solution = tuple(solution) if solution is not None else None
+        if self._window is not None and state.get("mfac_window") is not None:
+            self._window.load_state_dict(state["mfac_window"])
         for name in ("lower_scheduler", "upper_scheduler"):
             scheduler = getattr(self, name)
             if scheduler is not None:

@@ -119,7 +119,8 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
     settings = BilevelSettings(
         n_lower=b.n_lower, n_upper=b.n_upper, lam=b.lam, damping=b.damping, gamma=b.gamma, solver=b.solver.name,
         solver_iters=b.solver.iters, solver_tol=b.solver.tol, hvp=b.solver.hvp, warm_start=b.solver.warm_start,
-        lower_grad_clip=b.lower_grad_clip, upper_grad_clip=b.upper_grad_clip,
+        hessian_fraction=b.solver.hessian_fraction, mfac_window=b.solver.mfac_window,
+        mfac_block_size=b.solver.mfac_block_size, lower_grad_clip=b.lower_grad_clip, upper_grad_clip=b.upper_grad_clip,
     )  # fmt: skip
     trainer = BiSSLTrainer(
         backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,
@@ -185,12 +186,13 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
             for key, value in trainer.lower_step(views, total_lower).items():
                 sums[f"lower/{key}"] += value / b.n_lower
         images, _ = next(lower_stream)  # one pretext batch fixes the Hessian for the cycle
-        hessian_views = augment(images.to(device), make_generator(cfg.seed, "hessian_views", cycle))
+        trainer.begin_cycle(augment(images.to(device), make_generator(cfg.seed, "hessian_views", cycle)))
         for _ in range(b.n_upper):
             generator = make_generator(cfg.seed, "upper_views", trainer.upper_steps)
             batch = task.prepare(next(upper_stream), device, generator)
-            for key, value in trainer.upper_step(batch, hessian_views).items():
+            for key, value in trainer.upper_step(batch).items():
                 sums[f"upper/{key}"] += value / b.n_upper
+        trainer.end_cycle()
         cycle += 1
         bar.update(1)
         bar.set_postfix(lower=f"{sums['lower/pretext_loss']:.3f}", upper=f"{sums['upper/loss_theta']:.3f}")

@@ -1,0 +1,148 @@
+"""M-FAC: the implicit Jacobian with the Hessian replaced by the empirical Fisher of recent lower-level gradients.
+
+With ``g_1..g_n`` the last ``n <= m`` flattened pretext gradients of the lower backbone (recorded by the lower steps,
+before the proximal term) and ``F = (1/n) sum_i g_i g_i^T``, the hypergradient ``mu (H + mu I)^-1 v`` of the other
+solvers becomes::
+
+    x = mu (F + mu I)^-1 v = (I + F/mu)^-1 v,      mu = lam + damping (the same damping as every other solver)
+
+so ``identity`` is its ``F = 0`` limit. ``F`` is taken block-diagonal: for each block ``b`` of coordinates (one
+parameter tensor, or consecutive chunks of ``block_size`` entries) with ``G_b`` the ``n x d_b`` rows of the window,
+the Woodbury identity (the closed form of M-FAC's rank-one recursion) gives::
+
+    x_b = v_b - G_b^T (n mu I_n + G_b G_b^T)^-1 G_b v_b
+
+Set-up (the Gram matrices ``G_b G_b^T`` and their Cholesky factors): ``O(n^2 d)`` once per cycle; each solve:
+``O(n d)``, no Hessian-vector products. Memory: the ``m x d`` window. The Fisher is a different operator from the
+pretext Hessian, so the error against a converged Hessian solve does not measure its worth; downstream accuracy
+does (BiSSLight, the paper authors' follow-up, uses it in place of CG).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bissl.bilevel.solvers import SOLVERS, MatVec, SolveInfo, _rhs_norm
+from bissl.utils.errors import ConfigError, NonFiniteError
+
+
+class GradientWindow:
+    """Ring buffer of the last ``size`` flattened gradients (``size x numel``, preallocated on first push)."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ConfigError(f"bilevel.solver.mfac_window={size} must be >= 1 (the paper's follow-up uses N_L = 20)")
+        self.size = size
+        self.rows: Tensor | None = None
+        self.count = 0  # gradients pushed so far (the buffer holds the last min(count, size))
+
+    def push(self, grads: Sequence[Tensor]) -> None:
+        """Store one gradient, given as tensors (e.g. ``p.grad`` of each backbone parameter) or one flat tensor."""
+        numel = sum(g.numel() for g in grads)
+        if self.rows is None:
+            self.rows = torch.empty(self.size, numel, dtype=grads[0].dtype, device=grads[0].device)
+        elif self.rows.shape[1] != numel:
+            raise ValueError(f"gradient of {numel} entries pushed into a window of {self.rows.shape[1]}-entry rows")
+        torch.cat([g.detach().reshape(-1) for g in grads], out=self.rows[self.count % self.size])
+        self.count += 1
+
+    def gradients(self) -> Tensor | None:
+        """The stored gradients as an ``n x numel`` tensor (a view when the window is full), or ``None``."""
+        if self.rows is None:
+            return None
+        return self.rows if self.count >= self.size else self.rows[: self.count]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "count": self.count, "rows": self.gradients()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["size"]) != self.size:
+            raise ConfigError(f"the checkpoint's mfac window holds {state['size']} gradients, the config {self.size}")
+        self.count, rows = int(state["count"]), state["rows"]
+        self.rows = None
+        if rows is not None:
+            self.rows = torch.zeros(self.size, rows.shape[1], dtype=rows.dtype, device=rows.device)
+            self.rows[: rows.shape[0]] = rows
+
+
+def block_sizes(param_sizes: Sequence[int], block_size: int | None) -> tuple[int, ...]:
+    """Blocks of the flat vector: one per parameter tensor (``block_size=None``) or consecutive chunks."""
+    if block_size is None:
+        return tuple(param_sizes)
+    if block_size < 1:
+        raise ConfigError(f"bilevel.solver.mfac_block_size={block_size} must be >= 1 (or null: one per tensor)")
+    full, rest = divmod(sum(param_sizes), block_size)
+    return (block_size,) * full + ((rest,) if rest else ())
+
+
+class MFACInverse:
+    """``v -> mu (F + mu I)^-1 v`` with the block-diagonal empirical Fisher ``F`` of ``gradients`` (module docstring).
+
+    ``gradients`` is ``n x d`` (``n = 0``: ``F = 0``, the identity). It is kept by reference, not copied: build
+    the inverse after the lower steps of a cycle and drop it before the next push into the window.
+    """
+
+    def __init__(self, gradients: Tensor | None, mu: float, blocks: Sequence[int]) -> None:
+        if not mu > 0:
+            raise ConfigError(f"mfac: mu = lam + damping = {mu} must be > 0")
+        self.mu = mu
+        self.blocks = tuple(blocks)
+        self.g = gradients if gradients is not None and gradients.shape[0] > 0 else None
+        self._factors: list[Tensor] = []
+        if self.g is None:
+            return
+        n, d = self.g.shape
+        if sum(self.blocks) != d:
+            raise ValueError(f"mfac: blocks sum to {sum(self.blocks)}, the gradients have {d} entries")
+        if not bool(torch.isfinite(self.g).all()):
+            raise NonFiniteError("mfac: a recorded lower-level gradient is NaN/inf; lower the lower-level lr")
+        eye = torch.eye(n, dtype=torch.float64, device=self.g.device)
+        for g_b in self.g.split(self.blocks, dim=1):
+            gram = (g_b @ g_b.T).double()
+            self._factors.append(torch.linalg.cholesky(gram + n * mu * eye))
+
+    def apply(self, v: Tensor) -> Tensor:
+        """``mu (F + mu I)^-1 v`` for a flat ``v``: ``x_b = v_b - G_b^T (n mu I + G_b G_b^T)^-1 G_b v_b``."""
+        if self.g is None:
+            return v.clone()
+        out = v.clone()
+        for g_b, v_b, x_b, chol in zip(
+            self.g.split(self.blocks, dim=1), v.split(self.blocks), out.split(self.blocks), self._factors, strict=True
+        ):
+            coeff = torch.cholesky_solve((g_b @ v_b).double().unsqueeze(1), chol).squeeze(1)
+            x_b.sub_(g_b.T @ coeff.to(g_b.dtype))
+        return out
+
+
+@SOLVERS.register("mfac")
+def mfac(
+    matvec: MatVec | None,
+    b: Tensor,
+    *,
+    x0: Tensor | None = None,
+    maxiter: int = 0,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    inverse: MFACInverse | None = None,
+) -> tuple[Tensor, SolveInfo]:
+    """``x = inverse.apply(b) = mu (F + mu I)^-1 b``: no product with ``A`` (``matvec`` is not called).
+
+    The Fisher comes from gradients recorded during the lower steps, which :func:`bissl.bilevel.implicit_gradient`
+    does not see: :class:`bissl.bilevel.BiSSLTrainer` (``solver="mfac"``) builds the :class:`MFACInverse` once
+    per cycle and passes it here. ``SolveInfo.residual`` is NaN (the Hessian residual would cost a product).
+    """
+    if inverse is None:
+        raise ConfigError(
+            "solver 'mfac' needs the lower-level gradient window: use it through BiSSLTrainer "
+            "(bilevel.solver.name=mfac), or call mfac(None, b, inverse=MFACInverse(gradients, mu, blocks))"
+        )
+    _rhs_norm("mfac", b)
+    x = inverse.apply(b)
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError("mfac: the solution is NaN/inf; check the recorded gradients")
+    return x, SolveInfo("mfac", 0, 0, math.nan, False, "no_solve")

@@ -1,0 +1,110 @@
+"""One Hessian operator per BiSSL cycle; the default solver settings against the dense exact solve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_implicit import conv_problem, dense_hessian, flat, random_like, rel_err, target
+from test_trainer import RegressViewPretext, TinyBackbone, TinyTask, _batches
+
+from bissl.bilevel import BilevelSettings, BiSSLTrainer, implicit_gradient
+from bissl.bilevel.hvp import preserve_buffers
+from bissl.config import BilevelConfig
+
+
+class CountingPretext(RegressViewPretext):
+    """Counts the lower-loss forward passes (one per Hessian operator build) and the batch sizes they see."""
+
+    def __init__(self, feature_dim: int) -> None:
+        super().__init__(feature_dim)
+        self.sizes: list[int] = []
+
+    def loss(self, backbone, views):
+        self.sizes.append(len(views[0]))
+        return super().loss(backbone, views)
+
+
+def make_trainer(**settings) -> BiSSLTrainer:
+    torch.manual_seed(0)
+    sgd = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)  # noqa: E731
+    trainer = BiSSLTrainer(
+        backbone=TinyBackbone().double(), pretext=CountingPretext(3).double(), task=TinyTask(),
+        head=TinyTask().build_head(3).double(),
+        settings=BilevelSettings(lam=0.3, damping=20.0, **settings),
+        make_lower_optimizer=sgd, make_upper_optimizer=sgd,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in trainer.phi:
+            p.add_(0.1 * torch.randn_like(p))
+    return trainer
+
+
+def upper_batches(n: int):
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(12, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen))
+            for _ in range(n)]  # fmt: skip
+
+
+def test_one_operator_per_cycle_gives_the_results_of_rebuilding_it_every_step() -> None:
+    views, _ = _batches()
+    reused, rebuilt = make_trainer(), make_trainer()
+    buffers = {k: v.clone() for k, v in reused.lower_backbone.state_dict().items()}
+    reused.begin_cycle(views)
+    stats = [reused.upper_step(batch) for batch in upper_batches(3)]
+    reused.end_cycle()
+    for batch in upper_batches(3):
+        rebuilt.upper_step(batch, views)
+    assert all(s["solver_hvps"] == 5 for s in stats)
+    assert len(reused.pretext.sizes) == 1 and len(rebuilt.pretext.sizes) == 3  # forward + graph: once per cycle
+    for a, b in zip(reused.upper_params, rebuilt.upper_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for key, value in reused.lower_backbone.state_dict().items():
+        assert torch.equal(value, buffers[key]), key
+
+
+def test_identity_and_mfac_run_no_hessian_forward() -> None:
+    views, _ = _batches()
+    for solver in ("identity", "mfac"):
+        trainer = make_trainer(solver=solver)
+        trainer.lower_step(views, total_lower_steps=2)
+        calls = len(trainer.pretext.sizes)
+        trainer.begin_cycle(views)
+        for batch in upper_batches(2):
+            assert trainer.upper_step(batch)["solver_hvps"] == 0
+        assert len(trainer.pretext.sizes) == calls, solver
+
+
+def test_lower_step_ends_the_cycle_and_upper_step_needs_one() -> None:
+    views, _ = _batches()
+    trainer = make_trainer()
+    with pytest.raises(ValueError, match="begin_cycle"):
+        trainer.upper_step(upper_batches(1)[0])
+    trainer.begin_cycle(views)
+    trainer.upper_step(upper_batches(1)[0])
+    trainer.lower_step(views, total_lower_steps=2)
+    with pytest.raises(ValueError, match="begin_cycle"):
+        trainer.upper_step(upper_batches(1)[0])
+
+
+def test_hessian_fraction_takes_the_first_samples_of_each_view() -> None:
+    views, _ = _batches()
+    trainer = make_trainer(hessian_fraction=0.3)
+    trainer.begin_cycle(views)
+    trainer.upper_step(upper_batches(1)[0])
+    assert trainer.pretext.sizes == [5]  # ceil(0.3 * 16)
+
+
+def test_default_solver_settings_meet_the_default_accuracy() -> None:
+    """The shipped defaults (``bilevel.solver``, damping) reach relative error <= 1e-3 on the tiny conv net."""
+    cfg = BilevelConfig()
+    model, params, loss = conv_problem()
+    with preserve_buffers(model):
+        h = dense_hessian(loss, params)
+    for seed in range(3):
+        v = random_like(params, seed)
+        x, info = implicit_gradient(
+            loss, params, v, cfg.lam, cfg.damping, solver=cfg.solver.name, iters=cfg.solver.iters,
+            tol=cfg.solver.tol, module=model,
+        )  # fmt: skip
+        assert rel_err(flat(x), target(h, flat(tuple(v)), cfg.lam + cfg.damping)) <= 1e-3
+        assert info.converged or cfg.solver.tol is None
