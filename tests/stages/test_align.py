@@ -28,7 +28,7 @@ def test_align_runs_logs_and_exports_theta_in_pretrain_format(tiny_align_overrid
     for key in ("lower/pretext_loss", "lower/proximal", "upper/loss_theta", "upper/hypergrad_norm",
                 "upper/solver_iters", "upper/solver_residual"):  # fmt: skip
         assert all(torch.isfinite(torch.tensor(r[key])) for r in cycles), key
-    assert cycles[0]["upper/solver_iters"] == 5
+    assert 1 <= cycles[0]["upper/solver_iters"] <= 5  # CG stops at bilevel.solver.tol, at most iters=5
     for name in ("upper_backbone.pt", "pretext_head.pt", "downstream_head.pt", "summary.json"):
         assert (result.out_dir / name).is_file(), name
     assert 0.0 <= result.metrics["theta_test_top1"] <= 1.0
