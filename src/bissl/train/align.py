@@ -91,6 +91,11 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
             f"pretext.name={cfg.pretext.name!r} but {head_path} holds {head_file['name']!r} heads; "
             "remove pretext.name or point pretrained at a matching run"
         )
+    if cfg.pretext is not None and cfg.pretext.params and cfg.pretext.params != head_file["params"]:
+        raise ConfigError(
+            f"pretext.params={cfg.pretext.params} differ from those the pretrained heads were trained with "
+            f"({head_file['params']}); remove pretext.params (they are read from {head_path})"
+        )
     pretext = build_pretext(head_file["name"], backbone.feature_dim, head_file["params"])
     pretext.setup(backbone)
     pretext.load_state_dict(head_file["state_dict"])
