@@ -8,26 +8,11 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import ConvNet
 from torch import Tensor, nn
 
 from bissl.bilevel.hvp import HVP_METHODS, HessianOperator, flatten, preserve_buffers, unflatten
 from bissl.utils.errors import ConfigError, NonFiniteError
-
-
-class ConvNet(nn.Module):
-    """A tiny conv backbone with BatchNorm and a linear head (the head is held fixed in H)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
-        self.head = nn.Linear(6, 5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone(x))
 
 
 def mlp() -> nn.Module:

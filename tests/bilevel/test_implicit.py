@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import ConvNet
 from torch import Tensor, nn
 
 from bissl.bilevel import SOLVERS, HessianOperator, SolveInfo, implicit_gradient
@@ -18,22 +19,6 @@ from bissl.bilevel.solvers import cg
 from bissl.utils.errors import ConfigError
 
 LAM = 1e-3
-
-
-class ConvNet(nn.Module):
-    """A tiny conv backbone with BatchNorm and a projection head (held fixed: H is over the backbone)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )  # fmt: skip
-        self.head = nn.Linear(6, 5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone(x))
 
 
 def nt_xent(z: Tensor, temperature: float = 0.5) -> Tensor:
