@@ -12,7 +12,7 @@ from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes, mfac
 from bissl.config import AlignConfig, build_config
 from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
-from bissl.utils.errors import ConfigError
+from bissl.utils.errors import ConfigError, NonFiniteError
 
 MU = 0.7
 
@@ -185,3 +185,10 @@ def test_config_selects_mfac() -> None:
     assert cfg.bilevel.solver.name == "mfac" and cfg.bilevel.solver.mfac_window == 8
     with pytest.raises(ConfigError, match="mfac_window"):
         build_config(AlignConfig, {"bilevel": {"solver": {"mfac_window": 0}}})
+
+
+def test_non_finite_gradients_raise() -> None:
+    g = torch.randn(3, 4, dtype=torch.float64)
+    g[1, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN"):
+        MFACInverse(g, MU, (2, 2))

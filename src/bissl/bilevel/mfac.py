@@ -99,11 +99,11 @@ class MFACInverse:
         n, d = self.g.shape
         if sum(self.blocks) != d:
             raise ValueError(f"mfac: blocks sum to {sum(self.blocks)}, the gradients have {d} entries")
-        if not bool(torch.isfinite(self.g).all()):
-            raise NonFiniteError("mfac: a recorded lower-level gradient is NaN/inf; lower the lower-level lr")
         eye = torch.eye(n, dtype=torch.float64, device=self.g.device)
         for g_b in self.g.split(self.blocks, dim=1):
             gram = (g_b @ g_b.T).double()
+            if not bool(torch.isfinite(gram).all()):  # NaN/inf in G shows in its Gram, without an n x d temporary
+                raise NonFiniteError("mfac: a recorded lower-level gradient is NaN/inf; lower the lower-level lr")
             self._factors.append(torch.linalg.cholesky(gram + n * mu * eye))
 
     def apply(self, v: Tensor) -> Tensor:
