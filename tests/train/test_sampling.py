@@ -38,3 +38,16 @@ def test_batch_stream_resumes_at_its_position():
     assert stream.position == 7 and stream.epoch == 2
     resumed = BatchStream(data, 3, seed=2, position=4)
     assert [next(resumed)[0].tolist() for _ in range(3)] == whole[4:]
+
+
+def test_batch_stream_ranks_share_each_global_batch():
+    import torch
+
+    from bissl.train.sampling import BatchStream
+
+    data = torch.utils.data.TensorDataset(torch.arange(10))
+    whole = BatchStream(data, 4, seed=3)
+    ranks = [BatchStream(data, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(5):  # across an epoch boundary (2 batches per epoch)
+        expected = next(whole)[0]
+        assert all(torch.equal(next(ranks[r])[0], expected[r::2]) for r in range(2))

@@ -66,7 +66,9 @@ class BatchStream:
     """An endless, seeded stream of batches over epochs, resumable from its position.
 
     ``position`` counts the batches drawn so far; batch ``k`` is batch ``k % per_epoch`` of epoch
-    ``k // per_epoch``, whose order :class:`EpochBatchSampler` fixes from ``(seed, epoch)``.
+    ``k // per_epoch``, whose order :class:`EpochBatchSampler` fixes from ``(seed, epoch)``. ``batch_size`` is
+    the global batch; with ``world_size > 1`` this rank gets its shard of it. Loader workers are seeded from
+    ``(seed, epoch, rank)``.
     """
 
     def __init__(
@@ -78,6 +80,8 @@ class BatchStream:
         num_workers: int = 0,
         pin_memory: bool = False,
         position: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
@@ -86,6 +90,7 @@ class BatchStream:
         self.pin_memory = pin_memory
         self.per_epoch = steps_per_epoch(len(dataset), batch_size)  # type: ignore[arg-type]
         self.position = position
+        self.rank, self.world_size = rank, world_size
         self._iterator: Iterator[Any] | None = None
 
     @property
@@ -99,6 +104,8 @@ class BatchStream:
             seed=self.seed,
             epoch=self.epoch,
             start=self.position % self.per_epoch,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         loader = DataLoader(
             self.dataset,
@@ -106,6 +113,7 @@ class BatchStream:
             num_workers=self.num_workers,
             worker_init_fn=seed_worker,
             pin_memory=self.pin_memory,
+            generator=make_generator(self.seed, "workers", self.epoch, self.rank),
         )
         return iter(loader)
 
