@@ -3,6 +3,10 @@
 The backbone and a fresh task head are trained together (cosine schedule, optional warm-up, label
 smoothing); the weights with the best validation ``task.primary_metric`` are kept and evaluated once on
 the TEST split. Batches and augmentations are seeded by ``(seed, step)``; ``--resume`` continues exactly.
+
+Under ``torchrun`` every rank trains on its shard of each global batch of ``batch_size`` in
+``DistributedDataParallel``; validation and test splits are sharded without padding and their predictions put
+back together, so metrics count every sample once; rank 0 alone writes logs, checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from bissl.config import FinetuneConfig
+from bissl.data.base import ImageDataset
+from bissl.downstream.base import DownstreamTask
 from bissl.downstream.build import build_splits, build_task
+from bissl.downstream.classification import ClassificationTask, classification_metrics
 from bissl.train.checkpoint import (
     BACKBONE_FILE,
     DOWNSTREAM_HEAD_FILE,
@@ -29,6 +38,18 @@ from bissl.train.checkpoint import (
     resolve_backbone_file,
     save_state,
 )
+from bissl.train.distributed import (
+    barrier,
+    gather_shards,
+    init_from_env,
+    is_main,
+    main_only,
+    on_main,
+    require_in_sync,
+    shard_dataset,
+    world,
+    wrap_ddp,
+)
 from bissl.train.logger import MetricLogger
 from bissl.train.optim import build_optimizer, cosine_with_warmup
 from bissl.train.runtime import (
@@ -37,12 +58,12 @@ from bissl.train.runtime import (
     check_batch_size,
     check_channels,
     prepare_run_dir,
-    resolve_device,
     write_summary,
 )
 from bissl.train.sampling import BatchStream, steps_per_epoch
+from bissl.train.step import BatchPlan, Objective, accumulate_gradients, autocast, resolve_precision, use_channels_last
 from bissl.utils.numerics import clip_gradients, require_finite
-from bissl.utils.seed import derive_seed, make_generator, seed_everything
+from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.finetune")
 
@@ -69,19 +90,27 @@ def finetune(
     report and prune); an exception it raises stops the run after that epoch's checkpoint is written.
     """
     start_time = time.perf_counter()
-    out, has_state = prepare_run_dir(cfg.out_dir, cfg, resume=resume)
-    device = resolve_device(cfg.device)
+    device = init_from_env(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    out, has_state = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=resume))
     seed_everything(cfg.seed)
     backbone, spec = load_backbone(resolve_backbone_file(cfg.backbone))
     splits = build_splits(cfg.downstream)
     train_set = splits["train"]
     check_batch_size(len(train_set), cfg.batch_size, cfg.downstream.data.name, "batch_size")
+    plan = BatchPlan.create(
+        cfg.batch_size, accumulation=cfg.grad_accumulation, augment_shards=cfg.distributed.augment_shards,
+        batch_key="batch_size",
+    )  # fmt: skip
     check_channels(train_set.info.channels, spec["in_channels"], cfg.downstream.data.name)
     task = build_task(cfg.downstream, train_set)
     seed_everything(derive_seed(cfg.seed, "head"))
     head = task.build_head(backbone.feature_dim)
     backbone.to(device)
     head.to(device)
+    use_channels_last(backbone, cfg.channels_last, device)
+    objective = Objective(lambda batch: task.loss(backbone, head, batch), backbone=backbone, head=head)
+    model = wrap_ddp(objective, device, sync_batchnorm=cfg.distributed.sync_batchnorm)
     params = [*backbone.parameters(), *head.parameters()]
     o = cfg.optim
     optimizer = build_optimizer(o.name, params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
@@ -90,7 +119,7 @@ def finetune(
     scheduler = cosine_with_warmup(optimizer, round(o.warmup_epochs * per_epoch), total, min_lr_ratio=o.min_lr_ratio)
     stream = BatchStream(
         train_set, cfg.batch_size, seed=derive_seed(cfg.seed, "finetune"), num_workers=cfg.downstream.data.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", rank=plan.rank, world_size=plan.world_size,
     )  # fmt: skip
 
     config_dict = cfg.model_dump(mode="json")
@@ -104,22 +133,35 @@ def finetune(
         scheduler.load_state_dict(state["scheduler"])
         epoch, best = int(state["epoch"]), state["best"]
         step = stream.position = epoch * per_epoch
+        plan.check_resumed(state.get("augment_shards", 1))
         log.info("resumed %s at epoch %d/%d", out, epoch, cfg.epochs)
-    logger = MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=epoch if has_state else None)
+    require_in_sync(objective, "the backbone or head")
+    logger = main_only(
+        lambda: MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=epoch if has_state else None)
+    )
+
+    def prepare(rows: Any, generator: torch.Generator) -> Any:
+        return task.prepare(rows, device, generator)
+
+    def score(split: str) -> dict[str, float]:
+        return evaluate_split(task, backbone, head, splits[split], device, precision)
 
     try:
         stop = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
-        bar = tqdm(total=cfg.epochs, initial=epoch, desc="finetune", unit="epoch", disable=not cfg.log.progress)
+        show = cfg.log.progress and is_main()
+        bar = tqdm(total=cfg.epochs, initial=epoch, desc="finetune", unit="epoch", disable=not show)
         while epoch < stop:
             backbone.train()
             head.train()
             loss_sum = 0.0
             for _ in range(per_epoch):
-                batch = task.prepare(next(stream), device, make_generator(cfg.seed, "finetune_views", step))
-                loss = task.loss(backbone, head, batch)
-                require_finite(loss, f"fine-tuning loss at step {step}", "lower optim.lr or set optim.grad_clip")
+                batches = [
+                    plan.augment(prepare, rows, s, cfg.seed, "finetune_views", step)
+                    for s, rows in plan.micro_batches(next(stream))
+                ]
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = accumulate_gradients(model, batches, precision=precision, device=device)
+                require_finite(loss, f"fine-tuning loss at step {step}", "lower optim.lr or set optim.grad_clip")
                 clip_gradients(params, o.grad_clip)
                 optimizer.step()
                 scheduler.step()
@@ -128,7 +170,7 @@ def finetune(
             epoch += 1
             record = {"train_loss": loss_sum / per_epoch, "lr": optimizer.param_groups[0]["lr"]}
             if epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs:
-                val = task.evaluate(backbone, head, splits["val"], device)
+                val = score("val")
                 record.update({f"val_{k}": v for k, v in val.items()})
                 if val[task.primary_metric] > best["score"]:
                     best = {
@@ -149,34 +191,59 @@ def finetune(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "best": best,
+                "augment_shards": plan.augment_shards,
             }
-            save_state(out / STATE_FILE, state, config_dict)
+            if is_main():
+                save_state(out / STATE_FILE, state, config_dict)
             if on_eval is not None and "val_" + task.primary_metric in record:
                 on_eval(epoch, {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")})
         bar.close()
         if epoch < cfg.epochs:
+            barrier()
             return FinetuneResult(out, epoch, finished=False)
 
         backbone.load_state_dict(best["backbone"])
         head.load_state_dict(best["head"])
-        metrics = {f"test_{k}": v for k, v in task.evaluate(backbone, head, splits["test"], device).items()}
-        metrics.update({f"val_{k}": v for k, v in task.evaluate(backbone, head, splits["val"], device).items()})
+        metrics = {f"test_{k}": v for k, v in score("test").items()}
+        metrics.update({f"val_{k}": v for k, v in score("val").items()})
         logger.log(epoch, "final", {**metrics, "best_epoch": best["epoch"]})
     finally:
         logger.close()
-    export_backbone(out / BACKBONE_FILE, backbone, spec)
-    export_head(
-        out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task, params=config_dict["downstream"]
-    )
-    write_summary(
-        out,
-        {
-            "stage": "finetune",
-            "epochs": epoch,
-            "best_epoch": best["epoch"],
-            "wall_time_s": time.perf_counter() - start_time,
-            "metrics": metrics,
-            "backbone_init": str(resolve_backbone_file(cfg.backbone)),
-        },
-    )
+    summary = {
+        "stage": "finetune",
+        "epochs": epoch,
+        "best_epoch": best["epoch"],
+        "processes": world(),
+        "wall_time_s": time.perf_counter() - start_time,
+        "metrics": metrics,
+        "backbone_init": str(resolve_backbone_file(cfg.backbone)),
+    }
+    if is_main():
+        export_backbone(out / BACKBONE_FILE, backbone, spec)
+        export_head(
+            out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
+            params=config_dict["downstream"],
+        )  # fmt: skip
+        write_summary(out, summary)
+    barrier()
     return FinetuneResult(out, epoch, finished=True, best_epoch=best["epoch"], metrics=metrics)
+
+
+def evaluate_split(
+    task: DownstreamTask,
+    backbone: nn.Module,
+    head: nn.Module,
+    dataset: ImageDataset,
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """The task's metrics on a whole split (eval mode), the same on every rank and equal to a single process's.
+
+    Classification under DDP: each rank predicts its shard (no padding), the logits are put back together in
+    dataset order and scored once. Other tasks evaluate the whole split on every rank.
+    """
+    with autocast(precision, device):
+        if world() == 1 or not isinstance(task, ClassificationTask):
+            return task.evaluate(backbone, head, dataset, device)
+        logits, targets = task.predict(backbone, head, shard_dataset(dataset), device)  # type: ignore[arg-type]
+    return classification_metrics(gather_shards(logits.float()), gather_shards(targets), task.num_classes)

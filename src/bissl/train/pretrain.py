@@ -2,6 +2,11 @@
 
 Each step draws the views of its batch from a generator seeded by ``(seed, step)`` and each epoch's
 batch order from ``(seed, epoch)``, so ``--resume`` continues bit-exactly on CPU.
+
+Under ``torchrun`` every rank trains on its shard of each global batch of ``data.batch_size`` in
+``DistributedDataParallel``; SimCLR-type methods then contrast with the negatives of every rank
+(``pretext.params.gather_distributed``, on unless set), and rank 0 alone writes logs, checkpoints and exports.
+How views are drawn per shard, and which runs therefore equal which: :mod:`bissl.train.step`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,9 @@ from bissl.config import BackboneConfig, PretrainConfig
 from bissl.data import build_dataset
 from bissl.data.augment import build_view_augmentation
 from bissl.data.base import ImageDataset
-from bissl.eval.frozen import frozen_accuracy
 from bissl.models import build_backbone
 from bissl.models.weights import load_backbone_weights
-from bissl.pretext import build_pretext
+from bissl.pretext import PRETEXT_METHODS, build_pretext
 from bissl.pretext.base import PretextMethod
 from bissl.train.checkpoint import (
     BACKBONE_FILE,
@@ -34,20 +38,25 @@ from bissl.train.checkpoint import (
     load_state,
     save_state,
 )
+from bissl.train.distributed import (
+    barrier,
+    init_from_env,
+    is_main,
+    main_only,
+    on_main,
+    require_in_sync,
+    world,
+    wrap_ddp,
+)
+from bissl.train.evaluate import frozen_features, frozen_scores
 from bissl.train.logger import MetricLogger
 from bissl.train.optim import build_optimizer, cosine_with_warmup
-from bissl.train.runtime import (
-    RESUMABLE_KEYS,
-    STATE_FILE,
-    check_batch_size,
-    prepare_run_dir,
-    resolve_device,
-    write_summary,
-)
+from bissl.train.runtime import RESUMABLE_KEYS, STATE_FILE, check_batch_size, prepare_run_dir, write_summary
 from bissl.train.sampling import BatchStream, steps_per_epoch
+from bissl.train.step import BatchPlan, Objective, accumulate_gradients, resolve_precision, use_channels_last
 from bissl.utils.errors import ConfigError
 from bissl.utils.numerics import clip_gradients, require_finite
-from bissl.utils.seed import make_generator, seed_everything
+from bissl.utils.seed import seed_everything
 
 log = logging.getLogger("bissl.pretrain")
 
@@ -71,7 +80,12 @@ def build_backbone_from_config(cfg: BackboneConfig, in_channels: int) -> tuple[n
 
 
 def build_pretext_from_config(cfg: PretrainConfig, backbone: nn.Module) -> PretextMethod:
-    method = build_pretext(cfg.pretext.name, backbone.feature_dim, cfg.pretext.params)
+    """The configured pretext method, set up on ``backbone``; under DDP a method with a ``gather_distributed``
+    setting contrasts with every rank's samples unless ``pretext.params`` says otherwise."""
+    params = dict(cfg.pretext.params)
+    if world() > 1 and "gather_distributed" in PRETEXT_METHODS.get(cfg.pretext.name).Config.model_fields:
+        params.setdefault("gather_distributed", True)
+    method = build_pretext(cfg.pretext.name, backbone.feature_dim, params)
     method.setup(backbone)
     return method
 
@@ -98,17 +112,23 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | Non
     ``metrics.jsonl|csv``, TensorBoard events and ``summary.json`` under ``cfg.out_dir``.
     """
     start_time = time.perf_counter()
-    out, has_state = prepare_run_dir(cfg.out_dir, cfg, resume=resume)
-    device = resolve_device(cfg.device)
+    device = init_from_env(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    out, has_state = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=resume))
     data_kwargs = {"root": cfg.data.root, "image_size": cfg.data.image_size, "download": cfg.data.download}
     train_set = build_dataset(cfg.data.name, "train", seed=cfg.data.seed, **data_kwargs)
     check_batch_size(len(train_set), cfg.data.batch_size, cfg.data.name, "data.batch_size")
+    plan = BatchPlan.create(
+        cfg.data.batch_size, accumulation=cfg.grad_accumulation, augment_shards=cfg.distributed.augment_shards,
+        batch_key="data.batch_size",
+    )  # fmt: skip
     info = train_set.info
     monitor = monitor_sets(cfg)
 
     seed_everything(cfg.seed)
     backbone, spec = build_backbone_from_config(cfg.backbone, info.channels)
     backbone.to(device)
+    use_channels_last(backbone, cfg.channels_last, device)
     method = build_pretext_from_config(cfg, backbone).to(device)
     augment = build_view_augmentation(
         cfg.pretext.augmentation or method.augmentation,
@@ -118,6 +138,8 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | Non
         std=info.std,
         **cfg.pretext.augmentation_params,
     )
+    objective = Objective(lambda views: method.loss(backbone, views), backbone=backbone, pretext=method)
+    model = wrap_ddp(objective, device, sync_batchnorm=cfg.distributed.sync_batchnorm)
     trainable = [*backbone.parameters(), *method.head_parameters()]
     optimizer = build_optimizer(
         cfg.optim.name, trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum
@@ -137,10 +159,16 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | Non
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
+        plan.check_resumed(state.get("augment_shards", 1))
         log.info("resumed %s at step %d/%d", out, step, total_steps)
-    logger = MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=step if has_state else None)
+    require_in_sync(objective, "the backbone or pretext heads (BYOL: with its EMA target)")
+    logger = main_only(
+        lambda: MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=step if has_state else None)
+    )
 
     def checkpoint() -> None:
+        if not is_main():
+            return
         save_state(
             out / STATE_FILE,
             {
@@ -149,36 +177,35 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | Non
                 "pretext": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "augment_shards": plan.augment_shards,
             },
             config_dict,
         )
 
     def monitor_knn() -> None:
         if monitor is not None and cfg.monitor.every_epochs > 0:
-            acc = frozen_accuracy(
-                backbone, monitor["train"], monitor["val"], device=device, knn_k=cfg.monitor.knn_k,
-                knn_temperature=cfg.monitor.knn_temperature,
-            )  # fmt: skip
-            logger.log(step, "monitor", {"knn_val": acc["knn"]})
+            scores = monitor_scores(cfg, backbone, monitor, device, "val", probe_epochs=0)
+            logger.log(step, "monitor", {"knn_val": scores["knn_val"]})
             backbone.train()
 
     if step == 0:
         monitor_knn()
-    bar = tqdm(total=total_steps, initial=step, desc="pretrain", disable=not cfg.log.progress, dynamic_ncols=True)
+    show = cfg.log.progress and is_main()
+    bar = tqdm(total=total_steps, initial=step, desc="pretrain", disable=not show, dynamic_ncols=True)
     backbone.train()
     method.train()
     stop = total_steps if until_step is None else min(total_steps, until_step)
     stream = BatchStream(
         train_set, cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda", position=step,
+        pin_memory=device.type == "cuda", position=step, rank=plan.rank, world_size=plan.world_size,
     )  # fmt: skip
     while step < stop:
         images, _ = next(stream)
-        views = augment(images.to(device, non_blocking=True), make_generator(cfg.seed, "views", step))
-        loss = method.loss(backbone, views)
-        require_finite(loss, f"pretext loss at step {step}", "lower optim.lr or set optim.grad_clip")
+        images = images.to(device, non_blocking=True)
+        views = [plan.augment(augment, rows, s, cfg.seed, "views", step) for s, rows in plan.micro_batches(images)]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = accumulate_gradients(model, views, precision=precision, device=device)
+        require_finite(loss, f"pretext loss at step {step}", "lower optim.lr or set optim.grad_clip")
         grad_norm = clip_gradients(trainable, cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -197,24 +224,26 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | Non
     bar.close()
     if step < total_steps:
         logger.close()
+        barrier()
         return PretrainResult(out, None, None, step, finished=False)
 
-    export_backbone(out / BACKBONE_FILE, backbone, spec)
-    export_head(out / PRETEXT_HEAD_FILE, method, kind="pretext", name=cfg.pretext.name, params=cfg.pretext.params)
+    if is_main():
+        export_backbone(out / BACKBONE_FILE, backbone, spec)
+        export_head(out / PRETEXT_HEAD_FILE, method, kind="pretext", name=cfg.pretext.name, params=cfg.pretext.params)
     metrics = final_metrics(cfg, backbone, monitor, device, info.channels)
     logger.log(step, "final", metrics)
     logger.close()
-    write_summary(
-        out,
-        {
-            "stage": "pretrain",
-            "steps": step,
-            "wall_time_s": time.perf_counter() - start_time,
-            "metrics": metrics,
-            "backbone": str(out / BACKBONE_FILE),
-            "pretext_head": str(out / PRETEXT_HEAD_FILE),
-        },
-    )
+    summary = {
+        "stage": "pretrain",
+        "steps": step,
+        "processes": world(),
+        "wall_time_s": time.perf_counter() - start_time,
+        "metrics": metrics,
+        "backbone": str(out / BACKBONE_FILE),
+        "pretext_head": str(out / PRETEXT_HEAD_FILE),
+    }
+    on_main(lambda: write_summary(out, summary))
+    barrier()
     return PretrainResult(out, out / BACKBONE_FILE, out / PRETEXT_HEAD_FILE, step, finished=True, metrics=metrics)
 
 
@@ -232,9 +261,25 @@ def final_metrics(
     random_init, _ = build_backbone_from_config(cfg.backbone, channels)
     metrics: dict[str, float] = {}
     for label, model in (("", backbone), ("random_init_", random_init.to(device))):
-        acc = frozen_accuracy(
-            model, monitor["train"], monitor["test"], device=device, knn_k=cfg.monitor.knn_k,
-            knn_temperature=cfg.monitor.knn_temperature, probe_epochs=cfg.monitor.linear_probe_epochs, seed=cfg.seed,
-        )  # fmt: skip
-        metrics.update({f"{label}{key}_test": value for key, value in acc.items()})
+        scores = monitor_scores(cfg, model, monitor, device, "test", probe_epochs=cfg.monitor.linear_probe_epochs)
+        metrics.update({f"{label}{key}": value for key, value in scores.items()})
     return metrics
+
+
+def monitor_scores(
+    cfg: PretrainConfig,
+    backbone: nn.Module,
+    sets: dict[str, ImageDataset],
+    device: torch.device,
+    split: str,
+    *,
+    probe_epochs: int,
+) -> dict[str, float]:
+    """``knn_<split>`` (and ``linear_probe_<split>``) of the frozen backbone, the train split as memory bank."""
+    train, scored = (
+        frozen_features(backbone, sets[s], device=device, num_workers=cfg.data.num_workers) for s in ("train", split)
+    )
+    return frozen_scores(
+        train, {split: scored}, knn_k=cfg.monitor.knn_k, knn_temperature=cfg.monitor.knn_temperature,
+        probe_epochs=probe_epochs, seed=cfg.seed,
+    )  # fmt: skip
