@@ -96,7 +96,7 @@ def test_running_trials_do_not_block_and_dead_ones_are_requeued(make_cfg, tmp_pa
     dead_dir.mkdir(parents=True)
     (dead_dir / "partial.txt").write_text("left by the killed process")
     study._storage.record_heartbeat(dead._trial_id)
-    time.sleep(2.2)  # grace period: 2 x heartbeat_s
+    time.sleep(3.5)  # grace period 2 x heartbeat_s, plus 1 s: SQLite timestamps are whole seconds
 
     result = search(cfg)
     states = {t["number"]: t["state"] for t in result.trials}
