@@ -15,6 +15,7 @@ from bissl.utils.io import atomic_write
 from bissl.utils.plotting import new_figure, save_png
 
 HEADLINE_METRICS = ("test_top1", "test_mean_per_class")
+REPORT_FILE = "report.md"
 
 
 def analyse(cfg: PipelineConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -201,5 +202,5 @@ def write_report(cfg: PipelineConfig, results: dict[str, Any], pretrained: Path)
             "",
         ]
     )
-    atomic_write(out / "report.md", lambda f: f.write(text), mode="w")
-    return out / "report.md"
+    atomic_write(out / REPORT_FILE, lambda f: f.write(text), mode="w")
+    return out / REPORT_FILE

@@ -29,7 +29,6 @@ from bissl.utils.io import atomic_write, save_json
 log = logging.getLogger("bissl.pipeline")
 
 RESULTS_FILE = "results.json"
-REPORT_FILE = "report.md"
 
 
 @dataclass
@@ -90,26 +89,25 @@ def run_dir(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int) -> Pat
     return Path(cfg.out_dir) / task.name / arm.name / f"seed{seed}"
 
 
-def align_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, pretrained: Path) -> AlignConfig:
-    base = cfg.arm_align(arm, task)
-    update = {
+def _run_fields(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, stage: str) -> dict[str, Any]:
+    """The config fields the study sets on every stage of one run: seed, device, folder and task."""
+    return {
         "seed": seed,
         "device": cfg.device,
-        "out_dir": str(run_dir(cfg, task, arm, seed) / "align"),
-        "pretrained": str(pretrained),
+        "out_dir": str(run_dir(cfg, task, arm, seed) / stage),
         "downstream": task.downstream,
     }
-    return with_data_source(cfg, base.model_copy(update=update), ("pretext_data", "downstream.data"))  # type: ignore[return-value]
+
+
+def align_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, pretrained: Path) -> AlignConfig:
+    update = {**_run_fields(cfg, task, arm, seed, "align"), "pretrained": str(pretrained)}
+    return with_data_source(
+        cfg, cfg.arm_align(arm, task).model_copy(update=update), ("pretext_data", "downstream.data")
+    )  # type: ignore[return-value]
 
 
 def finetune_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, backbone: Path) -> FinetuneConfig:
-    update = {
-        "seed": seed,
-        "device": cfg.device,
-        "out_dir": str(run_dir(cfg, task, arm, seed) / "finetune"),
-        "backbone": str(backbone),
-        "downstream": task.downstream,
-    }
+    update = {**_run_fields(cfg, task, arm, seed, "finetune"), "backbone": str(backbone)}
     return with_data_source(cfg, cfg.task_finetune(task).model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
 
 
