@@ -1,6 +1,13 @@
 import pytest
 
-from bissl.config import PretrainConfig, apply_overrides, config_class_for, load_config, shipped_config_names
+from bissl.config import (
+    PipelineConfig,
+    PretrainConfig,
+    apply_overrides,
+    config_class_for,
+    load_config,
+    shipped_config_names,
+)
 from bissl.utils.errors import ConfigError
 
 
@@ -48,3 +55,24 @@ def test_bad_yaml_is_named(tmp_path):
     bad.write_text("epochs: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(PretrainConfig, bad)
+
+
+def test_extends_merges_a_file_over_its_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("epochs: 3\ndata: {name: digits, batch_size: 64}\nseed: 1\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ndata: {batch_size: 32}\nseed: 2\n")
+    cfg = load_config(PretrainConfig, tmp_path / "child.yaml", ["epochs=5"])
+    assert (cfg.epochs, cfg.seed, cfg.data.name, cfg.data.batch_size) == (5, 2, "digits", 32)
+
+
+def test_extends_a_shipped_config_replaces_lists():
+    base = load_config(PipelineConfig, "pipeline_digits")
+    solvers = load_config(PipelineConfig, "pipeline_solvers_digits")
+    assert [arm.name for arm in solvers.arms] != [arm.name for arm in base.arms]
+    assert solvers.pretrain == base.pretrain
+
+
+def test_extends_loop_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(PretrainConfig, tmp_path / "a.yaml")

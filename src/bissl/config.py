@@ -497,22 +497,44 @@ def build_config(cls: type[ConfigT], data: dict[str, Any] | None = None) -> Conf
         raise ConfigError(_format_validation_error(exc)) from None
 
 
+EXTENDS_KEY = "extends"
+
+
+def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping a YAML config file (or shipped config name) holds, with its ``extends:`` chain resolved.
+
+    ``extends: BASE`` (a shipped config name, or a path relative to the file) loads ``BASE`` first and merges
+    this file over it: mappings merge key by key, any other value (a list, a scalar) replaces the base's. So a
+    study that differs from ``pipeline_digits`` only in its arms is ``extends: pipeline_digits`` plus ``arms:``.
+    """
+    path = Path(path_or_name)
+    if _seen and not path.is_absolute():
+        relative = _seen[-1].parent / path
+        path = relative if relative.is_file() else path
+    path = resolve_config_path(path if path.is_file() else path_or_name).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"config files extend each other in a loop ({chain}); remove one 'extends:'")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    data: dict[str, Any] = loaded or {}
+    base = data.pop(EXTENDS_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"'extends' in {path} must name one config file or shipped config (got {base!r})")
+    return deep_merge(read_config_file(base, (*_seen, path)), data)
+
+
 def load_config(
     cls: type[ConfigT], path_or_name: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> ConfigT:
-    """Load a YAML file (or shipped config name), apply dotted overrides, validate into ``cls``."""
-    data: dict[str, Any] = {}
-    if path_or_name is not None:
-        path = resolve_config_path(path_or_name)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"config file {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax"
-            ) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        data = loaded or {}
+    """Load a YAML file (or shipped config name; ``extends:`` resolved), apply dotted overrides, validate."""
+    data = read_config_file(path_or_name) if path_or_name is not None else {}
     return build_config(cls, apply_overrides(data, overrides))
 
 
