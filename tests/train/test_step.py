@@ -2,7 +2,15 @@ import pytest
 import torch
 from torch import nn
 
-from bissl.train.step import BatchPlan, Objective, accumulate_gradients, cat_rows, resolve_precision, take_rows
+from bissl.train.step import (
+    BatchPlan,
+    Objective,
+    accumulate_gradients,
+    cat_rows,
+    resolve_precision,
+    take_rows,
+    use_channels_last,
+)
 from bissl.utils.errors import ConfigError
 from bissl.utils.seed import make_generator
 
@@ -84,3 +92,13 @@ def test_bf16_without_cuda_falls_back_to_fp32_with_a_warning():
 def test_resuming_with_another_number_of_shards_warns():
     with pytest.warns(UserWarning, match="set distributed.augment_shards=2 to keep them"):
         BatchPlan(8).check_resumed(2)
+
+
+def test_channels_last_on_cpu_changes_the_layout_not_the_function():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(5, 3, 12, 12)
+    expected = model(x)
+    use_channels_last(model, True)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

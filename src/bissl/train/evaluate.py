@@ -136,7 +136,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     out, _ = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=False))
 
     backbone.to(device)
-    use_channels_last(backbone, cfg.channels_last, device)
+    use_channels_last(backbone, cfg.channels_last)
     extract = {"device": device, "batch_size": data.batch_size, "num_workers": data.num_workers, "precision": precision}
     features = {split: frozen_features(backbone, dataset, **extract) for split, dataset in splits.items()}
     train_x, _ = features["train"]

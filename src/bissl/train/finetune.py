@@ -108,7 +108,7 @@ def finetune(
     head = task.build_head(backbone.feature_dim)
     backbone.to(device)
     head.to(device)
-    use_channels_last(backbone, cfg.channels_last, device)
+    use_channels_last(backbone, cfg.channels_last)
     objective = Objective(lambda batch: task.loss(backbone, head, batch), backbone=backbone, head=head)
     model = wrap_ddp(objective, device, sync_batchnorm=cfg.distributed.sync_batchnorm)
     params = [*backbone.parameters(), *head.parameters()]

@@ -128,7 +128,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | Non
     seed_everything(cfg.seed)
     backbone, spec = build_backbone_from_config(cfg.backbone, info.channels)
     backbone.to(device)
-    use_channels_last(backbone, cfg.channels_last, device)
+    use_channels_last(backbone, cfg.channels_last)
     method = build_pretext_from_config(cfg, backbone).to(device)
     augment = build_view_augmentation(
         cfg.pretext.augmentation or method.augmentation,

@@ -163,14 +163,11 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def use_channels_last(module: nn.Module, enabled: bool, device: torch.device) -> None:
-    """Store ``module``'s 4-D weights channels-last (faster convolutions on CUDA); a warning elsewhere."""
-    if not enabled:
-        return
-    if device.type != "cuda":
-        warnings.warn(f"channels_last only helps on CUDA; ignored on {device}", stacklevel=2)
-        return
-    module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+def use_channels_last(module: nn.Module, enabled: bool) -> None:
+    """Store ``module``'s 4-D weights channels-last (NHWC): faster convolutions, on CPU too (1.1-1.2x measured in
+    ``benchmarks/loops.py``); inputs need no change (convolutions take the weights' memory format)."""
+    if enabled:
+        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def accumulate_gradients(
