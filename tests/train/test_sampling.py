@@ -51,3 +51,17 @@ def test_batch_stream_ranks_share_each_global_batch():
     for _ in range(5):  # across an epoch boundary (2 batches per epoch)
         expected = next(whole)[0]
         assert all(torch.equal(next(ranks[r])[0], expected[r::2]) for r in range(2))
+
+
+def test_batch_stream_with_workers_reads_the_same_batches_and_follows_a_moved_position():
+    import torch
+
+    from bissl.train.sampling import BatchStream
+
+    data = torch.utils.data.TensorDataset(torch.arange(10))
+    plain = BatchStream(data, 3, seed=4)
+    expected = [next(plain)[0].tolist() for _ in range(8)]  # 3 batches per epoch: crosses two epoch boundaries
+    workers = BatchStream(data, 3, seed=4, num_workers=2)
+    assert [next(workers)[0].tolist() for _ in range(5)] == expected[:5]
+    workers.position = 2  # e.g. a resumed state: the stream restarts there
+    assert [next(workers)[0].tolist() for _ in range(6)] == expected[2:]

@@ -62,13 +62,40 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return num_samples // batch_size
 
 
+class StreamBatchSampler(Sampler[list[int]]):
+    """The batches of epochs ``start // per_epoch, ...`` without end, from global batch ``start`` on.
+
+    Each epoch's order is :class:`EpochBatchSampler`'s, so the stream is the same batches whether it is read in
+    one go or resumed at any position.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, seed: int, start: int, rank: int, world_size: int) -> None:
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.start, self.rank, self.world_size = start, rank, world_size
+        self.per_epoch = steps_per_epoch(num_samples, batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, offset = divmod(self.start, self.per_epoch)
+        while True:
+            yield from EpochBatchSampler(
+                self.num_samples, self.batch_size, seed=self.seed, epoch=epoch, start=offset,
+                rank=self.rank, world_size=self.world_size,
+            )  # fmt: skip
+            epoch, offset = epoch + 1, 0
+
+
 class BatchStream:
     """An endless, seeded stream of batches over epochs, resumable from its position.
 
     ``position`` counts the batches drawn so far; batch ``k`` is batch ``k % per_epoch`` of epoch
     ``k // per_epoch``, whose order :class:`EpochBatchSampler` fixes from ``(seed, epoch)``. ``batch_size`` is
-    the global batch; with ``world_size > 1`` this rank gets its shard of it. Loader workers are seeded from
-    ``(seed, epoch, rank)``.
+    the global batch; with ``world_size > 1`` this rank gets its shard of it.
+
+    One ``DataLoader`` iterates over every epoch, so its workers live as long as the stream (re-spawning them at
+    each epoch made loading with workers slower than without, ``benchmarks/README.md``); setting ``position``
+    starts a new one there. Workers are seeded from ``(seed, position at start, rank)``: datasets load
+    deterministically (random views are drawn in the main process from seeded generators), so which worker loads
+    a batch never changes it.
     """
 
     def __init__(
@@ -89,39 +116,44 @@ class BatchStream:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.per_epoch = steps_per_epoch(len(dataset), batch_size)  # type: ignore[arg-type]
-        self.position = position
         self.rank, self.world_size = rank, world_size
+        self._position = position
         self._iterator: Iterator[Any] | None = None
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        if value != self._position:
+            self._iterator = None
+        self._position = value
 
     @property
     def epoch(self) -> int:
         return self.position // self.per_epoch
 
-    def _start_epoch(self) -> Iterator[Any]:
-        sampler = EpochBatchSampler(
+    def _start(self) -> Iterator[Any]:
+        sampler = StreamBatchSampler(
             len(self.dataset),  # type: ignore[arg-type]
-            self.batch_size,
-            seed=self.seed,
-            epoch=self.epoch,
-            start=self.position % self.per_epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+            self.batch_size, seed=self.seed, start=self.position, rank=self.rank, world_size=self.world_size,
+        )  # fmt: skip
         loader = DataLoader(
             self.dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,
             worker_init_fn=seed_worker,
             pin_memory=self.pin_memory,
-            generator=make_generator(self.seed, "workers", self.epoch, self.rank),
+            generator=make_generator(self.seed, "workers", self.position, self.rank),
         )
         return iter(loader)
 
     def __next__(self) -> Any:
-        if self._iterator is None or self.position % self.per_epoch == 0:
-            self._iterator = self._start_epoch()
+        if self._iterator is None:
+            self._iterator = self._start()
         batch = next(self._iterator)
-        self.position += 1
+        self._position += 1
         return batch
 
     def __iter__(self) -> BatchStream:
