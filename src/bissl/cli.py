@@ -117,6 +117,12 @@ VERBS: dict[str, Verb] = {
 }  # fmt: skip
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bissl", description="Bilevel self-supervised learning (BiSSL).")
     parser.add_argument("--version", action="version", version=f"bissl {__version__}")
@@ -130,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data-root", help="folder holding the datasets")
         sub.add_argument("--download", action="store_true", help="allow torchvision to download missing data")
         sub.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+        sub.add_argument(
+            "--threads", type=_positive_int, metavar="N",
+            help="torch CPU threads (default: torch's, one per core); 1 where other jobs share the cores",
+        )  # fmt: skip
         if name == "pipeline":
             sub.add_argument("--quick", action="store_true", help="apply the config's `quick` preset (smoke test)")
         for flag, (key, help_text) in verb.flags.items():
@@ -158,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     verb = VERBS[args.verb]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         verb.run(load_verb_config(verb, args), args)
     except BisslError as exc:

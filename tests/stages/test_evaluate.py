@@ -2,6 +2,7 @@ import json
 import math
 
 import pytest
+import torch
 from PIL import Image
 
 from bissl.cli import main
@@ -52,6 +53,18 @@ def test_cli_evaluate_prints_metrics_and_files(tmp_path, pretrained, capsys):
     printed = capsys.readouterr().out
     assert "knn_test: " in printed and "linear_probe" not in printed
     assert f"embedding: {out_dir / 'embedding.png'}" in printed and f"summary: {out_dir / 'summary.json'}" in printed
+
+
+def test_cli_threads_flag_sets_torch_threads_and_rejects_zero(tmp_path, pretrained, capsys):
+    argv = ["evaluate", "--backbone", str(pretrained), "--out-dir", str(tmp_path / "t")]
+    try:
+        assert main([*argv, "--threads", "2", *TINY_EVALUATE, "embedding=false", "linear_probe_epochs=0"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    with pytest.raises(SystemExit):
+        main([*argv, "--threads", "0"])
+    assert "--threads: expected a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_missing_backbone_is_one_line_error(tmp_path, capsys):
