@@ -49,7 +49,7 @@ def write_tree(directory: Path, *, gz: bool) -> dict[str, tuple[np.ndarray, np.n
 @pytest.fixture(autouse=True)
 def no_ambient_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Only the test's own folders count: no env root, an empty cache, no Debian folder."""
-    monkeypatch.delenv(mnist.DATA_ROOT_ENV, raising=False)
+    monkeypatch.delenv(mnist.ROOT_ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     no_system = dataclasses.replace(mnist.FASHION_MNIST, system_dirs=(str(tmp_path / "no-debian"),))
     monkeypatch.setattr(mnist, "FASHION_MNIST", no_system)
@@ -75,7 +75,7 @@ def test_torchvision_layout_gzipped_via_root(tmp_path: Path) -> None:
 
 def test_flat_plain_files_via_env_var_and_resize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_tree(tmp_path / "flat", gz=False)
-    monkeypatch.setenv(mnist.DATA_ROOT_ENV, str(tmp_path / "flat"))
+    monkeypatch.setenv(mnist.ROOT_ENV_VAR, str(tmp_path / "flat"))
     dataset = build_dataset("fashion_mnist", "train", image_size=16, seed=3)
     assert dataset.images.shape == (110, 1, 16, 16)
     assert dataset.info.classes[0] == "T-shirt/top" and dataset.info.std[0] > 0

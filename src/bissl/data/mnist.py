@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 
 from bissl.data.base import DATASETS, DatasetInfo, Split, TensorImageDataset, missing_data_error
+from bissl.data.locate import ROOT_ENV_VAR, data_root
 from bissl.data.resize import channel_stats, resize_uint8
 from bissl.data.splits import fraction_sizes, stratified_split
 from bissl.utils.errors import DataError
 
-DATA_ROOT_ENV = "BISSL_DATA_ROOT"
 TRAIN_VAL_FRACTIONS: tuple[float, float] = (11 / 12, 1 / 12)  # 60,000 -> 55,000 train / 5,000 val
 STATS_IMAGES = 10_000  # mean/std are measured on this many train-split images
 _IDX_IMAGES_MAGIC = 0x0803  # unsigned bytes, 3 dimensions
@@ -82,7 +82,7 @@ def _find_file(directory: Path, name: str) -> Path | None:
 
 def candidate_dirs(source: IdxSource, root: str | os.PathLike[str] | None) -> list[Path]:
     """Every folder searched for ``source``'s files, in search order."""
-    bases = [Path(p).expanduser() for p in (root, os.environ.get(DATA_ROOT_ENV)) if p]
+    bases = [Path(p).expanduser() for p in (root, os.environ.get(ROOT_ENV_VAR)) if p]
     bases.append(default_data_root())
     dirs = [d for base in bases for d in (base / source.torchvision_class / "raw", base)]
     return dirs + [Path(d) for d in source.system_dirs]
@@ -133,7 +133,7 @@ def _download(source: IdxSource, root: str | None) -> Path:
     """Fetch ``source`` with torchvision into ``root`` / ``$BISSL_DATA_ROOT`` / the cache; return its raw folder."""
     import torchvision.datasets
 
-    target = Path(root or os.environ.get(DATA_ROOT_ENV) or default_data_root()).expanduser()
+    target = data_root(root) or default_data_root()
     dataset_class = getattr(torchvision.datasets, source.torchvision_class)
     try:
         dataset_class(str(target), train=True, download=True)
