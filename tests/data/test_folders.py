@@ -79,8 +79,9 @@ def test_unlabelled_folder_finds_images_recursively(tmp_path: Path) -> None:
     write_image(tmp_path / ".hidden.jpg")
     write_image(tmp_path / ".cache" / "x.jpg")
     splits = {split: load("unlabelled_folder", split, tmp_path) for split in SPLITS}
-    assert [len(splits[s]) for s in SPLITS] == [14, 2, 2]
-    assert sum(len(set(d.images.paths)) for d in splits.values()) == 18
+    assert [len(splits[s]) for s in SPLITS] == [18, 2, 2]  # one folder: pretext training sees every image
+    assert set(splits["val"].images.paths) | set(splits["test"].images.paths) < set(splits["train"].images.paths)
+    assert not set(splits["val"].images.paths) & set(splits["test"].images.paths)
     info = splits["train"].info
     assert (info.num_classes, info.classes, info.channels) == (0, [], 3)
     for dataset in splits.values():

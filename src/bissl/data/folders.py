@@ -3,7 +3,9 @@
 Both accept either split folders, ``root/{train,val,test}/...`` (also ``training``, ``valid``, ``validation``,
 ``testing``), or one folder holding everything. Splits without a folder are carved (see
 :mod:`bissl.data.locate`): test is a fixed 10%, val a seeded 10% of the rest (both stratified by class), train
-what remains, so the three never overlap. Images are found recursively by extension; hidden files are skipped.
+what remains, so the three never overlap. Exception: ``unlabelled_folder`` without a train folder keeps every
+image in train (pretext training should see all of them; without labels nothing can leak into val/test).
+Images are found recursively by extension; hidden files are skipped.
 ``download`` is accepted for a uniform signature and ignored: there is nothing to download.
 """
 
@@ -48,12 +50,21 @@ def _split_folders(name: str, root: str | None, layout: str) -> tuple[Path, dict
 
 
 def _take(
-    read: Callable[[Path], LazyImageDataset], folder: Path, splits: dict[str, Path], split: str, seed: int
+    read: Callable[[Path], LazyImageDataset],
+    folder: Path,
+    splits: dict[str, Path],
+    split: str,
+    seed: int,
+    *,
+    carve_train: bool = True,
 ) -> LazyImageDataset:
-    """``split`` from its own folder if it has one, else carved from the train folder (or the only folder)."""
+    """``split`` from its own folder if it has one, else carved from the train folder (or the only folder);
+    with ``carve_train=False`` train is the whole pool, val and test are still carved from it."""
     if split != "train" and split in splits:
         return read(splits[split])
     pool = read(splits.get("train", folder))
+    if split == "train" and not carve_train:
+        return pool
     return carve(pool, split, seed, test="test" not in splits, val="val" not in splits)
 
 
@@ -91,7 +102,8 @@ def unlabelled_folder(
 ) -> ImageDataset:
     """Every image under ``root`` (recursively, any common extension), label -1 and ``num_classes = 0``.
 
-    With ``root/{train,val,test}`` folders each split reads its own; otherwise val and test are carved (10% each).
+    With ``root/{train,val,test}`` folders each split reads its own. With one folder, train is every image in it
+    and val / test are carved subsets of them (10% each; with no labels, they serve loss monitoring only).
     """
     check_split(split)
     layout = "DIR/**/*.jpg (any common image extension)"
@@ -104,4 +116,4 @@ def unlabelled_folder(
             raise DataError(f"unlabelled_folder: no images under {split_folder} ({', '.join(IMAGE_EXTENSIONS)})")
         return LazyImageDataset.from_files(paths, [UNLABELLED] * len(paths), info, image_size)
 
-    return _take(read, folder, splits, split, seed)
+    return _take(read, folder, splits, split, seed, carve_train=bool(splits))
