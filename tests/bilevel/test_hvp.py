@@ -84,6 +84,22 @@ def test_hvp_leaves_batchnorm_buffers_bit_identical(method: str) -> None:
     assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
+def test_func_falls_back_where_forward_mode_through_the_backward_fails() -> None:
+    """``mse_loss``'s backward has no usable forward-mode formula (its constant target's zero tangent is written
+    into: "ZeroTensors are immutable"): ``func`` must still give ``H v`` (by reverse-over-reverse), and say so."""
+    torch.manual_seed(0)
+    model, x, y = mlp().double(), torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    loss = lambda m: F.mse_loss(m(x), y)  # noqa: E731
+    h = dense_hessian(model, names, loss)
+    op = HessianOperator(lambda: loss(model), list(model.parameters()), method="func", module=model)
+    with pytest.warns(RuntimeWarning, match="reverse-over-reverse"):
+        first = op.matvec(v := torch.randn(op.numel, dtype=torch.float64))
+    assert torch.allclose(first, h @ v, rtol=1e-9, atol=1e-11)
+    second = op.matvec(w := torch.randn(op.numel, dtype=torch.float64))
+    assert torch.allclose(second, h @ w, rtol=1e-9, atol=1e-11) and op.num_hvps == 2
+
+
 def test_double_backward_builds_the_graph_once() -> None:
     model, names, loss = setup("conv")
     calls = []

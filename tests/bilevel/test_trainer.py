@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -156,3 +158,22 @@ def test_lower_step_pulls_theta_towards_phi_and_state_roundtrips():
 def test_non_positive_lam_is_a_config_error(lam):
     with pytest.raises(ConfigError, match=r"bilevel.lam must be > 0"):
         BilevelSettings(lam=lam)
+
+
+@pytest.mark.filterwarnings("ignore:HVP method 'func':RuntimeWarning")  # mse_loss: reverse-over-reverse fallback
+def test_func_hvp_equals_double_backward_in_an_upper_step():
+    """Regression: ``bilevel.solver.hvp=func`` failed in the trainer ("ZeroTensors are immutable", from the
+    pretext's mse_loss under forward-over-reverse); it must give the double-backward step to 1e-6 (float64)."""
+    views, batch = _batches()
+    results = {}
+    for hvp in ("double_backward", "func"):
+        trainer = _trainer(solver="cg", iters=8, damping=20.0)
+        trainer.settings = dataclasses.replace(trainer.settings, hvp=hvp)
+        trainer.begin_cycle(views)
+        grads, stats = trainer.hypergradient(batch)
+        trainer.upper_step(batch)
+        trainer.end_cycle()
+        results[hvp] = (torch.cat([g.reshape(-1) for g in grads]), torch.cat([p.reshape(-1) for p in trainer.phi]))
+        assert stats["solver_hvps"] == 8
+    for ref, got in zip(results["double_backward"], results["func"], strict=True):
+        assert torch.linalg.vector_norm(got - ref) <= 1e-6 * torch.linalg.vector_norm(ref)
