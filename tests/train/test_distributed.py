@@ -76,6 +76,19 @@ def _helpers_worker(rank: int, world: int, port: int, out: str, data: dict[str, 
         shard = [int(i) for i in D.shard_dataset(items)]  # type: ignore[arg-type]
         results["gathered"] = D.gather_shards(torch.tensor(shard) + 1)
         results["mean"] = D.all_reduce_mean(torch.tensor(float(rank)))
+        in_place = [torch.full((2, 3), float(rank)), torch.tensor([rank, 2.0 * rank], dtype=torch.float64)]
+        D.all_reduce_mean_(in_place)
+        results["mean_"] = in_place
+        module = nn.BatchNorm1d(2)
+        module.running_mean.fill_(rank + 1.0)
+        module.num_batches_tracked.fill_(rank + 5)
+        D.broadcast_buffers(module)
+        results["buffers"] = module.state_dict()
+        rows = torch.full((2, 1), float(rank + 1), requires_grad=True)
+        gathered = D.all_gather_rows(rows)
+        (grad,) = torch.autograd.grad((gathered**3).sum() * (rank + 1), rows, create_graph=True)
+        (hess,) = torch.autograd.grad(grad.sum(), rows)
+        results["gather"] = (gathered.detach(), grad.detach(), hess)
         try:
             D.on_main(lambda: 1 / 0)
         except ZeroDivisionError:
@@ -107,6 +120,13 @@ def test_two_processes_gather_reduce_and_batchnorm_equal_one_process(tmp_path: P
     for r, result in enumerate(ranks):
         assert result["gathered"].tolist() == [10 * i + 1 for i in range(7)]  # dataset order, no padding
         assert result["mean"].item() == 0.5 and result["raised"]
+        assert result["mean_"][0].eq(0.5).all() and result["mean_"][1].tolist() == [0.5, 1.0]
+        assert result["buffers"]["running_mean"].tolist() == [1.0, 1.0]  # rank 0's
+        assert result["buffers"]["num_batches_tracked"].item() == 5
+        # sum over ranks q of (q + 1) * sum(gathered^3): d/dx = 3 x^2 * (1 + 2), d2/dx2 = 6 x * 3 for this rank's x
+        gathered, grad, hess = result["gather"]
+        assert gathered.flatten().tolist() == [1.0, 1.0, 2.0, 2.0]
+        assert grad.flatten().tolist() == [9.0 * (r + 1) ** 2] * 2 and hess.flatten().tolist() == [18.0 * (r + 1)] * 2
         rows = slice(r * 3, (r + 1) * 3)
         for key in ("out", "grad_x", "hvp_x"):  # gradients flow through both ranks' statistics, twice
             torch.testing.assert_close(result["bn"][key], expected[key][rows], rtol=1e-10, atol=1e-12)

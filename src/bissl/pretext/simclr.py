@@ -16,16 +16,12 @@ from bissl.pretext.heads import ProjectorConfig, projection_head
 def gather_across_ranks(x: Tensor) -> tuple[Tensor, int, int]:
     """``(cat of every rank's x, rank, world size)``; ``(x, 0, 1)`` without an initialised process group.
 
-    Uses ``torch.distributed.nn.functional.all_gather``, whose backward (a reduce-scatter) is itself
+    Uses :func:`bissl.train.distributed.all_gather_rows`, whose backward (a sum over ranks) is itself
     differentiable, so gradients and Hessian-vector products flow to every rank's embeddings.
     """
-    import torch.distributed as dist
+    from bissl.train.distributed import all_gather_rows, rank, world
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0, 1
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x)), dist.get_rank(), dist.get_world_size()
+    return all_gather_rows(x), rank(), world()
 
 
 def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5, *, gather_distributed: bool = False) -> Tensor:

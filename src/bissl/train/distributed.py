@@ -21,7 +21,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import torch
@@ -197,6 +197,66 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         return _AllReduceSum.apply(grad)
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Every rank's rows, concatenated in rank order; the backward (itself differentiable) sums the ranks' gradients
+    of the gathered rows and keeps this rank's block, so gradients and Hessian-vector products of the sum of the
+    ranks' losses reach every rank's rows. It all-reduces the whole gathered gradient (gloo has no reduce-scatter):
+    ``W`` times the traffic of a reduce-scatter, negligible for embeddings."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format) for _ in range(world())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows = tensor.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return _AllReduceSum.apply(grad).narrow(0, rank() * ctx.rows, ctx.rows)
+
+
+def all_gather_rows(tensor: Tensor) -> Tensor:
+    """The rows of ``tensor`` on every rank, concatenated in rank order (``tensor`` itself in a single process).
+
+    Differentiable any number of times: the gradient of rank ``r``'s rows is the sum over ranks of the gradients
+    of that block of the gathered tensor (what the sum of the ranks' losses asks for). Every rank must pass the
+    same shape.
+    """
+    return tensor if world() == 1 else cast(Tensor, _AllGatherRows.apply(tensor))
+
+
+def _flat_in_place(tensors: Sequence[Tensor], collective: Callable[[Tensor], object]) -> None:
+    """Run ``collective`` on the tensors flattened into one buffer per dtype, and copy the result back in place."""
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    with torch.no_grad():
+        for group in groups.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in group]).to(_comm_device())
+            collective(flat)
+            for tensor, chunk in zip(group, flat.split([t.numel() for t in group]), strict=True):
+                tensor.copy_(chunk.view_as(tensor))
+
+
+def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
+    """Replace each floating-point tensor, in place, by its mean over ranks (not differentiable: for gradients,
+    logged losses, Hessian-vector products).
+
+    One collective per dtype; every rank must pass tensors of the same shapes and dtypes in the same order. The
+    result is bit-identical on every rank (the collective hands one reduced value to all).
+    """
+    if world() > 1 and tensors:
+        _flat_in_place(tensors, lambda flat: (dist.all_reduce(flat), flat.div_(world())))
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers of ``module`` (BatchNorm running statistics, ...) to every rank, as DDP does for
+    BatchNorm layers that are not synchronised."""
+    buffers = list(module.buffers())
+    if world() > 1 and buffers:
+        _flat_in_place(buffers, lambda flat: dist.broadcast(flat, src=src))
 
 
 class GlobalBatchNorm(_BatchNorm):
