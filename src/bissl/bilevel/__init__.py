@@ -4,7 +4,7 @@ from bissl.bilevel.hvp import DEFAULT_HVP_METHOD, HessianOperator, flatten, pres
 from bissl.bilevel.implicit import implicit_gradient, proximal_mu
 from bissl.bilevel.mfac import GradientWindow, MFACInverse
 from bissl.bilevel.solvers import SOLVERS, SolveInfo, Solver
-from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer
+from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
 
 __all__ = [
     "DEFAULT_HVP_METHOD",
@@ -14,6 +14,7 @@ __all__ = [
     "GradientWindow",
     "HessianOperator",
     "MFACInverse",
+    "RankSync",
     "SolveInfo",
     "Solver",
     "flatten",

@@ -24,6 +24,24 @@ lower steps recorded, :mod:`bissl.bilevel.mfac`), every :meth:`~BiSSLTrainer.upp
 
 The trainer knows nothing of datasets or files: it takes prepared batches, so any backbone, any
 :class:`~bissl.pretext.base.PretextMethod` and any :class:`~bissl.downstream.base.DownstreamTask` plug in.
+
+Data parallel (one trainer per rank, each on its rows of every batch; ``bissl align`` under torchrun): pass
+``sync=RankSync(mean=...)``. No module is wrapped in ``DistributedDataParallel`` (it cannot differentiate twice);
+the trainer averages over ranks explicitly, so that every step equals a single process on the union of the ranks'
+rows for losses that are a mean over equal-sized per-rank batches:
+
+* lower step: the gradients of theta and psi (and the logged losses) after the backward pass; the M-FAC window
+  records the averaged pretext gradient, so every rank factorises the same Fisher;
+* upper step: ``grad_theta L_D`` (the right-hand side ``v``), the head gradients and ``grad_phi L_D`` before the
+  solve, and every Hessian-vector product (each rank's product is that of its own loss; their mean is the product
+  of the mean loss). A pretext loss that couples ranks (SimCLR with ``gather_distributed``, synchronised
+  BatchNorm) must differentiate twice through its collectives: rank ``r``'s gradient of its own loss then holds
+  the other ranks' terms that depend on its rows, and the mean over ranks is the gradient of the mean loss.
+
+Every rank thus holds bit-identical ``v`` and products of bit-identical iterates, so the solver's scalars (CG's
+step sizes and stopping test), its iteration count and its result are the same on every rank without further
+communication; ``identity`` and ``mfac`` use only averaged vectors. Losses are checked for NaN/inf after the
+averaging, so every rank raises together.
 """
 
 from __future__ import annotations
@@ -37,7 +55,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bissl.bilevel.hvp import DEFAULT_HVP_METHOD, HessianOperator, flatten, preserve_buffers, unflatten
+from bissl.bilevel.hvp import (
+    DEFAULT_HVP_METHOD,
+    HessianOperator,
+    HVPMethod,
+    flatten,
+    preserve_buffers,
+    unflatten,
+)
 from bissl.bilevel.implicit import implicit_gradient, proximal_mu
 from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes, mfac
 from bissl.bilevel.solvers import SolveInfo
@@ -47,6 +72,21 @@ from bissl.utils.errors import ConfigError
 from bissl.utils.numerics import clip_gradients, global_norm, require_finite
 
 ViewFn = Callable[[Tensor], Sequence[Tensor]]
+
+
+@dataclass(frozen=True)
+class RankSync:
+    """How one rank's trainer combines its work with the other ranks' (module docstring; ``None``: one process).
+
+    ``mean(tensors)`` replaces each tensor, in place, by its mean over ranks (every rank calls it with the same
+    shapes in the same order), e.g. :func:`bissl.train.distributed.all_reduce_mean_`. ``buffers(module)``, if
+    given, makes ``module``'s buffers equal on every rank after each step that moved them (BatchNorm running
+    statistics of layers that normalise each rank's rows alone), e.g.
+    :func:`bissl.train.distributed.broadcast_buffers`.
+    """
+
+    mean: Callable[[Sequence[Tensor]], None]
+    buffers: Callable[[nn.Module], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +128,20 @@ class BilevelSettings:
 
 class _DeferredHessian(HessianOperator):
     """A :class:`HessianOperator` whose build (forward + first-order graph) waits for the first product, so a
-    cycle whose solver spends no product (``identity``) runs no Hessian forward pass."""
+    cycle whose solver spends no product (``identity``) runs no Hessian forward pass. With ``mean`` (data
+    parallel) each product is averaged over ranks: the Hessian of the mean of the ranks' losses."""
+
+    def __init__(
+        self,
+        loss_fn: Callable[[], Tensor],
+        params: Sequence[Tensor],
+        *,
+        method: HVPMethod,
+        module: nn.Module,
+        mean: Callable[[Sequence[Tensor]], None] | None = None,
+    ) -> None:
+        self._mean = mean
+        super().__init__(loss_fn, params, method=method, module=module)
 
     def _build_double_backward(self, loss_fn: Callable[[], Tensor]) -> None:
         self._pending = (super()._build_double_backward, loss_fn)
@@ -101,7 +154,10 @@ class _DeferredHessian(HessianOperator):
             build, loss_fn = self._pending
             self._pending = None
             build(loss_fn)
-        return super().matvec(v)
+        product = super().matvec(v)
+        if self._mean is not None:
+            self._mean([product])
+        return product
 
 
 CycleOperator = HessianOperator | MFACInverse
@@ -111,7 +167,8 @@ class BiSSLTrainer:
     """Holds theta (``lower_backbone``), phi (``upper_backbone``), psi (``pretext``) and omega (``head``).
 
     ``lower_optimizer`` must cover theta and psi; ``upper_optimizer`` phi and omega. Schedulers are
-    optional and stepped once per step of their level.
+    optional and stepped once per step of their level. ``sync``: how ranks are combined under data parallelism
+    (:class:`RankSync`); every rank must start from the same weights.
     """
 
     def __init__(
@@ -125,8 +182,10 @@ class BiSSLTrainer:
         make_lower_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
         make_upper_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
         upper_backbone: nn.Module | None = None,
+        sync: RankSync | None = None,
     ) -> None:
         self.settings = settings
+        self.sync = sync
         self.lower_backbone = backbone
         self.upper_backbone = upper_backbone if upper_backbone is not None else copy.deepcopy(backbone)
         self.pretext = pretext
@@ -164,10 +223,11 @@ class BiSSLTrainer:
         self.pretext.train()
         pretext_loss = self.pretext.loss(self.lower_backbone, views)
         prox = self.proximal_term()
-        total = pretext_loss + prox
-        require_finite(total, f"lower-level loss at lower step {self.lower_steps}", "lower lower.optim.lr")
         self.lower_optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        (pretext_loss + prox).backward()
+        losses = torch.stack([pretext_loss.detach(), prox.detach()])
+        self._mean([*(p.grad for p in self.lower_params if p.grad is not None), losses])
+        require_finite(losses.sum(), f"lower-level loss at lower step {self.lower_steps}", "lower lower.optim.lr")
         if self._window is not None:
             lam = self.settings.lam
             self._window.push(
@@ -182,7 +242,17 @@ class BiSSLTrainer:
             self.lower_scheduler.step()
         self.lower_steps += 1
         self.pretext.on_step_end(self.lower_backbone, self.lower_steps, total_lower_steps)
-        return {"pretext_loss": pretext_loss.item(), "proximal": prox.item(), "grad_norm": grad_norm}
+        self._sync_buffers(self._lower_modules)
+        return {"pretext_loss": losses[0].item(), "proximal": losses[1].item(), "grad_norm": grad_norm}
+
+    def _mean(self, tensors: Sequence[Tensor]) -> None:
+        """Average ``tensors`` over ranks in place (nothing in a single process)."""
+        if self.sync is not None:
+            self.sync.mean(tensors)
+
+    def _sync_buffers(self, module: nn.Module) -> None:
+        if self.sync is not None and self.sync.buffers is not None:
+            self.sync.buffers(module)
 
     # ----------------------------------------------------------------------------------- upper level
     def begin_cycle(self, hessian_views: Sequence[Tensor]) -> None:
@@ -212,6 +282,7 @@ class BiSSLTrainer:
             self.theta,
             method=s.hvp or DEFAULT_HVP_METHOD,  # type: ignore[arg-type]
             module=self._lower_modules,
+            mean=None if self.sync is None else self.sync.mean,
         )
 
     def solve_implicit(
@@ -261,22 +332,25 @@ class BiSSLTrainer:
         self.lower_backbone.train()
         with preserve_buffers(self._lower_modules):
             loss_theta = self.task.loss(self.lower_backbone, self.head, batch)
-            require_finite(loss_theta, "downstream loss at theta", "lower upper.optim.lr")
             grads = torch.autograd.grad(loss_theta, [*self.theta, *head_params])
-            v_theta, g_head = grads[: len(self.theta)], grads[len(self.theta) :]
+        v_theta, g_head = grads[: len(self.theta)], grads[len(self.theta) :]
+        self.upper_backbone.train()
+        loss_phi = self.task.loss(self.upper_backbone, self.head, batch)
+        grads_phi = torch.autograd.grad(loss_phi, [*self.phi, *head_params])
+        g_phi_plain, g_head_phi = grads_phi[: len(self.phi)], grads_phi[len(self.phi) :]
+        losses = torch.stack([loss_theta.detach(), loss_phi.detach()])
+        self._mean([*grads, *grads_phi, losses])  # before the solve: every rank solves for the same v
+        require_finite(losses[0], "downstream loss at theta", "lower upper.optim.lr")
+        require_finite(losses[1], "downstream loss at phi", "lower upper.optim.lr")
+        with preserve_buffers(self._lower_modules):
             implicit, info = self.solve_implicit(v_theta, operator)
         if s.warm_start:
             self._last_solution = tuple(x.detach() for x in implicit)
-        self.upper_backbone.train()
-        loss_phi = self.task.loss(self.upper_backbone, self.head, batch)
-        require_finite(loss_phi, "downstream loss at phi", "lower upper.optim.lr")
-        grads_phi = torch.autograd.grad(loss_phi, [*self.phi, *head_params])
-        g_phi_plain, g_head_phi = grads_phi[: len(self.phi)], grads_phi[len(self.phi) :]
         g_phi = [x + s.gamma * g for x, g in zip(implicit, g_phi_plain, strict=True)]
         g_omega = [a + s.gamma * b for a, b in zip(g_head, g_head_phi, strict=True)]
         stats = {
-            "loss_theta": loss_theta.item(),
-            "loss_phi": loss_phi.item(),
+            "loss_theta": losses[0].item(),
+            "loss_phi": losses[1].item(),
             "implicit_grad_norm": global_norm(implicit),
             "downstream_grad_norm": global_norm(v_theta),
             "hypergrad_norm": global_norm(g_phi),
@@ -298,6 +372,7 @@ class BiSSLTrainer:
         if self.upper_scheduler is not None:
             self.upper_scheduler.step()
         self.upper_steps += 1
+        self._sync_buffers(self.upper_backbone)
         return stats
 
     # ----------------------------------------------------------------------------------- state
