@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +30,16 @@ class Verb:
     flags: dict[str, tuple[str, str]] = field(default_factory=dict)  # --flag -> (config key, help)
 
 
+def _print(*lines: str) -> None:
+    """Print the result lines on rank 0 only: under torchrun every rank runs the stage and returns its result."""
+    from bissl.train.distributed import is_main
+
+    if is_main():
+        print(*lines, sep="\n")
+
+
 def _print_metrics(metrics: dict[str, float]) -> None:
-    for key, value in metrics.items():
-        print(f"{key}: {value:.4f}")
+    _print(*(f"{key}: {value:.4f}" for key, value in metrics.items()))
 
 
 def run_pretrain(cfg: Any, args: argparse.Namespace) -> None:
@@ -39,8 +47,8 @@ def run_pretrain(cfg: Any, args: argparse.Namespace) -> None:
 
     result = pretrain(cfg, resume=args.resume)
     _print_metrics(result.metrics)
-    print(f"backbone: {result.backbone_path}")
-    print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
+    _print(f"backbone: {result.backbone_path}")
+    _print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
 
 
 def run_align(cfg: Any, args: argparse.Namespace) -> None:
@@ -48,8 +56,8 @@ def run_align(cfg: Any, args: argparse.Namespace) -> None:
 
     result = align(cfg, resume=args.resume)
     _print_metrics(result.metrics)
-    print(f"aligned backbone (theta): {result.backbone_path}")
-    print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
+    _print(f"aligned backbone (theta): {result.backbone_path}")
+    _print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
 
 
 def run_finetune(cfg: Any, args: argparse.Namespace) -> None:
@@ -58,21 +66,21 @@ def run_finetune(cfg: Any, args: argparse.Namespace) -> None:
 
         result = finetune(cfg, resume=args.resume)
         _print_metrics(result.metrics)
-        print(f"best epoch (validation): {result.best_epoch}")
-        print(f"run folder: {result.out_dir} (backbone.pt, downstream_head.pt, metrics.csv, summary.json)")
+        _print(f"best epoch (validation): {result.best_epoch}")
+        _print(f"run folder: {result.out_dir} (backbone.pt, downstream_head.pt, metrics.csv, summary.json)")
         return
     from bissl.train.hpo import aggregate, final_runs, search
 
     found = search(cfg)
     params = " ".join(f"{key}={value:.4g}" for key, value in found.best_params.items())
-    print(f"best trial: {found.best_trial} (val_{found.metric} {found.best_value:.4f}): {params}")
+    _print(f"best trial: {found.best_trial} (val_{found.metric} {found.best_value:.4f}): {params}")
     if not cfg.hpo.final_seeds:
-        print(f"study: {found.storage} (no final runs: hpo.final_seeds is empty)")
+        _print(f"study: {found.storage} (no final runs: hpo.final_seeds is empty)")
         return
     results = final_runs(cfg, found.best_params, cfg.hpo.final_seeds, search=found)
     for key, stats in aggregate(results).items():
-        print(f"{key}: {stats['mean']:.4f} ± {stats['std']:.4f} (mean ± std over {stats['n']} seeds)")
-    print(f"run folder: {cfg.out_dir} (study.db, trials/, final/seed<k>/, hpo_summary.json)")
+        _print(f"{key}: {stats['mean']:.4f} ± {stats['std']:.4f} (mean ± std over {stats['n']} seeds)")
+    _print(f"run folder: {cfg.out_dir} (study.db, trials/, final/seed<k>/, hpo_summary.json)")
 
 
 def run_evaluate(cfg: Any, args: argparse.Namespace) -> None:
@@ -81,17 +89,22 @@ def run_evaluate(cfg: Any, args: argparse.Namespace) -> None:
     result = evaluate(cfg)
     _print_metrics(result.metrics)
     if result.embedding_path is not None:
-        print(f"embedding: {result.embedding_path}")
-    print(f"summary: {result.summary_path}")
+        _print(f"embedding: {result.embedding_path}")
+    _print(f"summary: {result.summary_path}")
 
 
 def run_pipeline(cfg: Any, args: argparse.Namespace) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BisslError(
+            "bissl pipeline runs as a single process: launch it without torchrun, or run its stages "
+            "(bissl pretrain, align, finetune) separately under torchrun"
+        )
     from bissl.pipeline import run_study
 
     result = run_study(cfg)
-    print(result.report_path.read_text().split("## Paired")[0].strip())
-    print(f"\nreport: {result.report_path}")
-    print(f"results: {result.results_path}")
+    _print(result.report_path.read_text().split("## Paired")[0].strip())
+    _print(f"\nreport: {result.report_path}")
+    _print(f"results: {result.results_path}")
 
 
 _DATA = "downstream dataset (same as downstream.data.name=...)"
