@@ -258,6 +258,7 @@ class AlignConfig(StrictModel):
     bilevel: BilevelConfig = Field(default_factory=BilevelConfig)
     checkpoint_every_cycles: int = Field(10, gt=0)
     log: LogConfig = Field(default_factory=LogConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)  # under torchrun: docs/distributed.md
 
 
 class HPOConfig(StrictModel):

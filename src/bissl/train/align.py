@@ -5,6 +5,17 @@ writes, to initialise fine-tuning), ``upper_backbone.pt`` (phi), ``pretext_head.
 ``downstream_head.pt``, ``checkpoints/last.pt``, ``metrics.jsonl|csv``, ``tb/`` and ``summary.json``.
 Every batch and view is drawn from generators seeded by ``(seed, stream, counter)``, so ``--resume``
 continues exactly.
+
+Under ``torchrun`` every rank runs the bilevel cycles on its rows ``r, r + W, ...`` of each global lower and upper
+batch (``lower.batch_size`` and ``upper.batch_size`` stay the global sizes), with views drawn per augmentation
+shard as in ``pretrain`` (:mod:`bissl.train.step`). No module is wrapped in ``DistributedDataParallel``: the
+trainer averages gradients, hypergradient terms and Hessian-vector products over ranks explicitly
+(:class:`~bissl.bilevel.trainer.RankSync`), SimCLR contrasts with every rank's embeddings through a gather that
+differentiates twice, and with ``distributed.sync_batchnorm`` BatchNorm uses the statistics of the global batch
+(otherwise rank 0's running statistics are copied to every rank after each step, as DDP does). The head warm-up
+averages the head's gradients over ranks; validation and test metrics are computed on sharded splits. Rank 0
+alone writes files. With ``distributed.sync_batchnorm=true`` and the same ``distributed.augment_shards``, W
+processes equal one process on the whole batches up to float rounding (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -15,12 +26,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer
+from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
 from bissl.config import AlignConfig, OptimConfig
 from bissl.data import build_dataset
 from bissl.data.augment import build_view_augmentation
@@ -38,21 +50,35 @@ from bissl.train.checkpoint import (
     resolve_backbone_file,
     save_state,
 )
+from bissl.train.distributed import (
+    all_reduce_mean_,
+    barrier,
+    broadcast_buffers,
+    convert_sync_batchnorm,
+    init_from_env,
+    is_main,
+    main_only,
+    on_main,
+    require_in_sync,
+    world,
+)
+from bissl.train.finetune import evaluate_split
 from bissl.train.head_warmup import warm_up_head
 from bissl.train.logger import MetricLogger
 from bissl.train.optim import build_optimizer, cosine_with_warmup
+from bissl.train.pretrain import distributed_pretext_params
 from bissl.train.runtime import (
     RESUMABLE_KEYS,
     STATE_FILE,
     check_batch_size,
     check_channels,
     prepare_run_dir,
-    resolve_device,
     write_summary,
 )
 from bissl.train.sampling import BatchStream
+from bissl.train.step import BatchPlan
 from bissl.utils.errors import ConfigError
-from bissl.utils.seed import derive_seed, make_generator, seed_everything
+from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.align")
 
@@ -77,9 +103,14 @@ def _optimizer_factory(cfg: OptimConfig) -> Callable[[list[nn.Parameter]], torch
 def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = None) -> AlignResult:
     """Run (or continue) the BiSSL stage; stop after ``until_cycle`` cycles if given (resumable)."""
     start_time = time.perf_counter()
-    out, has_state = prepare_run_dir(cfg.out_dir, cfg, resume=resume)
-    device = resolve_device(cfg.device)
+    device = init_from_env(cfg.device)
     b = cfg.bilevel
+    if world() > 1 and b.solver.hvp == "func":
+        raise ConfigError(
+            "bilevel.solver.hvp=func cannot run the cross-rank collectives of a torchrun run inside torch.func "
+            "transforms; remove bilevel.solver.hvp (double_backward) or run align as a single process"
+        )
+    out, has_state = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=resume))
 
     backbone_path = resolve_backbone_file(cfg.pretrained)
     head_path = backbone_path.parent / PRETEXT_HEAD_FILE
@@ -91,12 +122,16 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
             f"pretext.name={cfg.pretext.name!r} but {head_path} holds {head_file['name']!r} heads; "
             "remove pretext.name or point pretrained at a matching run"
         )
-    if cfg.pretext is not None and cfg.pretext.params and cfg.pretext.params != head_file["params"]:
-        raise ConfigError(
-            f"pretext.params={cfg.pretext.params} differ from those the pretrained heads were trained with "
-            f"({head_file['params']}); remove pretext.params (they are read from {head_path})"
-        )
-    pretext = build_pretext(head_file["name"], backbone.feature_dim, head_file["params"])
+    params = distributed_pretext_params(head_file["name"], head_file["params"])
+    if cfg.pretext is not None and cfg.pretext.params:
+        if _without_gather(cfg.pretext.params) != _without_gather(head_file["params"]):
+            raise ConfigError(
+                f"pretext.params={cfg.pretext.params} differ from those the pretrained heads were trained with "
+                f"({head_file['params']}); remove pretext.params (they are read from {head_path}; only "
+                "gather_distributed may be set here)"
+            )
+        params.update(cfg.pretext.params)
+    pretext = build_pretext(head_file["name"], backbone.feature_dim, params)
     pretext.setup(backbone)
     pretext.load_state_dict(head_file["state_dict"])
     backbone.to(device)
@@ -110,6 +145,13 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
     check_channels(pretext_set.info.channels, spec["in_channels"], cfg.pretext_data.name)
     splits = build_splits(cfg.downstream)
     check_batch_size(len(splits["train"]), cfg.upper.batch_size, cfg.downstream.data.name, "upper.batch_size")
+    shards = cfg.distributed.augment_shards
+    lower_plan = BatchPlan.create(
+        cfg.lower.batch_size, accumulation=1, augment_shards=shards, batch_key="lower.batch_size"
+    )
+    upper_plan = BatchPlan.create(
+        cfg.upper.batch_size, accumulation=1, augment_shards=shards, batch_key="upper.batch_size"
+    )
     check_channels(splits["train"].info.channels, spec["in_channels"], cfg.downstream.data.name)
     task = build_task(cfg.downstream, splits["train"])
     info = pretext_set.info
@@ -121,6 +163,11 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
 
     seed_everything(derive_seed(cfg.seed, "head"))
     head = task.build_head(backbone.feature_dim).to(device)
+    sync = None
+    if world() > 1:
+        if cfg.distributed.sync_batchnorm:  # before the trainer copies theta into phi
+            convert_sync_batchnorm(nn.ModuleList([backbone, pretext, head]), device)
+        sync = RankSync(all_reduce_mean_, None if cfg.distributed.sync_batchnorm else broadcast_buffers)
     settings = BilevelSettings(
         n_lower=b.n_lower, n_upper=b.n_upper, lam=b.lam, damping=b.damping, gamma=b.gamma, solver=b.solver.name,
         solver_iters=b.solver.iters, solver_tol=b.solver.tol, hvp=b.solver.hvp, warm_start=b.solver.warm_start,
@@ -130,7 +177,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
     trainer = BiSSLTrainer(
         backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,
         make_lower_optimizer=_optimizer_factory(cfg.lower.optim),
-        make_upper_optimizer=_optimizer_factory(cfg.upper.optim),
+        make_upper_optimizer=_optimizer_factory(cfg.upper.optim), sync=sync,
     )  # fmt: skip
     total_lower, total_upper = b.cycles * b.n_lower, b.cycles * b.n_upper
     trainer.lower_scheduler = cosine_with_warmup(
@@ -141,13 +188,14 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
     )
 
     pin = device.type == "cuda"
+    ranks = {"rank": lower_plan.rank, "world_size": lower_plan.world_size}
     lower_stream = BatchStream(
         pretext_set, cfg.lower.batch_size, seed=derive_seed(cfg.seed, "lower"), pin_memory=pin,
-        num_workers=cfg.pretext_data.num_workers,
+        num_workers=cfg.pretext_data.num_workers, **ranks,
     )  # fmt: skip
     upper_stream = BatchStream(
         splits["train"], cfg.upper.batch_size, seed=derive_seed(cfg.seed, "upper"), pin_memory=pin,
-        num_workers=cfg.downstream.data.num_workers,
+        num_workers=cfg.downstream.data.num_workers, **ranks,
     )  # fmt: skip
     config_dict = cfg.model_dump(mode="json")
     cycle = 0
@@ -156,10 +204,16 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
         trainer.load_state_dict(state["trainer"])
         lower_stream.position, upper_stream.position = state["lower_position"], state["upper_position"]
         cycle = int(state["cycle"])
+        lower_plan.check_resumed(state.get("augment_shards", 1))
         log.info("resumed %s at cycle %d/%d", out, cycle, b.cycles)
-    logger = MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=cycle if has_state else None)
+    require_in_sync(nn.ModuleList([backbone, trainer.upper_backbone, pretext, head]), "theta, phi or the heads")
+    logger = main_only(
+        lambda: MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=cycle if has_state else None)
+    )
 
     def checkpoint() -> None:
+        if not is_main():
+            return
         save_state(
             out / STATE_FILE,
             {
@@ -167,34 +221,41 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
                 "trainer": trainer.state_dict(),
                 "lower_position": lower_stream.position,
                 "upper_position": upper_stream.position,
+                "augment_shards": lower_plan.augment_shards,
             },
             config_dict,
         )
 
+    def prepare(rows: Any, generator: torch.Generator) -> Any:
+        return task.prepare(rows, device, generator)
+
+    def pretext_views(tag: str, counter: int) -> list[torch.Tensor]:
+        images, _ = next(lower_stream)
+        return lower_plan.augment(augment, images.to(device), lower_plan.rank, cfg.seed, tag, counter)
+
     if not has_state:
-        warm_stream = BatchStream(splits["train"], cfg.upper.batch_size, seed=derive_seed(cfg.seed, "warmup"))
+        warm_stream = BatchStream(splits["train"], cfg.upper.batch_size, seed=derive_seed(cfg.seed, "warmup"), **ranks)
         warm_loss = warm_up_head(
             task, backbone, head, warm_stream, steps=b.head_warmup_epochs * warm_stream.per_epoch,
-            lr=b.head_warmup_lr, device=device, seed=cfg.seed,
+            lr=b.head_warmup_lr, device=device, seed=cfg.seed, plan=upper_plan,
         )  # fmt: skip
-        val = task.evaluate(backbone, head, splits["val"], device)
+        val = evaluate_split(task, backbone, head, splits["val"], device)
         logger.log(0, "head_warmup", {"loss": warm_loss, **{f"val_{k}": v for k, v in val.items()}})
         checkpoint()
 
     stop = b.cycles if until_cycle is None else min(b.cycles, until_cycle)
-    bar = tqdm(total=b.cycles, initial=cycle, desc="align", unit="cycle", disable=not cfg.log.progress)
+    show = cfg.log.progress and is_main()
+    bar = tqdm(total=b.cycles, initial=cycle, desc="align", unit="cycle", disable=not show)
     while cycle < stop:
         sums: dict[str, float] = defaultdict(float)
         for _ in range(b.n_lower):
-            images, _ = next(lower_stream)
-            views = augment(images.to(device), make_generator(cfg.seed, "lower_views", trainer.lower_steps))
+            views = pretext_views("lower_views", trainer.lower_steps)
             for key, value in trainer.lower_step(views, total_lower).items():
                 sums[f"lower/{key}"] += value / b.n_lower
-        images, _ = next(lower_stream)  # one pretext batch fixes the Hessian for the cycle
-        trainer.begin_cycle(augment(images.to(device), make_generator(cfg.seed, "hessian_views", cycle)))
+        trainer.begin_cycle(pretext_views("hessian_views", cycle))  # one pretext batch fixes H for the cycle
         for _ in range(b.n_upper):
-            generator = make_generator(cfg.seed, "upper_views", trainer.upper_steps)
-            batch = task.prepare(next(upper_stream), device, generator)
+            rows = next(upper_stream)
+            batch = upper_plan.augment(prepare, rows, upper_plan.rank, cfg.seed, "upper_views", trainer.upper_steps)
             for key, value in trainer.upper_step(batch).items():
                 sums[f"upper/{key}"] += value / b.n_upper
         trainer.end_cycle()
@@ -210,31 +271,40 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
     bar.close()
     if cycle < b.cycles:
         logger.close()
+        barrier()
         return AlignResult(out, None, cycle, finished=False)
 
-    export_backbone(out / BACKBONE_FILE, backbone, spec)
-    export_backbone(out / UPPER_BACKBONE_FILE, trainer.upper_backbone, spec)
-    export_head(out / PRETEXT_HEAD_FILE, pretext, kind="pretext", name=head_file["name"], params=head_file["params"])
-    export_head(
-        out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
-        params=cfg.downstream.model_dump(mode="json"),
-    )  # fmt: skip
+    if is_main():
+        export_backbone(out / BACKBONE_FILE, backbone, spec)
+        export_backbone(out / UPPER_BACKBONE_FILE, trainer.upper_backbone, spec)
+        export_head(
+            out / PRETEXT_HEAD_FILE, pretext, kind="pretext", name=head_file["name"], params=head_file["params"]
+        )
+        export_head(
+            out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
+            params=cfg.downstream.model_dump(mode="json"),
+        )  # fmt: skip
     metrics: dict[str, float] = {}
     for name, model in (("theta", backbone), ("phi", trainer.upper_backbone)):
         for split in ("val", "test"):
-            for key, value in task.evaluate(model, head, splits[split], device).items():
+            for key, value in evaluate_split(task, model, head, splits[split], device).items():
                 metrics[f"{name}_{split}_{key}"] = value
     logger.log(cycle, "final", metrics)
     logger.close()
-    write_summary(
-        out,
-        {
-            "stage": "align",
-            "cycles": cycle,
-            "wall_time_s": time.perf_counter() - start_time,
-            "metrics": metrics,
-            "backbone": str(out / BACKBONE_FILE),
-            "pretrained": str(backbone_path),
-        },
-    )
+    summary = {
+        "stage": "align",
+        "cycles": cycle,
+        "processes": world(),
+        "wall_time_s": time.perf_counter() - start_time,
+        "metrics": metrics,
+        "backbone": str(out / BACKBONE_FILE),
+        "pretrained": str(backbone_path),
+    }
+    on_main(lambda: write_summary(out, summary))
+    barrier()
     return AlignResult(out, out / BACKBONE_FILE, cycle, finished=True, metrics=metrics)
+
+
+def _without_gather(params: dict[str, Any]) -> dict[str, Any]:
+    """Pretext parameters less ``gather_distributed``, which only says how a run spreads over processes."""
+    return {key: value for key, value in params.items() if key != "gather_distributed"}

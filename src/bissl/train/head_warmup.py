@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from bissl.downstream.base import DownstreamTask
+from bissl.train.distributed import all_reduce_mean_
+from bissl.train.step import BatchPlan
 from bissl.utils.numerics import require_finite
-from bissl.utils.seed import make_generator
 
 
 def warm_up_head(
@@ -23,10 +24,14 @@ def warm_up_head(
     lr: float,
     device: torch.device,
     seed: int,
+    plan: BatchPlan | None = None,
 ) -> float:
     """Train ``head`` for ``steps`` batches with the backbone frozen (eval mode, no gradients).
 
-    SGD with momentum 0.9 and a cosine learning rate; returns the mean loss of the last 10 steps.
+    SGD with momentum 0.9 and a cosine learning rate; returns the mean loss of the last 10 steps. Under DDP
+    ``batches`` yields this rank's rows of each global batch and ``plan`` (:class:`~bissl.train.step.BatchPlan`)
+    says how their augmentation is drawn; the head's gradients and the losses are averaged over ranks, so every
+    rank trains the same head as one process on the global batches (same augmentation shards).
     """
     if steps == 0:
         return float("nan")
@@ -37,17 +42,24 @@ def warm_up_head(
     head.train()
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    plan = plan if plan is not None else BatchPlan(batch_size=0)  # one process, one augmentation shard
     recent: list[float] = []
+
+    def prepare(rows: Any, generator: torch.Generator) -> Any:
+        return task.prepare(rows, device, generator)
+
     try:
         for step in range(steps):
-            batch = task.prepare(next(batches), device, make_generator(seed, "head_warmup", step))
+            batch = plan.augment(prepare, next(batches), plan.rank, seed, "head_warmup", step)
             loss = task.loss(backbone, head, batch)
-            require_finite(loss, f"head warm-up loss at step {step}", "lower bilevel.head_warmup_lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            value = loss.detach().clone()
+            all_reduce_mean_([*(p.grad for p in head.parameters() if p.grad is not None), value])
+            require_finite(value, f"head warm-up loss at step {step}", "lower bilevel.head_warmup_lr")
             optimizer.step()
             scheduler.step()
-            recent = [*recent[-9:], loss.item()]
+            recent = [*recent[-9:], value.item()]
     finally:
         for param, flag in zip(backbone.parameters(), requires, strict=True):
             param.requires_grad_(flag)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,19 @@ def build_backbone_from_config(cfg: BackboneConfig, in_channels: int) -> tuple[n
     return backbone, backbone_spec(cfg.name, in_channels, cfg.small_images, cfg.kwargs)
 
 
+def distributed_pretext_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` of pretext method ``name``, with ``gather_distributed`` switched on under DDP (more than one
+    process) for a method that has that setting, unless ``params`` sets it."""
+    params = dict(params)
+    if world() > 1 and "gather_distributed" in PRETEXT_METHODS.get(name).Config.model_fields:
+        params.setdefault("gather_distributed", True)
+    return params
+
+
 def build_pretext_from_config(cfg: PretrainConfig, backbone: nn.Module) -> PretextMethod:
     """The configured pretext method, set up on ``backbone``; under DDP a method with a ``gather_distributed``
     setting contrasts with every rank's samples unless ``pretext.params`` says otherwise."""
-    params = dict(cfg.pretext.params)
-    if world() > 1 and "gather_distributed" in PRETEXT_METHODS.get(cfg.pretext.name).Config.model_fields:
-        params.setdefault("gather_distributed", True)
+    params = distributed_pretext_params(cfg.pretext.name, cfg.pretext.params)
     method = build_pretext(cfg.pretext.name, backbone.feature_dim, params)
     method.setup(backbone)
     return method
