@@ -133,6 +133,29 @@ def test_first_order_graph_is_built_once_per_solve_and_shared_by_an_operator() -
     assert len(calls) == 2 and op.num_hvps == sum(i.matvecs for _, i in solutions) == 15
 
 
+def test_recycled_cg_shares_its_directions_through_the_operator(conv_dense: tuple[Tensor, Tensor]) -> None:
+    """Solves sharing one operator share one recycle space (``operator.cache``): each matches the dense solve, and
+    together they use fewer products than independent CG solves; a new operator starts from an empty space."""
+    h, _ = conv_dense
+    model, params, loss = conv_problem()
+    damping = 3.0
+    rhs = [random_like(params, seed) for seed in range(6)]
+    used = {}
+    for solver in ("cg", "recycled_cg"):
+        op = HessianOperator(loss, params, module=model)
+        for v in rhs:
+            x, info = implicit_gradient(None, params, v, LAM, damping, solver=solver, iters=50, tol=1e-6, operator=op)
+            assert info.converged and rel_err(flat(x), target(h, flat(tuple(v)), LAM + damping)) < 1e-5
+        used[solver] = op.num_hvps
+    assert used["recycled_cg"] < used["cg"]
+    assert [type(k) for k in op.cache] == [tuple] and len(op.cache[("recycle", LAM + damping)]) > 0
+    fresh = HessianOperator(loss, params, module=model)
+    _, first = implicit_gradient(None, params, rhs[0], LAM, damping, solver="recycled_cg", iters=50, tol=1e-6,
+                                 operator=fresh)  # fmt: skip
+    _, cold = implicit_gradient(loss, params, rhs[0], LAM, damping, solver="cg", iters=50, tol=1e-6, module=model)
+    assert first.matvecs == cold.matvecs
+
+
 def test_identity_uses_no_hessian_vector_products_and_no_forward() -> None:
     _, params, loss = conv_problem()
     calls = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from bissl.bilevel.solvers import SOLVERS, SolveInfo, cg, exact, identity, layerwise, neumann
+from bissl.bilevel.solvers import SOLVERS, RecycleSpace, SolveInfo, cg, exact, identity, layerwise, neumann, recycled_cg
 from bissl.utils.errors import ConfigError, NonFiniteError
 
 N = 40
@@ -51,7 +51,7 @@ def spd() -> tuple[Tensor, Tensor]:
 
 
 def test_registry_holds_the_builtins() -> None:
-    assert set(SOLVERS.names()) >= {"cg", "neumann", "identity", "exact", "layerwise"}
+    assert set(SOLVERS.names()) >= {"cg", "neumann", "identity", "exact", "layerwise", "recycled_cg"}
     with pytest.raises(ConfigError, match="unknown solver"):
         SOLVERS.get("nope")
 
@@ -128,7 +128,7 @@ def test_cg_warns_when_maxiter_misses_rtol_and_not_without_target(spd: tuple[Ten
     assert info.reason == "maxiter" and info.matvecs == 2
 
 
-@pytest.mark.parametrize("solver", [cg, neumann, layerwise, exact])
+@pytest.mark.parametrize("solver", [cg, neumann, layerwise, exact, recycled_cg])
 def test_nan_in_matvec_raises(solver: object, spd: tuple[Tensor, Tensor]) -> None:
     a, b = spd
 
@@ -142,7 +142,7 @@ def test_nan_in_matvec_raises(solver: object, spd: tuple[Tensor, Tensor]) -> Non
         solver(bad, b, maxiter=3, **kwargs)  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("name", ["cg", "neumann", "identity", "exact"])
+@pytest.mark.parametrize("name", ["cg", "neumann", "identity", "exact", "recycled_cg"])
 def test_nan_in_rhs_raises(name: str, spd: tuple[Tensor, Tensor]) -> None:
     a, b = spd
     b = b.clone()
@@ -151,7 +151,7 @@ def test_nan_in_rhs_raises(name: str, spd: tuple[Tensor, Tensor]) -> None:
         SOLVERS.get(name)(Counted(a), b, maxiter=3)
 
 
-@pytest.mark.parametrize("name", ["cg", "neumann", "exact", "layerwise"])
+@pytest.mark.parametrize("name", ["cg", "neumann", "exact", "layerwise", "recycled_cg"])
 def test_zero_rhs_gives_zero_solution(name: str, spd: tuple[Tensor, Tensor]) -> None:
     a, _ = spd
     kwargs = {"blocks": [N]} if name == "layerwise" else {}
@@ -159,7 +159,7 @@ def test_zero_rhs_gives_zero_solution(name: str, spd: tuple[Tensor, Tensor]) -> 
     assert not x.any() and info.converged and info.matvecs == 0
 
 
-@pytest.mark.parametrize("name", ["cg", "neumann", "layerwise"])
+@pytest.mark.parametrize("name", ["cg", "neumann", "layerwise", "recycled_cg"])
 def test_zero_iterations_is_refused(name: str, spd: tuple[Tensor, Tensor]) -> None:
     a, b = spd
     kwargs = {"blocks": [N]} if name == "layerwise" else {}
@@ -261,3 +261,76 @@ def test_solve_info_is_a_frozen_record() -> None:
     info = SolveInfo("cg", 1, 1, 0.5, False, "maxiter")
     with pytest.raises(AttributeError):
         info.iterations = 2  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------- recycled CG
+def outlier_system(seed: int = 0) -> tuple[Tensor, list[Tensor]]:
+    """``A = I + H/mu`` with a bulk of small eigenvalues and a few outliers, and 8 unrelated right-hand sides."""
+    gen = torch.Generator().manual_seed(seed)
+    eig = torch.cat([torch.linspace(-0.5, 0.5, N - 6), torch.tensor([-3.0, -2.0, 4.0, 6.0, 8.0, 9.0])])
+    a, _ = system(eig, mu=10.0, seed=seed)
+    return a, [torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(8)]
+
+
+def test_recycled_cg_without_a_space_is_cg(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    for rtol in (None, 1e-2):
+        x_cg, i_cg = cg(Counted(a), b, maxiter=12, rtol=rtol)
+        x_rc, i_rc = recycled_cg(Counted(a), b, maxiter=12, rtol=rtol)
+        assert rel_err(x_rc, x_cg) < 1e-9 and i_rc.iterations == i_cg.iterations and i_rc.matvecs == i_cg.matvecs
+
+
+def test_recycled_cg_matches_dense_solve_for_a_sequence_of_right_hand_sides() -> None:
+    """Every solve of a sequence sharing one space converges to the dense solution, with true residuals."""
+    a, rhs = outlier_system()
+    space = RecycleSpace(max_vectors=12)
+    for i, b in enumerate(rhs):
+        mv = Counted(a)
+        x, info = recycled_cg(mv, b, maxiter=N, rtol=1e-10, recycle=space)
+        assert info.converged and info.matvecs == mv.calls == info.iterations
+        assert rel_err(x, torch.linalg.solve(a, b)) < 1e-8, i
+        assert true_residual(a, x, b) == pytest.approx(info.residual, rel=1e-3, abs=1e-13)
+    assert len(space) == 12 and space.count > 12
+
+
+def test_recycled_cg_saves_products_on_later_solves_and_is_exact_in_the_stored_space() -> None:
+    a, rhs = outlier_system()
+    space = RecycleSpace(max_vectors=16)
+    cold = [cg(Counted(a), b, maxiter=N, rtol=1e-6)[1].matvecs for b in rhs]
+    warm = [recycled_cg(Counted(a), b, maxiter=N, rtol=1e-6, recycle=space)[1].matvecs for b in rhs]
+    assert warm[0] == cold[0] and sum(warm[1:]) < sum(cold[1:])
+    # a solution inside the stored directions' span is found by the Galerkin start alone: no product
+    x_in = space._rows()[0].T @ torch.randn(len(space), dtype=torch.float64)
+    mv = Counted(a)
+    x, info = recycled_cg(mv, a @ x_in, maxiter=N, rtol=1e-8, recycle=space)
+    assert mv.calls == info.matvecs == 0 and info.converged and rel_err(x, x_in) < 1e-8
+
+
+def test_recycle_space_keeps_the_newest_directions_and_rejects_bad_input() -> None:
+    space = RecycleSpace(max_vectors=2)
+    for k in range(3):
+        space.add(torch.full((4,), k + 1.0), torch.full((4,), 2 * k + 2.0), 4.0 * (k + 1.0) ** 2)
+    assert len(space) == 2 and space.count == 3
+    w, aw, d = space._rows()  # stored at unit norm: w = 0.5, aw = 2 w, d = w.aw = 1
+    assert (
+        torch.allclose(w, torch.full((2, 4), 0.5))
+        and torch.allclose(aw, 2 * w)
+        and torch.allclose(d, torch.ones(2, dtype=torch.float64))
+    )
+    with pytest.raises(ValueError, match="curvature"):
+        space.add(torch.ones(4), torch.ones(4), 0.0)
+    with pytest.raises(ValueError, match="4-vectors"):
+        space.add(torch.ones(5), torch.ones(5), 1.0)
+    with pytest.raises(ConfigError, match="max_vectors"):
+        RecycleSpace(0)
+
+
+def test_recycled_cg_warm_start_and_negative_curvature(spd: tuple[Tensor, Tensor]) -> None:
+    a, b = spd
+    ref = torch.linalg.solve(a, b)
+    x, info = recycled_cg(Counted(a), b, x0=ref, maxiter=5, rtol=1e-8, recycle=RecycleSpace(4))
+    assert info.iterations == 0 and info.matvecs == 1 and rel_err(x, ref) < 1e-12
+    indefinite, b2 = system(torch.linspace(-20.0, 10.0, N), mu=4.0)
+    with pytest.warns(RuntimeWarning, match="non-positive curvature"):
+        x, info = recycled_cg(Counted(indefinite), b2, maxiter=N, recycle=RecycleSpace(4))
+    assert info.reason == "negative_curvature" and x.abs().sum() > 0

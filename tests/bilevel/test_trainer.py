@@ -107,7 +107,8 @@ def _dense_expected(trainer: BiSSLTrainer, views, batch):
 
 @pytest.mark.parametrize(
     ("solver", "iters", "damping"),
-    [("exact", 0, 0.5), ("exact", 0, 20.0), ("cg", 60, 20.0)],  # H has eigenvalues below -5: CG needs mu > 5
+    [("exact", 0, 0.5), ("exact", 0, 20.0), ("cg", 60, 20.0), ("recycled_cg", 60, 20.0)],  # H has eigenvalues
+    # below -5: CG needs mu > 5
 )
 @pytest.mark.parametrize("gamma", [1.0, 0.0])
 def test_hypergradient_matches_dense_solve(solver, iters, damping, gamma):

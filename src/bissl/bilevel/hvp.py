@@ -130,8 +130,9 @@ class HessianOperator:
     """The linear map ``v -> H v`` on flat vectors, ``H`` the Hessian of ``loss_fn()`` w.r.t. ``params``.
 
     Build it once per parameter values and batch; :meth:`matvec` may be called any number of times (it is not
-    differentiable). ``num_hvps`` counts the products computed so far. See the module docstring for
-    ``method`` and for how ``module`` keeps BatchNorm running statistics unchanged.
+    differentiable). ``num_hvps`` counts the products computed so far; ``cache`` holds state that solvers keep
+    for this operator (:func:`~bissl.bilevel.implicit_gradient` puts ``recycled_cg``'s directions there). See the
+    module docstring for ``method`` and for how ``module`` keeps BatchNorm running statistics unchanged.
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class HessianOperator:
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.num_hvps = 0
+        self.cache: dict[object, object] = {}  # per-operator solver state (recycled_cg's directions), dies with it
         if method == "double_backward":
             self._build_double_backward(loss_fn)
         else:

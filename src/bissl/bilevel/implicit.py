@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from bissl.bilevel.hvp import DEFAULT_HVP_METHOD, HessianOperator, HVPMethod, flatten, unflatten
-from bissl.bilevel.solvers import SOLVERS, SolveInfo
+from bissl.bilevel.solvers import SOLVERS, RecycleSpace, SolveInfo
 from bissl.utils.errors import ConfigError
 
 logger = logging.getLogger("bissl.bilevel")
@@ -67,7 +67,9 @@ def implicit_gradient(
             method finds ``params`` in it).
         operator: a :class:`HessianOperator` built earlier for the same ``params``, to share one first-order
             graph between several solves (e.g. the upper steps of a BiSSL cycle); then ``lower_loss``,
-            ``hvp`` and ``module`` are not used.
+            ``hvp`` and ``module`` are not used. A solver with a ``recycle`` keyword (``recycled_cg``) gets the
+            :class:`~bissl.bilevel.solvers.RecycleSpace` kept in ``operator.cache`` for this ``mu``, so the
+            solves that share the operator share their Krylov directions (a new operator starts empty).
 
     Returns:
         The solution with the shapes of ``params`` (detached) and the :class:`SolveInfo`; ``info.matvecs`` is
@@ -93,7 +95,12 @@ def implicit_gradient(
             op = HessianOperator(lower_loss, params, method=hvp, module=module)  # type: ignore[arg-type]
         return op.matvec(x).div_(mu).add_(x)
 
-    extra = {"blocks": tuple(p.numel() for p in params)} if "blocks" in inspect.signature(solve).parameters else {}
+    accepts = inspect.signature(solve).parameters
+    extra: dict[str, object] = {"blocks": tuple(p.numel() for p in params)} if "blocks" in accepts else {}
+    if "recycle" in accepts:  # one space per operator and mu (stored products are of (I + H/mu))
+        extra["recycle"] = (
+            RecycleSpace() if operator is None else operator.cache.setdefault(("recycle", mu), RecycleSpace())
+        )
     x, info = solve(matvec, b, x0=None if x0 is None else flatten(x0).to(b.dtype), maxiter=iters, rtol=tol, **extra)
     logger.debug(
         "implicit solve (%s, mu=%g): %d iterations, %d HVPs, relative residual %.3g, %s",

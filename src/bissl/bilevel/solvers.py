@@ -13,6 +13,10 @@ declares a keyword ``blocks`` also receives the sizes of the parameter tensors, 
 :func:`bissl.bilevel.implicit_gradient` (``layerwise`` does; a block-wise solver such as M-FAC could). Register
 your own with ``@SOLVERS.register("name")``.
 
+``recycled_cg`` takes a keyword ``recycle`` (a :class:`RecycleSpace`): the A-conjugate directions of earlier solves
+with the SAME ``A``, reused to deflate this one and extended by it. :func:`bissl.bilevel.implicit_gradient` keeps one
+space per ``HessianOperator`` and ``mu`` (``operator.cache``), so the ``N_U`` solves of a BiSSL cycle share it.
+
 Rules shared by the built-ins: vectors stay in ``b``'s dtype, scalars are accumulated in float64; NaN/inf raise
 :class:`~bissl.utils.errors.NonFiniteError`; a solver that must stop before its first step (non-positive
 curvature, divergence) returns ``b`` (the identity approximation) rather than zeros, and warns.
@@ -199,6 +203,169 @@ def cg(
     if reason == "maxiter" and has_target:
         _warn_not_converged("cg", residual, rtol, atol, iterations)
     return x, SolveInfo("cg", iterations, matvecs, residual, reason == "converged", reason)
+
+
+DEFAULT_RECYCLE_VECTORS = 16
+"""Directions a :class:`RecycleSpace` keeps by default (it stores each with its product: ``2 x 16`` vectors)."""
+
+
+RECYCLE_MIN_RESIDUAL = 1e3
+"""``recycled_cg`` keeps a direction only while the relative residual is above this many machine epsilons
+(float32: 1.2e-4): later directions are dominated by rounding and no longer A-conjugate to the stored ones."""
+
+
+class RecycleSpace:
+    """Search directions ``w_i`` of earlier CG solves with one fixed symmetric positive definite ``A``, with their
+    products ``A w_i`` and curvatures ``d_i = w_i.A w_i``, for :func:`recycled_cg` (deflated CG) to reuse.
+
+    The directions of one CG solve are mutually A-conjugate, and :func:`recycled_cg` makes every new direction
+    A-conjugate to the stored ones, so ``W^T A W = diag(d)`` and the A-orthogonal projections onto ``span(W)`` need
+    no product: the Galerkin start ``x0 = W diag(d)^-1 W^T b`` with residual ``b - (AW) diag(d)^-1 W^T b``, and
+    ``z -> z - W diag(d)^-1 (AW)^T z``. Keeps the newest ``max_vectors`` directions (a ring of two
+    ``max_vectors x n`` buffers, allocated at the first :meth:`add`). Valid for one ``A`` only: make a new space
+    when the operator (parameters, batch or ``mu``) changes.
+    """
+
+    def __init__(self, max_vectors: int = DEFAULT_RECYCLE_VECTORS) -> None:
+        if max_vectors < 1:
+            raise ConfigError(f"recycle space: max_vectors={max_vectors} must be >= 1")
+        self.max_vectors = max_vectors
+        self._w: Tensor | None = None
+        self._aw: Tensor | None = None
+        self._d = torch.zeros(max_vectors, dtype=torch.float64)
+        self.count = 0  # directions added so far (the space holds the last min(count, max_vectors))
+
+    def __len__(self) -> int:
+        return min(self.count, self.max_vectors)
+
+    def _rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        k = len(self)
+        assert self._w is not None and self._aw is not None
+        return self._w[:k], self._aw[:k], self._d[:k]
+
+    def add(self, w: Tensor, aw: Tensor, curvature: float) -> None:
+        """Store one direction ``w`` with ``A w`` and ``w.A w > 0``, scaled to unit norm (replacing the oldest when
+        full)."""
+        if not curvature > 0:
+            raise ValueError(f"recycle space: curvature {curvature} must be > 0 (A must be positive definite)")
+        if self._w is None or self._aw is None:
+            self._w = torch.empty(self.max_vectors, w.numel(), dtype=w.dtype, device=w.device)
+            self._aw = torch.empty_like(self._w)
+        elif self._w.shape[1] != w.numel():
+            raise ValueError(f"recycle space: a {w.numel()}-vector added to a space of {self._w.shape[1]}-vectors")
+        slot = self.count % self.max_vectors
+        scale = 1.0 / math.sqrt(_dot(w, w))  # unit directions: d_i is a Rayleigh quotient of A, bounded by its spectrum
+        torch.mul(w, scale, out=self._w[slot])
+        torch.mul(aw, scale, out=self._aw[slot])
+        self._d[slot] = curvature * scale * scale
+        self.count += 1
+
+    def galerkin(self, r: Tensor) -> tuple[Tensor, Tensor]:
+        """``(dx, A dx)``, ``dx = W diag(d)^-1 W^T r``: the correction of ``x`` that zeroes ``W^T`` of the residual."""
+        w, aw, d = self._rows()
+        c = (w @ r).double().div_(d.to(r.device)).to(r.dtype)
+        return w.T @ c, aw.T @ c
+
+    def project(self, z: Tensor) -> Tensor:
+        """``z - W diag(d)^-1 (AW)^T z``, A-conjugate to every stored direction (in place)."""
+        w, aw, d = self._rows()
+        c = (aw @ z).double().div_(d.to(z.device)).to(z.dtype)
+        return z.sub_(w.T @ c)
+
+
+@SOLVERS.register("recycled_cg")
+def recycled_cg(
+    matvec: MatVec,
+    b: Tensor,
+    *,
+    x0: Tensor | None = None,
+    maxiter: int,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    recycle: RecycleSpace | None = None,
+) -> tuple[Tensor, SolveInfo]:
+    """Deflated CG: :func:`cg` that reuses the directions of earlier solves with the same ``A`` (``recycle``).
+
+    With an empty (or no) space it is :func:`cg`. Otherwise the iterate starts with the Galerkin correction over the
+    stored directions ``W`` (``x0 + W diag(d)^-1 W^T r0``, no product) and every search direction is made
+    A-conjugate to ``W`` (``p -> p - W diag(d)^-1 (AW)^T p``), so each iteration minimises the A-norm error over
+    ``span(W)`` plus the Krylov space built so far. One product per iteration as in CG, plus ``2 len(W)``
+    vector operations. The directions of this solve are then added to the space (the newest
+    ``max_vectors`` are kept). Where ``A``'s spectrum seen by the right-hand sides is a continuum rather than a few
+    outliers, this saves about one product per later solve (``benchmarks/README.md``). The stopping rule, the
+    reported (recurrence) residual, negative-curvature and non-convergence handling are those of :func:`cg`.
+    """
+    _check_maxiter("recycled_cg", maxiter)
+    b_norm = _rhs_norm("recycled_cg", b)
+    if b_norm == 0:
+        return _zero_rhs("recycled_cg", b)
+    tol, has_target = _target("recycled_cg", b_norm, rtol, atol)
+    x, r, matvecs = _start("recycled_cg", matvec, b, x0)
+    space = recycle if recycle is not None else RecycleSpace(1)
+    deflated = len(space) > 0
+    if deflated:
+        dx, adx = space.galerkin(r)
+        x.add_(dx)
+        r.sub_(adx)
+    rr = _dot(r, r)
+    if not math.isfinite(rr):
+        raise NonFiniteError(
+            "recycled_cg: the initial residual is NaN/inf; check x0, the stored directions and the matrix-vector "
+            "product"
+        )
+    p = space.project(r.clone()) if deflated else r.clone()
+    # directions found once the residual is near rounding level are not A-conjugate to the earlier ones: not kept
+    keep_above = (RECYCLE_MIN_RESIDUAL * torch.finfo(b.dtype).eps * b_norm) ** 2
+    iterations, reason = 0, "maxiter"
+    while True:
+        if math.sqrt(rr) <= tol:
+            reason = "converged"
+            break
+        if iterations == maxiter:
+            break
+        ap = matvec(p)
+        matvecs += 1
+        pap = _dot(p, ap)
+        if not math.isfinite(pap):
+            raise NonFiniteError(
+                f"recycled_cg: A p is NaN/inf at iteration {iterations + 1}; the lower-level loss or its "
+                "curvature is non-finite (lower the learning rate, check the data)"
+            )
+        if pap <= 0:
+            reason = "negative_curvature"
+            returned = f"iterate {iterations}"
+            if iterations == 0 and x0 is None and not deflated:  # never return zeros: x = b, residual b - A b
+                x, r, returned = b.clone(), b - ap, "b (no solve)"
+                rr = _dot(r, r)
+            growth = 1.0 - pap / _dot(p, p)
+            warnings.warn(
+                f"recycled_cg: non-positive curvature p.Ap = {pap:.3g} at iteration {iterations + 1} (indefinite "
+                f"system); raise damping so that mu = lam + damping grows more than {growth:.3g}x; returning "
+                f"{returned} (relative residual {math.sqrt(rr) / b_norm:.3g})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            break
+        if rr >= keep_above:  # kept for later solves; from here on also deflates this one (harmless: conjugate)
+            space.add(p, ap, pap)
+            deflated = True
+        alpha = rr / pap
+        x.add_(p, alpha=alpha)
+        r.sub_(ap, alpha=alpha)
+        if deflated:  # W^T r = 0 in exact arithmetic; restoring it keeps rounding from building up along W
+            dx, adx = space.galerkin(r)
+            x.add_(dx)
+            r.sub_(adx)
+        iterations += 1
+        rr_new = _dot(r, r)
+        if not math.isfinite(rr_new):
+            raise NonFiniteError(f"recycled_cg: the residual overflowed at iteration {iterations}; raise damping")
+        space.project(p.mul_(rr_new / rr).add_(r))
+        rr = rr_new
+    residual = math.sqrt(rr) / b_norm
+    if reason == "maxiter" and has_target:
+        _warn_not_converged("recycled_cg", residual, rtol, atol, iterations)
+    return x, SolveInfo("recycled_cg", iterations, matvecs, residual, reason == "converged", reason)
 
 
 @SOLVERS.register("neumann")
