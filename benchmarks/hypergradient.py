@@ -74,10 +74,10 @@ class ModelSpec:
     reference: str = "cg64"  # exact | cg64 (float64 CG to 1e-10) | cg32 (float32 CG to 1e-7)
     repeats: int = 2  # interleaved repeats (the minimum time is kept)
     cycle_cases: tuple[str, ...] = ("plain", "paper-layerwise", "paper-cg", "default", "cg-5", "cg-warm-start",
-                                    "identity", "mfac")  # fmt: skip
+                                    "recycled-cg", "identity", "mfac")  # fmt: skip
 
 
-LARGE_CYCLES = ("plain", "paper-layerwise", "default", "identity", "mfac")
+LARGE_CYCLES = ("plain", "paper-layerwise", "default", "recycled-cg", "identity", "mfac")
 MODELS: dict[str, ModelSpec] = {
     "tiny": ModelSpec("small_cnn", {"width": 4, "depth": 2}, 8, 16, 30, reference="exact"),
     "small": ModelSpec("small_cnn", {"width": 32}, 16, 32, 40),
@@ -400,6 +400,7 @@ def make_trainer(problem: Problem, case: str) -> BiSSLTrainer:
         "default": {},
         "cg-5": {"solver": "cg", "solver_iters": 5, "solver_tol": None},
         "cg-warm-start": {"warm_start": True},
+        "recycled-cg": {"solver": "recycled_cg"},  # deflated CG sharing the cycle's directions (operator_reuse.py)
         "identity": {"solver": "identity"},
         "mfac": {"solver": "mfac", "mfac_window": N_L},
     }[case]
