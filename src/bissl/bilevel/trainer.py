@@ -42,10 +42,18 @@ Every rank thus holds bit-identical ``v`` and products of bit-identical iterates
 step sizes and stopping test), its iteration count and its result are the same on every rank without further
 communication; ``identity`` and ``mfac`` use only averaged vectors. Losses are checked for NaN/inf after the
 averaging, so every rank raises together.
+
+Mixed precision (``bissl align`` with ``precision=bf16`` on CUDA): pass ``forward_context``, e.g.
+``lambda: torch.autocast("cuda", dtype=torch.bfloat16)``. Only forward passes run under it: the pretext loss of
+a lower step, the downstream losses at theta and phi, and the Hessian operator's forward pass (every product's
+for ``hvp="func"``). Backward passes and Hessian-vector products run outside it, and autograd returns every
+gradient in its parameter's dtype, so with fp32 parameters the right-hand side, every product, the solver's
+iterates and scalars and the solution are fp32 (the products are cast to the parameters' dtype as well).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Sequence
@@ -154,7 +162,7 @@ class _DeferredHessian(HessianOperator):
             build, loss_fn = self._pending
             self._pending = None
             build(loss_fn)
-        product = super().matvec(v)
+        product = super().matvec(v).to(self.dtype)  # fp32 for fp32 parameters, whatever the forward's autocast
         if self._mean is not None:
             self._mean([product])
         return product
@@ -168,7 +176,8 @@ class BiSSLTrainer:
 
     ``lower_optimizer`` must cover theta and psi; ``upper_optimizer`` phi and omega. Schedulers are
     optional and stepped once per step of their level. ``sync``: how ranks are combined under data parallelism
-    (:class:`RankSync`); every rank must start from the same weights.
+    (:class:`RankSync`); every rank must start from the same weights. ``forward_context``: a new context manager
+    for each forward pass, e.g. bf16 autocast (module docstring); backward passes run outside it.
     """
 
     def __init__(
@@ -183,9 +192,11 @@ class BiSSLTrainer:
         make_upper_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
         upper_backbone: nn.Module | None = None,
         sync: RankSync | None = None,
+        forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         self.settings = settings
         self.sync = sync
+        self.forward_context = forward_context
         self.lower_backbone = backbone
         self.upper_backbone = upper_backbone if upper_backbone is not None else copy.deepcopy(backbone)
         self.pretext = pretext
@@ -221,11 +232,11 @@ class BiSSLTrainer:
         self.end_cycle()
         self.lower_backbone.train()
         self.pretext.train()
-        pretext_loss = self.pretext.loss(self.lower_backbone, views)
+        pretext_loss = self._pretext_loss(views)
         prox = self.proximal_term()
         self.lower_optimizer.zero_grad(set_to_none=True)
         (pretext_loss + prox).backward()
-        losses = torch.stack([pretext_loss.detach(), prox.detach()])
+        losses = torch.stack([pretext_loss.detach(), prox.detach()])  # promoted to prox's (theta's) dtype
         self._mean([*(p.grad for p in self.lower_params if p.grad is not None), losses])
         require_finite(losses.sum(), f"lower-level loss at lower step {self.lower_steps}", "lower lower.optim.lr")
         if self._window is not None:
@@ -244,6 +255,16 @@ class BiSSLTrainer:
         self.pretext.on_step_end(self.lower_backbone, self.lower_steps, total_lower_steps)
         self._sync_buffers(self._lower_modules)
         return {"pretext_loss": losses[0].item(), "proximal": losses[1].item(), "grad_norm": grad_norm}
+
+    def _pretext_loss(self, views: Sequence[Tensor]) -> Tensor:
+        """``L_P(theta, psi)`` on ``views``, its forward pass under :attr:`forward_context`."""
+        with self.forward_context():
+            return self.pretext.loss(self.lower_backbone, views)
+
+    def _downstream_loss(self, backbone: nn.Module, batch: Any) -> Tensor:
+        """``L_D(backbone, omega)`` on ``batch``, its forward pass under :attr:`forward_context`."""
+        with self.forward_context():
+            return self.task.loss(backbone, self.head, batch)
 
     def _mean(self, tensors: Sequence[Tensor]) -> None:
         """Average ``tensors`` over ranks in place (nothing in a single process)."""
@@ -278,7 +299,7 @@ class BiSSLTrainer:
         if s.hessian_fraction < 1:
             views = [v[: max(1, math.ceil(s.hessian_fraction * v.shape[0]))] for v in views]
         return _DeferredHessian(
-            lambda: self.pretext.loss(self.lower_backbone, views),
+            lambda: self._pretext_loss(views),
             self.theta,
             method=s.hvp or DEFAULT_HVP_METHOD,  # type: ignore[arg-type]
             module=self._lower_modules,
@@ -331,14 +352,16 @@ class BiSSLTrainer:
         head_params = list(self.head.parameters())
         self.lower_backbone.train()
         with preserve_buffers(self._lower_modules):
-            loss_theta = self.task.loss(self.lower_backbone, self.head, batch)
+            loss_theta = self._downstream_loss(self.lower_backbone, batch)
             grads = torch.autograd.grad(loss_theta, [*self.theta, *head_params])
         v_theta, g_head = grads[: len(self.theta)], grads[len(self.theta) :]
+        # autograd returns each gradient in its parameter's dtype: the solve runs in the parameters' precision
+        assert all(g.dtype == p.dtype for g, p in zip(v_theta, self.theta, strict=True))
         self.upper_backbone.train()
-        loss_phi = self.task.loss(self.upper_backbone, self.head, batch)
+        loss_phi = self._downstream_loss(self.upper_backbone, batch)
         grads_phi = torch.autograd.grad(loss_phi, [*self.phi, *head_params])
         g_phi_plain, g_head_phi = grads_phi[: len(self.phi)], grads_phi[len(self.phi) :]
-        losses = torch.stack([loss_theta.detach(), loss_phi.detach()])
+        losses = torch.stack([loss_theta.detach(), loss_phi.detach()]).to(v_theta[0].dtype)  # not bf16
         self._mean([*grads, *grads_phi, losses])  # before the solve: every rank solves for the same v
         require_finite(losses[0], "downstream loss at theta", "lower upper.optim.lr")
         require_finite(losses[1], "downstream loss at phi", "lower upper.optim.lr")
