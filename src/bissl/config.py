@@ -258,6 +258,9 @@ class AlignConfig(StrictModel):
     bilevel: BilevelConfig = Field(default_factory=BilevelConfig)
     checkpoint_every_cycles: int = Field(10, gt=0)
     log: LogConfig = Field(default_factory=LogConfig)
+    # bf16: forward passes under autocast on CUDA (fp32 with a warning elsewhere); backward passes, Hessian-vector
+    # products and the solver's vectors stay fp32
+    precision: Precision = "fp32"
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)  # under torchrun: docs/distributed.md
 
 

@@ -80,3 +80,20 @@ def test_nan_loss_names_the_fix_and_keeps_checkpoints(tiny_align_overrides, tiny
         align(cfg)
     assert (tiny_pretrained / "backbone.pt").read_bytes() == before
     assert load_torch(f"{cfg.out_dir}/checkpoints/last.pt")["cycle"] == 0  # the warm-up checkpoint survives
+
+
+def test_bf16_without_cuda_warns_and_runs_exactly_as_fp32(tmp_path, tiny_align_overrides):
+    fp32 = align(_cfg(tiny_align_overrides, f"out_dir={tmp_path / 'fp32'}"))
+    with pytest.warns(UserWarning, match="precision=bf16 needs a CUDA device"):
+        bf16 = align(_cfg(tiny_align_overrides, f"out_dir={tmp_path / 'bf16'}", "precision=bf16"))
+    assert bf16.metrics == fp32.metrics
+    a, b = load_torch(fp32.backbone_path)["state_dict"], load_torch(bf16.backbone_path)["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    cycles = lambda run: read_metrics(run.out_dir / "metrics.jsonl", "cycle")  # noqa: E731
+    assert cycles(bf16) == cycles(fp32)
+
+
+def test_unknown_precision_rejected(tiny_align_overrides):
+    with pytest.raises(ConfigError, match="precision"):
+        _cfg(tiny_align_overrides, "precision=fp16")

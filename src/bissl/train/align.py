@@ -16,6 +16,10 @@ differentiates twice, and with ``distributed.sync_batchnorm`` BatchNorm uses the
 averages the head's gradients over ranks; validation and test metrics are computed on sharded splits. Rank 0
 alone writes files. With ``distributed.sync_batchnorm=true`` and the same ``distributed.augment_shards``, W
 processes equal one process on the whole batches up to float rounding (docs/distributed.md).
+
+``precision=bf16`` (CUDA; fp32 with a warning elsewhere) runs every forward pass (lower steps, downstream losses,
+the Hessian operator's forward, head warm-up, evaluation) under bf16 autocast; backward passes, Hessian-vector
+products and the solver stay fp32 (:class:`~bissl.bilevel.trainer.BiSSLTrainer`'s ``forward_context``).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ from bissl.train.runtime import (
     write_summary,
 )
 from bissl.train.sampling import BatchStream
-from bissl.train.step import BatchPlan
+from bissl.train.step import BatchPlan, autocast, resolve_precision
 from bissl.utils.errors import ConfigError
 from bissl.utils.seed import derive_seed, seed_everything
 
@@ -104,6 +108,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
     """Run (or continue) the BiSSL stage; stop after ``until_cycle`` cycles if given (resumable)."""
     start_time = time.perf_counter()
     device = init_from_env(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     b = cfg.bilevel
     if world() > 1 and b.solver.hvp == "func":
         raise ConfigError(
@@ -178,6 +183,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
         backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,
         make_lower_optimizer=_optimizer_factory(cfg.lower.optim),
         make_upper_optimizer=_optimizer_factory(cfg.upper.optim), sync=sync,
+        forward_context=lambda: autocast(precision, device),
     )  # fmt: skip
     total_lower, total_upper = b.cycles * b.n_lower, b.cycles * b.n_upper
     trainer.lower_scheduler = cosine_with_warmup(
@@ -237,9 +243,9 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
         warm_stream = BatchStream(splits["train"], cfg.upper.batch_size, seed=derive_seed(cfg.seed, "warmup"), **ranks)
         warm_loss = warm_up_head(
             task, backbone, head, warm_stream, steps=b.head_warmup_epochs * warm_stream.per_epoch,
-            lr=b.head_warmup_lr, device=device, seed=cfg.seed, plan=upper_plan,
+            lr=b.head_warmup_lr, device=device, seed=cfg.seed, plan=upper_plan, precision=precision,
         )  # fmt: skip
-        val = evaluate_split(task, backbone, head, splits["val"], device)
+        val = evaluate_split(task, backbone, head, splits["val"], device, precision)
         logger.log(0, "head_warmup", {"loss": warm_loss, **{f"val_{k}": v for k, v in val.items()}})
         checkpoint()
 
@@ -287,7 +293,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
     metrics: dict[str, float] = {}
     for name, model in (("theta", backbone), ("phi", trainer.upper_backbone)):
         for split in ("val", "test"):
-            for key, value in evaluate_split(task, model, head, splits[split], device).items():
+            for key, value in evaluate_split(task, model, head, splits[split], device, precision).items():
                 metrics[f"{name}_{split}_{key}"] = value
     logger.log(cycle, "final", metrics)
     logger.close()

@@ -10,7 +10,7 @@ from torch import nn
 
 from bissl.downstream.base import DownstreamTask
 from bissl.train.distributed import all_reduce_mean_
-from bissl.train.step import BatchPlan
+from bissl.train.step import BatchPlan, autocast
 from bissl.utils.numerics import require_finite
 
 
@@ -25,13 +25,15 @@ def warm_up_head(
     device: torch.device,
     seed: int,
     plan: BatchPlan | None = None,
+    precision: str = "fp32",
 ) -> float:
     """Train ``head`` for ``steps`` batches with the backbone frozen (eval mode, no gradients).
 
     SGD with momentum 0.9 and a cosine learning rate; returns the mean loss of the last 10 steps. Under DDP
     ``batches`` yields this rank's rows of each global batch and ``plan`` (:class:`~bissl.train.step.BatchPlan`)
     says how their augmentation is drawn; the head's gradients and the losses are averaged over ranks, so every
-    rank trains the same head as one process on the global batches (same augmentation shards).
+    rank trains the same head as one process on the global batches (same augmentation shards). ``precision``
+    (resolved, :func:`~bissl.train.step.resolve_precision`): ``bf16`` runs the forward passes under autocast.
     """
     if steps == 0:
         return float("nan")
@@ -51,7 +53,8 @@ def warm_up_head(
     try:
         for step in range(steps):
             batch = plan.augment(prepare, next(batches), plan.rank, seed, "head_warmup", step)
-            loss = task.loss(backbone, head, batch)
+            with autocast(precision, device):
+                loss = task.loss(backbone, head, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             value = loss.detach().clone()
