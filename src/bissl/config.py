@@ -222,6 +222,7 @@ class SolverConfig(StrictModel):
     hessian_fraction: float = Field(1.0, gt=0, le=1)  # H on this fraction of the cycle's pretext batch
     mfac_window: int = Field(20, gt=0)  # name=mfac: Fisher of the last m lower-level pretext gradients
     mfac_block_size: int | None = Field(None, gt=0)  # name=mfac: None, one block per parameter tensor
+    recycle_vectors: int = Field(16, gt=0)  # name=recycled_cg: directions kept (2 parameter-sized vectors each)
 
     @field_validator("name")
     @classmethod

@@ -156,6 +156,16 @@ def test_recycled_cg_shares_its_directions_through_the_operator(conv_dense: tupl
     assert first.matvecs == cold.matvecs
 
 
+def test_recycle_vectors_bounds_the_shared_space() -> None:
+    model, params, loss = conv_problem()
+    op = HessianOperator(loss, params, module=model)
+    for seed in range(3):
+        implicit_gradient(None, params, random_like(params, seed), LAM, 3.0, solver="recycled_cg", iters=20,
+                          tol=1e-8, operator=op, recycle_vectors=3)  # fmt: skip
+    space = op.cache[("recycle", LAM + 3.0)]
+    assert space.max_vectors == 3 and len(space) == 3 and space.count > 3
+
+
 def test_identity_uses_no_hessian_vector_products_and_no_forward() -> None:
     _, params, loss = conv_problem()
     calls = []

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from bissl.bilevel.hvp import DEFAULT_HVP_METHOD, HessianOperator, HVPMethod, flatten, unflatten
-from bissl.bilevel.solvers import SOLVERS, RecycleSpace, SolveInfo
+from bissl.bilevel.solvers import DEFAULT_RECYCLE_VECTORS, SOLVERS, RecycleSpace, SolveInfo
 from bissl.utils.errors import ConfigError
 
 logger = logging.getLogger("bissl.bilevel")
@@ -48,6 +48,7 @@ def implicit_gradient(
     x0: Sequence[Tensor] | None = None,
     module: nn.Module | None = None,
     operator: HessianOperator | None = None,
+    recycle_vectors: int = DEFAULT_RECYCLE_VECTORS,
 ) -> tuple[tuple[Tensor, ...], SolveInfo]:
     """Approximate ``mu (H + mu I)^-1 vector``, ``mu = lam + damping``, ``H`` the Hessian of ``lower_loss``.
 
@@ -70,6 +71,7 @@ def implicit_gradient(
             ``hvp`` and ``module`` are not used. A solver with a ``recycle`` keyword (``recycled_cg``) gets the
             :class:`~bissl.bilevel.solvers.RecycleSpace` kept in ``operator.cache`` for this ``mu``, so the
             solves that share the operator share their Krylov directions (a new operator starts empty).
+        recycle_vectors: how many directions that space keeps (the newest; two parameter-sized vectors each).
 
     Returns:
         The solution with the shapes of ``params`` (detached) and the :class:`SolveInfo`; ``info.matvecs`` is
@@ -98,9 +100,8 @@ def implicit_gradient(
     accepts = inspect.signature(solve).parameters
     extra: dict[str, object] = {"blocks": tuple(p.numel() for p in params)} if "blocks" in accepts else {}
     if "recycle" in accepts:  # one space per operator and mu (stored products are of (I + H/mu))
-        extra["recycle"] = (
-            RecycleSpace() if operator is None else operator.cache.setdefault(("recycle", mu), RecycleSpace())
-        )
+        space = RecycleSpace(recycle_vectors)
+        extra["recycle"] = space if operator is None else operator.cache.setdefault(("recycle", mu), space)
     x, info = solve(matvec, b, x0=None if x0 is None else flatten(x0).to(b.dtype), maxiter=iters, rtol=tol, **extra)
     logger.debug(
         "implicit solve (%s, mu=%g): %d iterations, %d HVPs, relative residual %.3g, %s",

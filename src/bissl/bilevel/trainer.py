@@ -73,7 +73,7 @@ from bissl.bilevel.hvp import (
 )
 from bissl.bilevel.implicit import implicit_gradient, proximal_mu
 from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes, mfac
-from bissl.bilevel.solvers import SolveInfo
+from bissl.bilevel.solvers import DEFAULT_RECYCLE_VECTORS, SolveInfo
 from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
 from bissl.utils.errors import ConfigError
@@ -118,6 +118,7 @@ class BilevelSettings:
     hessian_fraction: float = 1.0  # H on the first ceil(fraction * B) samples of each Hessian view
     mfac_window: int = 20  # solver "mfac": the last m lower-level pretext gradients
     mfac_block_size: int | None = None  # solver "mfac": None, one block per parameter tensor
+    recycle_vectors: int = DEFAULT_RECYCLE_VECTORS  # solver "recycled_cg": directions kept per cycle
     lower_grad_clip: float | None = 10.0
     upper_grad_clip: float | None = 10.0
 
@@ -331,6 +332,7 @@ class BiSSLTrainer:
             tol=s.solver_tol,
             x0=self._last_solution if s.warm_start else None,
             operator=operator,
+            recycle_vectors=s.recycle_vectors,
         )
 
     def hypergradient(
