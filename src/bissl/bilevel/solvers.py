@@ -150,59 +150,7 @@ def cg(
     iterate it reached (``b`` if that is the zero start). The reported residual is the recurrence residual
     ``r_k``, which is ``b - A x_k`` for the returned ``x_k`` up to rounding.
     """
-    _check_maxiter("cg", maxiter)
-    b_norm = _rhs_norm("cg", b)
-    if b_norm == 0:
-        return _zero_rhs("cg", b)
-    tol, has_target = _target("cg", b_norm, rtol, atol)
-    x, r, matvecs = _start("cg", matvec, b, x0)
-    rr = _dot(r, r)
-    if not math.isfinite(rr):
-        raise NonFiniteError("cg: the initial residual b - A x0 is NaN/inf; check x0 and the matrix-vector product")
-    p = r.clone()
-    iterations, reason = 0, "maxiter"
-    while True:
-        if math.sqrt(rr) <= tol:
-            reason = "converged"
-            break
-        if iterations == maxiter:
-            break
-        ap = matvec(p)
-        matvecs += 1
-        pap = _dot(p, ap)
-        if not math.isfinite(pap):
-            raise NonFiniteError(
-                f"cg: A p is NaN/inf at iteration {iterations + 1}; the lower-level loss or its "
-                "curvature is non-finite (lower the learning rate, check the data)"
-            )
-        if pap <= 0:
-            reason = "negative_curvature"
-            returned = f"iterate {iterations}"
-            if iterations == 0 and x0 is None:  # never return zeros: fall back to x = b, residual b - A b
-                x, r, returned = b.clone(), b - ap, "b (no solve)"
-                rr = _dot(r, r)
-            growth = 1.0 - pap / _dot(p, p)
-            warnings.warn(
-                f"cg: non-positive curvature p.Ap = {pap:.3g} at iteration {iterations + 1} (indefinite system); "
-                f"raise damping so that mu = lam + damping grows more than {growth:.3g}x; returning {returned} "
-                f"(relative residual {math.sqrt(rr) / b_norm:.3g})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            break
-        alpha = rr / pap
-        x.add_(p, alpha=alpha)
-        r.sub_(ap, alpha=alpha)
-        iterations += 1
-        rr_new = _dot(r, r)
-        if not math.isfinite(rr_new):
-            raise NonFiniteError(f"cg: the residual overflowed at iteration {iterations}; raise damping")
-        p.mul_(rr_new / rr).add_(r)
-        rr = rr_new
-    residual = math.sqrt(rr) / b_norm
-    if reason == "maxiter" and has_target:
-        _warn_not_converged("cg", residual, rtol, atol, iterations)
-    return x, SolveInfo("cg", iterations, matvecs, residual, reason == "converged", reason)
+    return _conjugate_gradients("cg", matvec, b, x0, maxiter, rtol, atol, None)
 
 
 DEFAULT_RECYCLE_VECTORS = 16
@@ -295,25 +243,41 @@ def recycled_cg(
     outliers, this saves about one product per later solve (``benchmarks/README.md``). The stopping rule, the
     reported (recurrence) residual, negative-curvature and non-convergence handling are those of :func:`cg`.
     """
-    _check_maxiter("recycled_cg", maxiter)
-    b_norm = _rhs_norm("recycled_cg", b)
-    if b_norm == 0:
-        return _zero_rhs("recycled_cg", b)
-    tol, has_target = _target("recycled_cg", b_norm, rtol, atol)
-    x, r, matvecs = _start("recycled_cg", matvec, b, x0)
     space = recycle if recycle is not None else RecycleSpace(1)
-    deflated = len(space) > 0
+    return _conjugate_gradients("recycled_cg", matvec, b, x0, maxiter, rtol, atol, space)
+
+
+def _conjugate_gradients(
+    name: str,
+    matvec: MatVec,
+    b: Tensor,
+    x0: Tensor | None,
+    maxiter: int,
+    rtol: float | None,
+    atol: float,
+    space: RecycleSpace | None,
+) -> tuple[Tensor, SolveInfo]:
+    """The CG iteration of :func:`cg` (``space=None``) and of :func:`recycled_cg` (deflated over ``space``, whose
+    stored directions it uses and extends)."""
+    _check_maxiter(name, maxiter)
+    b_norm = _rhs_norm(name, b)
+    if b_norm == 0:
+        return _zero_rhs(name, b)
+    tol, has_target = _target(name, b_norm, rtol, atol)
+    x, r, matvecs = _start(name, matvec, b, x0)
+    deflated = space is not None and len(space) > 0
     if deflated:
-        dx, adx = space.galerkin(r)
+        dx, adx = space.galerkin(r)  # type: ignore[union-attr]
         x.add_(dx)
         r.sub_(adx)
     rr = _dot(r, r)
     if not math.isfinite(rr):
         raise NonFiniteError(
-            "recycled_cg: the initial residual is NaN/inf; check x0, the stored directions and the matrix-vector "
-            "product"
+            f"{name}: the initial residual b - A x0 is NaN/inf; check x0"
+            + (", the stored directions" if space is not None else "")
+            + " and the matrix-vector product"
         )
-    p = space.project(r.clone()) if deflated else r.clone()
+    p = space.project(r.clone()) if deflated else r.clone()  # type: ignore[union-attr]
     # directions found once the residual is near rounding level are not A-conjugate to the earlier ones: not kept
     keep_above = (RECYCLE_MIN_RESIDUAL * torch.finfo(b.dtype).eps * b_norm) ** 2
     iterations, reason = 0, "maxiter"
@@ -328,7 +292,7 @@ def recycled_cg(
         pap = _dot(p, ap)
         if not math.isfinite(pap):
             raise NonFiniteError(
-                f"recycled_cg: A p is NaN/inf at iteration {iterations + 1}; the lower-level loss or its "
+                f"{name}: A p is NaN/inf at iteration {iterations + 1}; the lower-level loss or its "
                 "curvature is non-finite (lower the learning rate, check the data)"
             )
         if pap <= 0:
@@ -339,33 +303,35 @@ def recycled_cg(
                 rr = _dot(r, r)
             growth = 1.0 - pap / _dot(p, p)
             warnings.warn(
-                f"recycled_cg: non-positive curvature p.Ap = {pap:.3g} at iteration {iterations + 1} (indefinite "
+                f"{name}: non-positive curvature p.Ap = {pap:.3g} at iteration {iterations + 1} (indefinite "
                 f"system); raise damping so that mu = lam + damping grows more than {growth:.3g}x; returning "
                 f"{returned} (relative residual {math.sqrt(rr) / b_norm:.3g})",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             break
-        if rr >= keep_above:  # kept for later solves; from here on also deflates this one (harmless: conjugate)
+        if space is not None and rr >= keep_above:  # kept for later solves; from here on also deflates this one
             space.add(p, ap, pap)
             deflated = True
         alpha = rr / pap
         x.add_(p, alpha=alpha)
         r.sub_(ap, alpha=alpha)
         if deflated:  # W^T r = 0 in exact arithmetic; restoring it keeps rounding from building up along W
-            dx, adx = space.galerkin(r)
+            dx, adx = space.galerkin(r)  # type: ignore[union-attr]
             x.add_(dx)
             r.sub_(adx)
         iterations += 1
         rr_new = _dot(r, r)
         if not math.isfinite(rr_new):
-            raise NonFiniteError(f"recycled_cg: the residual overflowed at iteration {iterations}; raise damping")
-        space.project(p.mul_(rr_new / rr).add_(r))
+            raise NonFiniteError(f"{name}: the residual overflowed at iteration {iterations}; raise damping")
+        p.mul_(rr_new / rr).add_(r)
+        if deflated:
+            space.project(p)  # type: ignore[union-attr]
         rr = rr_new
     residual = math.sqrt(rr) / b_norm
     if reason == "maxiter" and has_target:
-        _warn_not_converged("recycled_cg", residual, rtol, atol, iterations)
-    return x, SolveInfo("recycled_cg", iterations, matvecs, residual, reason == "converged", reason)
+        _warn_not_converged(name, residual, rtol, atol, iterations)
+    return x, SolveInfo(name, iterations, matvecs, residual, reason == "converged", reason)
 
 
 @SOLVERS.register("neumann")
