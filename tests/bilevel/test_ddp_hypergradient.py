@@ -9,14 +9,11 @@ ranks' losses is the single-process loss.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from tiny_models import ConvNet
 from torch import Tensor, nn
 
@@ -24,6 +21,7 @@ from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
 from bissl.downstream.classification import ClassificationTask
 from bissl.pretext import build_pretext
 from bissl.train import distributed as D
+from gloo_ranks import spawn_ranks
 
 WORLD = 2
 SOLVERS = ("cg", "mfac", "identity")
@@ -88,29 +86,17 @@ def _run(data: dict[str, Any], rank: int, world: int, *, sync_batchnorm: bool = 
     return out
 
 
-def _worker(rank: int, world: int, port: int, out: str, data: dict[str, Any]) -> None:
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-    os.environ.update({**env, "WORLD_SIZE": str(world)})
-    torch.set_num_threads(1)
-    try:
-        D.init_from_env("cpu")
-        results = {"synced": _run(data, rank, world), "local_bn": _run(data, rank, world, sync_batchnorm=False)}
-        torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        D.cleanup()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _rank(rank: int, world: int, out: str, data: dict[str, Any]) -> None:
+    D.init_from_env("cpu")
+    results = {"synced": _run(data, rank, world), "local_bn": _run(data, rank, world, sync_batchnorm=False)}
+    torch.save(results, f"{out}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     root = tmp_path_factory.mktemp("ddp_hypergradient")
     data = _data()
-    mp.start_processes(_worker, args=(WORLD, _free_port(), str(root), data), nprocs=WORLD, start_method="spawn")
+    spawn_ranks(_rank, WORLD, str(root), data)
     ranks = [torch.load(Path(root) / f"rank{r}.pt") for r in range(WORLD)]
     return ranks, _run(data, 0, 1)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +20,11 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from bissl.config import EvaluateConfig, FinetuneConfig, PretrainConfig, load_config
 from bissl.train.logger import read_metrics
 from bissl.utils.io import load_torch
+from gloo_ranks import spawn_ranks
 
 WORLD = 2
 SHARDED = [
@@ -64,12 +63,6 @@ def _evaluate_cfg(out: Path, backbone: Path) -> EvaluateConfig:
     return load_config(EvaluateConfig, "evaluate_digits", [*EVALUATE, f"backbone={backbone}", f"out_dir={out}"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_all(root: Path, backbone: Path) -> dict[str, Any]:
     """Every stage in ``root``; returns what the stage functions returned (the same on every rank)."""
     from bissl.train.evaluate import evaluate
@@ -88,25 +81,15 @@ def _run_all(root: Path, backbone: Path) -> dict[str, Any]:
     return results
 
 
-def _worker(rank: int, world: int, port: int, root: str, backbone: str) -> None:
-    """One rank, set up the way torchrun sets up its workers (environment variables only)."""
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-    os.environ.update({**env, "WORLD_SIZE": str(world)})
-    torch.set_num_threads(1)
-    from bissl.train.distributed import cleanup
-
-    try:
-        results = _run_all(Path(root), Path(backbone))
-        (Path(root) / f"results_rank{rank}.json").write_text(json.dumps(results))
-    finally:
-        cleanup()
+def _rank(rank: int, world: int, root: str, backbone: str) -> None:
+    results = _run_all(Path(root), Path(backbone))
+    (Path(root) / f"results_rank{rank}.json").write_text(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory, tiny_pretrained) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    args = (WORLD, _free_port(), str(root), str(tiny_pretrained))
-    mp.start_processes(_worker, args=args, nprocs=WORLD, start_method="spawn", join=True)
+    spawn_ranks(_rank, WORLD, str(root), str(tiny_pretrained))
     return root
 
 

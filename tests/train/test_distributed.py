@@ -3,16 +3,14 @@ as one process on the concatenated data."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from bissl.train import distributed as D
+from gloo_ranks import spawn_ranks
 
 WORLD = 2
 
@@ -50,12 +48,6 @@ def test_convert_sync_batchnorm_keeps_parameters_and_state():
     torch.testing.assert_close(net[1](hidden), plain(hidden))  # without a process group: a plain BatchNorm
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _bn_outputs(bn: nn.Module, x: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> dict[str, torch.Tensor]:
     """Output, input gradient, weight gradient and input HVP of ``sum(bn(x) * v)`` (direction ``u``)."""
     x = x.clone().requires_grad_(True)
@@ -65,52 +57,44 @@ def _bn_outputs(bn: nn.Module, x: torch.Tensor, v: torch.Tensor, u: torch.Tensor
     return {"out": bn(x).detach(), "grad_x": g_x.detach(), "grad_w": g_w.detach(), "hvp_x": h_x}
 
 
-def _helpers_worker(rank: int, world: int, port: int, out: str, data: dict[str, torch.Tensor]) -> None:
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-    os.environ.update({**env, "WORLD_SIZE": str(world)})
-    torch.set_num_threads(1)
+def _helpers_rank(rank: int, world: int, out: str, data: dict[str, torch.Tensor]) -> None:
+    assert D.init_from_env("cpu") == torch.device("cpu") and (D.world(), D.rank()) == (world, rank)
+    results: dict[str, object] = {}
+    items = torch.arange(7) * 10  # 7 items over 2 ranks: shards of 4 and 3
+    shard = [int(i) for i in D.shard_dataset(items)]  # type: ignore[arg-type]
+    results["gathered"] = D.gather_shards(torch.tensor(shard) + 1)
+    results["mean"] = D.all_reduce_mean(torch.tensor(float(rank)))
+    in_place = [torch.full((2, 3), float(rank)), torch.tensor([rank, 2.0 * rank], dtype=torch.float64)]
+    D.all_reduce_mean_(in_place)
+    results["mean_"] = in_place
+    module = nn.BatchNorm1d(2)
+    module.running_mean.fill_(rank + 1.0)
+    module.num_batches_tracked.fill_(rank + 5)
+    D.broadcast_buffers(module)
+    results["buffers"] = module.state_dict()
+    rows = torch.full((2, 1), float(rank + 1), requires_grad=True)
+    gathered = D.all_gather_rows(rows)
+    (grad,) = torch.autograd.grad((gathered**3).sum() * (rank + 1), rows, create_graph=True)
+    (hess,) = torch.autograd.grad(grad.sum(), rows)
+    results["gather"] = (gathered.detach(), grad.detach(), hess)
     try:
-        assert D.init_from_env("cpu") == torch.device("cpu") and (D.world(), D.rank()) == (world, rank)
-        results: dict[str, object] = {}
-        items = torch.arange(7) * 10  # 7 items over 2 ranks: shards of 4 and 3
-        shard = [int(i) for i in D.shard_dataset(items)]  # type: ignore[arg-type]
-        results["gathered"] = D.gather_shards(torch.tensor(shard) + 1)
-        results["mean"] = D.all_reduce_mean(torch.tensor(float(rank)))
-        in_place = [torch.full((2, 3), float(rank)), torch.tensor([rank, 2.0 * rank], dtype=torch.float64)]
-        D.all_reduce_mean_(in_place)
-        results["mean_"] = in_place
-        module = nn.BatchNorm1d(2)
-        module.running_mean.fill_(rank + 1.0)
-        module.num_batches_tracked.fill_(rank + 5)
-        D.broadcast_buffers(module)
-        results["buffers"] = module.state_dict()
-        rows = torch.full((2, 1), float(rank + 1), requires_grad=True)
-        gathered = D.all_gather_rows(rows)
-        (grad,) = torch.autograd.grad((gathered**3).sum() * (rank + 1), rows, create_graph=True)
-        (hess,) = torch.autograd.grad(grad.sum(), rows)
-        results["gather"] = (gathered.detach(), grad.detach(), hess)
-        try:
-            D.on_main(lambda: 1 / 0)
-        except ZeroDivisionError:
-            results["raised"] = True
-        bn = D.convert_sync_batchnorm(nn.BatchNorm2d(3).double(), torch.device("cpu"))
-        part = slice(rank, None, world)
-        results["bn"] = _bn_outputs(bn, data["x"][part], data["v"][part], data["u"][part])
-        results["bn_state"] = {k: v.clone() for k, v in bn.state_dict().items()}
-        torch.manual_seed(rank)
-        with pytest.raises(RuntimeError, match="the test module differs between ranks"):
-            D.require_in_sync(nn.Linear(2, 2), "the test module")
-        torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        D.cleanup()
+        D.on_main(lambda: 1 / 0)
+    except ZeroDivisionError:
+        results["raised"] = True
+    bn = D.convert_sync_batchnorm(nn.BatchNorm2d(3).double(), torch.device("cpu"))
+    part = slice(rank, None, world)
+    results["bn"] = _bn_outputs(bn, data["x"][part], data["v"][part], data["u"][part])
+    results["bn_state"] = {k: v.clone() for k, v in bn.state_dict().items()}
+    torch.manual_seed(rank)
+    with pytest.raises(RuntimeError, match="the test module differs between ranks"):
+        D.require_in_sync(nn.Linear(2, 2), "the test module")
+    torch.save(results, f"{out}/rank{rank}.pt")
 
 
 def test_two_processes_gather_reduce_and_batchnorm_equal_one_process(tmp_path: Path):
     torch.manual_seed(0)
     data = {name: torch.randn(6, 3, 2, 2, dtype=torch.float64) for name in ("x", "v", "u")}
-    mp.start_processes(
-        _helpers_worker, args=(WORLD, _free_port(), str(tmp_path), data), nprocs=WORLD, start_method="spawn"
-    )
+    spawn_ranks(_helpers_rank, WORLD, str(tmp_path), data)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     bn = nn.BatchNorm2d(3).double()
