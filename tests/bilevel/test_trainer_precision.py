@@ -10,13 +10,13 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
+from test_trainer import TinyTask
 from tiny_models import ConvNet
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bissl.bilevel.solvers import SolveInfo
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, CycleOperator
-from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
 
 
@@ -49,21 +49,6 @@ class ClassifyViewPretext(PretextMethod):
         features = backbone(views[0])
         self.feature_dtypes.append(features.dtype)
         return F.cross_entropy(self.head(features), views[1])
-
-
-class TinyTask(DownstreamTask):
-    def build_head(self, feature_dim: int) -> nn.Module:
-        return nn.Linear(feature_dim, 3)
-
-    def prepare(self, batch, device, generator):
-        return batch
-
-    def loss(self, backbone, head, batch):
-        x, y = batch
-        return F.cross_entropy(head(backbone(x)), y)
-
-    def evaluate(self, backbone, head, dataset, device):
-        raise NotImplementedError
 
 
 class RecordingTrainer(BiSSLTrainer):
