@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,3 +37,24 @@ def spawn_ranks(fn: Callable[..., None], world: int, *args: Any) -> None:
     threads can hang); torchrun's environment variables are set, so ``init_from_env`` joins a gloo group. ``fn``
     must be a module-level function; it reports back through files."""
     mp.start_processes(_rank_main, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn", join=True)
+
+
+def _json_rank(rank: int, world: int, fn: Callable[..., Any], root: str, args: tuple[Any, ...]) -> None:
+    results = fn(Path(root), *args)
+    (Path(root) / f"results_rank{rank}.json").write_text(json.dumps(results))
+
+
+def spawn_ranks_json(fn: Callable[..., Any], world: int, root: Path, *args: Any) -> None:
+    """:func:`spawn_ranks` for ``fn(root, *args)`` returning JSON-able results, which each rank writes to
+    ``root/results_rank<r>.json`` (read back by :func:`read_results`)."""
+    spawn_ranks(_json_rank, world, fn, str(root), args)
+
+
+def read_results(root: Path, world: int) -> dict[str, Any]:
+    """What a run in ``root`` returned: ``results.json`` of a single process, else the ranks' results (which must
+    be equal)."""
+    if (root / "results.json").is_file():
+        return json.loads((root / "results.json").read_text())
+    ranks = [json.loads((root / f"results_rank{r}.json").read_text()) for r in range(world)]
+    assert all(other == ranks[0] for other in ranks[1:]), "ranks returned different results"
+    return ranks[0]

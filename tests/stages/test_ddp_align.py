@@ -22,7 +22,7 @@ from bissl.config import AlignConfig, load_config
 from bissl.train.logger import read_metrics
 from bissl.utils.io import load_torch
 from conftest import TINY_ALIGN
-from gloo_ranks import spawn_ranks
+from gloo_ranks import read_results, spawn_ranks_json
 
 WORLD = 2
 SHARDED = ["distributed.sync_batchnorm=true", "distributed.augment_shards=2"]
@@ -36,7 +36,7 @@ def _cfg(out: Path, pretrained: Path, extra: list[str]) -> AlignConfig:
     return load_config(AlignConfig, "align_digits", overrides)
 
 
-def _run_all(root: Path, pretrained: Path, *, resumed: bool) -> dict[str, Any]:
+def _run_all(root: Path, pretrained: Path, resumed: bool) -> dict[str, Any]:
     """The runs of ``RUNS`` (and an interrupted + resumed CG run) in ``root``; returns their metrics."""
     from bissl.train.align import align
 
@@ -50,15 +50,10 @@ def _run_all(root: Path, pretrained: Path, *, resumed: bool) -> dict[str, Any]:
     return results
 
 
-def _rank(rank: int, world: int, root: str, pretrained: str) -> None:
-    results = _run_all(Path(root), Path(pretrained), resumed=True)
-    (Path(root) / f"results_rank{rank}.json").write_text(json.dumps(results))
-
-
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory, tiny_pretrained) -> Path:
     root = tmp_path_factory.mktemp("ddp_align")
-    spawn_ranks(_rank, WORLD, str(root), str(tiny_pretrained))
+    spawn_ranks_json(_run_all, WORLD, root, tiny_pretrained, True)
     return root
 
 
@@ -67,14 +62,6 @@ def single(tmp_path_factory, tiny_pretrained) -> Path:
     root = tmp_path_factory.mktemp("single_align")
     (root / "results.json").write_text(json.dumps(_run_all(root, tiny_pretrained, resumed=False)))
     return root
-
-
-def _results(root: Path) -> dict[str, Any]:
-    if (root / "results.json").is_file():
-        return json.loads((root / "results.json").read_text())
-    ranks = [json.loads((root / f"results_rank{r}.json").read_text()) for r in range(WORLD)]
-    assert all(other == ranks[0] for other in ranks[1:]), "ranks returned different results"
-    return ranks[0]
 
 
 def _max_weight_diff(a: Path, b: Path) -> float:
@@ -97,7 +84,9 @@ def test_align_on_two_processes_equals_one_process(ddp, single, name):
     diff = _max_weight_diff(ddp / name, single / name)
     print(f"{name}: max |theta, phi, heads (2 processes) - (1 process)| = {diff:.2e}")
     assert diff < TOL
-    assert _results(ddp)[name] == pytest.approx(_results(single)[name], abs=TOL)  # val/test of theta and phi
+    assert read_results(ddp, WORLD)[name] == pytest.approx(
+        read_results(single, WORLD)[name], abs=TOL
+    )  # val/test of theta and phi
     records = [_cycle_records(root / name) for root in (ddp, single)]
     assert [r["step"] for r in records[0]] == [1, 2]
     for got, expected in zip(*records, strict=True):
@@ -120,10 +109,10 @@ def test_rank_zero_alone_writes_logs_checkpoints_and_exports(ddp):
 
 
 def test_resume_under_ddp_equals_the_uninterrupted_run(ddp):
-    assert _results(ddp)["interrupted_cycle"] == 1
+    assert read_results(ddp, WORLD)["interrupted_cycle"] == 1
     assert _max_weight_diff(ddp / "resumed", ddp / "cg") == 0.0
     assert _cycle_records(ddp / "resumed") == _cycle_records(ddp / "cg")
-    assert _results(ddp)["resumed"] == _results(ddp)["cg"]
+    assert read_results(ddp, WORLD)["resumed"] == read_results(ddp, WORLD)["cg"]
 
 
 def test_torchrun_cli_align_equals_one_process(tmp_path, single, tiny_pretrained):

@@ -24,7 +24,7 @@ import torch
 from bissl.config import EvaluateConfig, FinetuneConfig, PretrainConfig, load_config
 from bissl.train.logger import read_metrics
 from bissl.utils.io import load_torch
-from gloo_ranks import spawn_ranks
+from gloo_ranks import read_results, spawn_ranks_json
 
 WORLD = 2
 SHARDED = [
@@ -81,15 +81,10 @@ def _run_all(root: Path, backbone: Path) -> dict[str, Any]:
     return results
 
 
-def _rank(rank: int, world: int, root: str, backbone: str) -> None:
-    results = _run_all(Path(root), Path(backbone))
-    (Path(root) / f"results_rank{rank}.json").write_text(json.dumps(results))
-
-
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory, tiny_pretrained) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    spawn_ranks(_rank, WORLD, str(root), str(tiny_pretrained))
+    spawn_ranks_json(_run_all, WORLD, root, tiny_pretrained)
     return root
 
 
@@ -103,14 +98,6 @@ def single(tmp_path_factory, tiny_pretrained) -> Path:
     finally:
         torch.set_num_threads(threads)
     return root
-
-
-def _results(root: Path) -> dict[str, Any]:
-    if (root / "results.json").is_file():
-        return json.loads((root / "results.json").read_text())
-    ranks = [json.loads((root / f"results_rank{r}.json").read_text()) for r in range(WORLD)]
-    assert all(other == ranks[0] for other in ranks[1:]), "ranks returned different results"
-    return ranks[0]
 
 
 def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
@@ -127,20 +114,20 @@ def test_pretrain_on_two_processes_equals_one_process(ddp, single, method):
     losses = [[r["loss"] for r in read_metrics(root / method / "metrics.jsonl", "train")] for root in (ddp, single)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     # kNN and linear probe of sharded feature extraction; one of 359 test images may flip on a float tie
-    assert _results(ddp)[method] == pytest.approx(_results(single)[method], abs=1.5 / 359)
+    assert read_results(ddp, WORLD)[method] == pytest.approx(read_results(single, WORLD)[method], abs=1.5 / 359)
 
 
 def test_finetune_on_two_processes_equals_one_process(ddp, single):
     for name in ("backbone.pt", "downstream_head.pt"):
         _assert_same_weights(ddp / "finetune" / name, single / "finetune" / name)
-    ddp_metrics, single_metrics = _results(ddp)["finetune"], _results(single)["finetune"]
+    ddp_metrics, single_metrics = read_results(ddp, WORLD)["finetune"], read_results(single, WORLD)["finetune"]
     assert ddp_metrics == pytest.approx(single_metrics, abs=1e-5)  # val/test top1, mean per class, loss; best epoch
     epochs = [read_metrics(root / "finetune" / "metrics.jsonl", "epoch") for root in (ddp, single)]
     assert [r["val_top1"] for r in epochs[0]] == pytest.approx([r["val_top1"] for r in epochs[1]], abs=1e-6)
 
 
 def test_evaluate_on_two_processes_equals_one_process(ddp, single):
-    assert _results(ddp)["evaluate"] == _results(single)["evaluate"]
+    assert read_results(ddp, WORLD)["evaluate"] == read_results(single, WORLD)["evaluate"]
     summary = json.loads((ddp / "evaluate" / "summary.json").read_text())
     assert summary["num_samples"] == {"train": 1079, "val": 359, "test": 359}  # uneven shards, nothing doubled
 
@@ -156,12 +143,12 @@ def test_rank_zero_alone_writes_logs_and_checkpoints(ddp):
 
 
 def test_resume_under_ddp_equals_the_uninterrupted_run(ddp):
-    assert _results(ddp)["interrupted_step"] == 2
+    assert read_results(ddp, WORLD)["interrupted_step"] == 2
     for name in ("backbone.pt", "pretext_head.pt"):
         _assert_same_weights(ddp / "resumed" / name, ddp / "simclr" / name, atol=0)
     losses = [[r["loss"] for r in read_metrics(ddp / run / "metrics.jsonl", "train")] for run in ("resumed", "simclr")]
     assert losses[0] == losses[1]
-    assert _results(ddp)["resumed"] == _results(ddp)["simclr"]
+    assert read_results(ddp, WORLD)["resumed"] == read_results(ddp, WORLD)["simclr"]
 
 
 def test_torchrun_cli_pretrain_equals_one_process(tmp_path, single):
