@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,7 +93,9 @@ def run_evaluate(cfg: Any, args: argparse.Namespace) -> None:
 
 
 def run_pipeline(cfg: Any, args: argparse.Namespace) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from bissl.train.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
         raise BisslError(
             "bissl pipeline runs as a single process: launch it without torchrun, or run its stages "
             "(bissl pretrain, align, finetune) separately under torchrun"

@@ -518,7 +518,7 @@ def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> 
     if _seen and not path.is_absolute():
         relative = _seen[-1].parent / path
         path = relative if relative.is_file() else path
-    path = resolve_config_path(path if path.is_file() else path_or_name).resolve()
+    path = resolve_config_path(path).resolve()
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise ConfigError(f"config files extend each other in a loop ({chain}); remove one 'extends:'")

@@ -49,7 +49,7 @@ def init_from_env(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and "LOCAL_RANK" in os.environ:
         resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(resolved)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _initialized():
+    if launched_by_torchrun() and not _initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method="env://", device_id=resolved if backend == "nccl" else None)
         atexit.register(cleanup)
@@ -57,6 +57,11 @@ def init_from_env(device: str = "auto") -> torch.device:
     if not is_main():
         logging.getLogger("bissl").setLevel(logging.WARNING)
     return resolved
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started (``WORLD_SIZE > 1`` in the environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def cleanup() -> None:
