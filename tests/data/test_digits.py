@@ -67,7 +67,7 @@ def test_native_size_is_the_exact_rescaled_data_and_resizing_keeps_the_mean() ->
     for size in (4, 32):
         resized = build_dataset("digits", "test", image_size=size)
         assert resized.images.shape == (359, 1, size, size)
-        assert resized.images.float().mean() == pytest.approx(native.images.float().mean(), rel=0.03)
+        assert resized.images.float().mean() == pytest.approx(native.images.float().mean().item(), rel=0.03)
 
 
 def test_resize_and_stats_helpers() -> None:
