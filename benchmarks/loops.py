@@ -31,8 +31,8 @@ from bissl.config import FinetuneConfig, PretrainConfig, load_config
 from bissl.data import build_dataset
 from bissl.data.augment import build_view_augmentation
 from bissl.downstream.build import build_splits, build_task
-from bissl.train.pretrain import build_backbone_from_config, build_pretext_from_config
-from bissl.train.sampling import BatchStream
+from bissl.engine.sampling import BatchStream
+from bissl.stages.pretrain import build_backbone_from_config, build_pretext_from_config
 from bissl.utils.seed import make_generator
 
 PHASES = ("load", "augment", "forward", "backward", "step")

@@ -52,7 +52,7 @@ TINY_ALIGN = [
 def tiny_pretrained(tmp_path_factory):
     """A finished tiny pretraining run (digits, 8 px, small_cnn width 8), shared by the stage tests."""
     from bissl.config import PretrainConfig, load_config
-    from bissl.train.pretrain import pretrain
+    from bissl.stages.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("pretrained")
     threads = torch.get_num_threads()

@@ -8,6 +8,7 @@ from bissl.config import (
     load_config,
     shipped_config_names,
 )
+from bissl.engine.names import validate_names
 from bissl.utils.errors import ConfigError
 
 
@@ -15,7 +16,7 @@ def test_every_shipped_config_loads_and_validates():
     names = shipped_config_names()
     assert "pretrain_digits" in names
     for name in names:
-        load_config(config_class_for(name), name)
+        validate_names(load_config(config_class_for(name), name))
 
 
 def test_dotted_overrides_are_typed():
@@ -42,7 +43,7 @@ def test_dotted_overrides_are_typed():
 )
 def test_bad_values_are_rejected_with_the_key_named(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(PretrainConfig, "pretrain_digits", [override])
+        validate_names(load_config(PretrainConfig, "pretrain_digits", [override]))
 
 
 def test_missing_config_file_lists_shipped_ones():

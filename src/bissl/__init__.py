@@ -1,7 +1,7 @@
 """bissl: bilevel self-supervised learning (BiSSL).
 
 The import is kept light: submodules (``bissl.data``, ``bissl.models``, ``bissl.pretext``,
-``bissl.bilevel``, ``bissl.train``) are imported on first use.
+``bissl.bilevel``, ``bissl.engine``, ``bissl.stages``, ...) are imported on first use.
 """
 
 from __future__ import annotations
@@ -11,7 +11,20 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("bilevel", "config", "data", "downstream", "eval", "models", "pretext", "train", "utils")
+_SUBMODULES = (
+    "bilevel",
+    "config",
+    "data",
+    "dist",
+    "downstream",
+    "engine",
+    "eval",
+    "models",
+    "pipeline",
+    "pretext",
+    "stages",
+    "utils",
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -31,7 +31,7 @@ class Verb:
 
 def _print(*lines: str) -> None:
     """Print the result lines on rank 0 only: under torchrun every rank runs the stage and returns its result."""
-    from bissl.train.distributed import is_main
+    from bissl.dist import is_main
 
     if is_main():
         print(*lines, sep="\n")
@@ -42,7 +42,7 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 
 
 def run_pretrain(cfg: Any, args: argparse.Namespace) -> None:
-    from bissl.train.pretrain import pretrain
+    from bissl.stages.pretrain import pretrain
 
     result = pretrain(cfg, resume=args.resume)
     _print_metrics(result.metrics)
@@ -51,7 +51,7 @@ def run_pretrain(cfg: Any, args: argparse.Namespace) -> None:
 
 
 def run_align(cfg: Any, args: argparse.Namespace) -> None:
-    from bissl.train.align import align
+    from bissl.stages.align import align
 
     result = align(cfg, resume=args.resume)
     _print_metrics(result.metrics)
@@ -61,14 +61,14 @@ def run_align(cfg: Any, args: argparse.Namespace) -> None:
 
 def run_finetune(cfg: Any, args: argparse.Namespace) -> None:
     if cfg.hpo.trials == 0:
-        from bissl.train.finetune import finetune
+        from bissl.stages.finetune import finetune
 
         result = finetune(cfg, resume=args.resume)
         _print_metrics(result.metrics)
         _print(f"best epoch (validation): {result.best_epoch}")
         _print(f"run folder: {result.out_dir} (backbone.pt, downstream_head.pt, metrics.csv, summary.json)")
         return
-    from bissl.train.hpo import aggregate, final_runs, search
+    from bissl.stages.hpo import aggregate, final_runs, search
 
     found = search(cfg)
     params = " ".join(f"{key}={value:.4g}" for key, value in found.best_params.items())
@@ -83,7 +83,7 @@ def run_finetune(cfg: Any, args: argparse.Namespace) -> None:
 
 
 def run_evaluate(cfg: Any, args: argparse.Namespace) -> None:
-    from bissl.train.evaluate import evaluate
+    from bissl.stages.evaluate import evaluate
 
     result = evaluate(cfg)
     _print_metrics(result.metrics)
@@ -93,7 +93,7 @@ def run_evaluate(cfg: Any, args: argparse.Namespace) -> None:
 
 
 def run_pipeline(cfg: Any, args: argparse.Namespace) -> None:
-    from bissl.train.distributed import launched_by_torchrun
+    from bissl.dist import launched_by_torchrun
 
     if launched_by_torchrun():
         raise BisslError(
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
     """The verb's config: file, then ``quick`` preset (pipeline), then flags, then explicit overrides."""
     from bissl import config
+    from bissl.engine.names import validate_names
 
     cls = getattr(config, verb.config_class)
     flags = [f"out_dir={args.out_dir}"] if args.out_dir else []
@@ -173,7 +174,9 @@ def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
     flags += [f"{key}={value}" for key, _ in verb.flags.values() if (value := getattr(args, key.replace(".", "_")))]
     if getattr(args, "quick", False):
         flags = [*config.load_config(cls, args.config).quick, *flags]
-    return config.load_config(cls, args.config, [*flags, *args.overrides])
+    cfg = config.load_config(cls, args.config, [*flags, *args.overrides])
+    validate_names(cfg)
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,28 +35,6 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _check_registered(kind: str, name: str) -> str:
-    """Validate ``name`` against the registry of ``kind`` (imported lazily: registries import torch)."""
-    if kind == "dataset":
-        from bissl.data import DATASETS as registry
-    elif kind == "backbone":
-        from bissl.models import BACKBONES as registry
-    elif kind == "pretext method":
-        from bissl.pretext import PRETEXT_METHODS as registry
-    elif kind == "optimizer":
-        from bissl.train.optim import OPTIMIZERS as registry
-    elif kind == "augmentation":
-        from bissl.data.augment import AUGMENTATIONS as registry
-    elif kind == "solver":
-        from bissl.bilevel.solvers import SOLVERS as registry
-    elif kind == "downstream task":
-        from bissl.downstream import DOWNSTREAM_TASKS as registry
-    else:  # pragma: no cover - programming error
-        raise AssertionError(kind)
-    registry.get(name)  # raises ConfigError listing the known names
-    return name
-
-
 class DataConfig(StrictModel):
     """Which dataset, where it lies, and how it is batched."""
 
@@ -68,11 +46,6 @@ class DataConfig(StrictModel):
     num_workers: int = Field(0, ge=0)
     seed: int = 0  # seed of the dataset's train/val split (kept apart from the run seed)
 
-    @field_validator("name")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        return _check_registered("dataset", value)
-
 
 class BackboneConfig(StrictModel):
     """A registered backbone (``bissl.models.BACKBONES``) and optional local weights to start from."""
@@ -82,11 +55,6 @@ class BackboneConfig(StrictModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        return _check_registered("backbone", value)
-
 
 class PretextSection(StrictModel):
     """A registered pretext method and its hyper-parameters (validated by the method's own Config)."""
@@ -95,20 +63,6 @@ class PretextSection(StrictModel):
     params: dict[str, Any] = Field(default_factory=dict)
     augmentation: str | None = None  # default: the method's own
     augmentation_params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _known_method(self) -> PretextSection:
-        _check_registered("pretext method", self.name)
-        from bissl.pretext import PRETEXT_METHODS
-
-        method_cls = PRETEXT_METHODS.get(self.name)
-        try:
-            method_cls.Config(**self.params)
-        except ValidationError as exc:
-            raise NestedValidationError(exc, "params") from None
-        if self.augmentation is not None:
-            _check_registered("augmentation", self.augmentation)
-        return self
 
 
 class OptimConfig(StrictModel):
@@ -121,11 +75,6 @@ class OptimConfig(StrictModel):
     warmup_epochs: float = Field(0.0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
-
-    @field_validator("name")
-    @classmethod
-    def _known_optimizer(cls, value: str) -> str:
-        return _check_registered("optimizer", value)
 
 
 def _check_warmup(optim: OptimConfig, epochs: int, key: str) -> None:
@@ -194,11 +143,6 @@ class DownstreamConfig(StrictModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     augment: bool = True  # random resized crop + flip on training batches
 
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, value: str) -> str:
-        return _check_registered("downstream task", value)
-
 
 class LevelConfig(StrictModel):
     """Batch size and optimizer of one level of the bilevel problem."""
@@ -223,11 +167,6 @@ class SolverConfig(StrictModel):
     mfac_window: int = Field(20, gt=0)  # name=mfac: Fisher of the last m lower-level pretext gradients
     mfac_block_size: int | None = Field(None, gt=0)  # name=mfac: None, one block per parameter tensor
     recycle_vectors: int = Field(16, gt=0)  # name=recycled_cg: directions kept (2 parameter-sized vectors each)
-
-    @field_validator("name")
-    @classmethod
-    def _known_solver(cls, value: str) -> str:
-        return _check_registered("solver", value)
 
 
 class BilevelConfig(StrictModel):
@@ -435,13 +374,13 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
-def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     first = exc.errors()[0]
     loc = ".".join(str(part) for part in first["loc"] if part != "__root__")
     key = ".".join(part for part in (prefix, loc) if part)
     nested = first.get("ctx", {}).get("error")
     if isinstance(nested, NestedValidationError):
-        return _format_validation_error(nested.error, prefix=".".join(p for p in (key, nested.prefix) if p))
+        return format_validation_error(nested.error, prefix=".".join(p for p in (key, nested.prefix) if p))
     if first["type"] == "extra_forbidden":
         return f"unknown config key {key!r}; remove it or check its spelling"
     message = str(first["msg"]).removeprefix("Value error, ")
@@ -501,7 +440,7 @@ def build_config(cls: type[ConfigT], data: dict[str, Any] | None = None) -> Conf
     try:
         return cls.model_validate(data or {})
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        raise ConfigError(format_validation_error(exc)) from None
 
 
 EXTENDS_KEY = "extends"

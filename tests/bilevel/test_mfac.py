@@ -197,8 +197,8 @@ def test_non_finite_gradients_raise() -> None:
 def test_bissl_align_runs_with_mfac_and_resumes_exactly(tmp_path, tiny_align_overrides) -> None:
     """``bilevel.solver.name=mfac`` through the stage; a window longer than N_L spans cycles and is checkpointed."""
     from bissl.config import load_config
-    from bissl.train.align import align
-    from bissl.train.logger import read_metrics
+    from bissl.engine.logger import read_metrics
+    from bissl.stages.align import align
     from bissl.utils.io import load_torch
 
     def cfg(name: str) -> AlignConfig:

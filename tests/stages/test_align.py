@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from bissl.config import AlignConfig, load_config
-from bissl.train.align import align
-from bissl.train.checkpoint import load_backbone
-from bissl.train.logger import read_metrics
+from bissl.engine.checkpoint import load_backbone
+from bissl.engine.logger import read_metrics
+from bissl.stages.align import align
 from bissl.utils.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from bissl.utils.io import load_torch
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from bissl.config import AlignConfig, load_config
-from bissl.train.logger import read_metrics
+from bissl.engine.logger import read_metrics
 from bissl.utils.io import load_torch
 from conftest import TINY_ALIGN
 from gloo_ranks import read_results, spawn_ranks_json
@@ -38,7 +38,7 @@ def _cfg(out: Path, pretrained: Path, extra: list[str]) -> AlignConfig:
 
 def _run_all(root: Path, pretrained: Path, resumed: bool) -> dict[str, Any]:
     """The runs of ``RUNS`` (and an interrupted + resumed CG run) in ``root``; returns their metrics."""
-    from bissl.train.align import align
+    from bissl.stages.align import align
 
     results: dict[str, Any] = {}
     for name, extra in RUNS.items():

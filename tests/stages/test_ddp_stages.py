@@ -4,7 +4,7 @@ The two-process runs are spawned once per module (fresh processes: forking a pro
 threads deadlocks) and run pretrain (SimCLR with negatives gathered across ranks, BYOL), an interrupted and
 resumed pretrain, finetune and evaluate; one more run goes through ``torchrun ... -m bissl.cli`` as users do.
 Both sides use ``distributed.sync_batchnorm`` and ``distributed.augment_shards=2``, so a two-process run sees the
-same views, BatchNorm statistics and negatives as the single process on the whole batch (bissl.train.step).
+same views, BatchNorm statistics and negatives as the single process on the whole batch (bissl.engine.step).
 SimCLR runs at a small learning rate: at lr 0.3 this tiny net amplifies float rounding (two CPU threads instead
 of one) to 1e-3 in four steps, in a single process too.
 """
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from bissl.config import EvaluateConfig, FinetuneConfig, PretrainConfig, load_config
-from bissl.train.logger import read_metrics
+from bissl.engine.logger import read_metrics
 from bissl.utils.io import load_torch
 from gloo_ranks import read_results, spawn_ranks_json
 
@@ -65,9 +65,9 @@ def _evaluate_cfg(out: Path, backbone: Path) -> EvaluateConfig:
 
 def _run_all(root: Path, backbone: Path) -> dict[str, Any]:
     """Every stage in ``root``; returns what the stage functions returned (the same on every rank)."""
-    from bissl.train.evaluate import evaluate
-    from bissl.train.finetune import finetune
-    from bissl.train.pretrain import pretrain
+    from bissl.stages.evaluate import evaluate
+    from bissl.stages.finetune import finetune
+    from bissl.stages.pretrain import pretrain
 
     results: dict[str, Any] = {}
     for method in METHODS:

@@ -7,11 +7,11 @@ from PIL import Image
 
 from bissl.cli import main
 from bissl.config import EvaluateConfig, PretrainConfig, load_config
+from bissl.engine.checkpoint import backbone_spec, export_backbone
+from bissl.engine.logger import read_metrics
 from bissl.models import build_backbone
-from bissl.train.checkpoint import backbone_spec, export_backbone
-from bissl.train.evaluate import evaluate
-from bissl.train.logger import read_metrics
-from bissl.train.pretrain import pretrain
+from bissl.stages.evaluate import evaluate
+from bissl.stages.pretrain import pretrain
 from bissl.utils.errors import ConfigError
 
 TINY_EVALUATE = ["downstream.data.image_size=8", "linear_probe_epochs=20", "log.progress=false"]

@@ -5,11 +5,11 @@ import torch
 
 from bissl.cli import main
 from bissl.config import FinetuneConfig, PretrainConfig, load_config
+from bissl.engine.checkpoint import backbone_spec, export_backbone, load_backbone, read_head_file
+from bissl.engine.logger import read_metrics
 from bissl.models import build_backbone
-from bissl.train.checkpoint import backbone_spec, export_backbone, load_backbone, read_head_file
-from bissl.train.finetune import finetune
-from bissl.train.logger import read_metrics
-from bissl.train.pretrain import pretrain
+from bissl.stages.finetune import finetune
+from bissl.stages.pretrain import pretrain
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.io import load_torch
 

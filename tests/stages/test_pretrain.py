@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from bissl.config import PretrainConfig, load_config
-from bissl.train.checkpoint import load_backbone
-from bissl.train.logger import read_metrics
-from bissl.train.pretrain import pretrain
+from bissl.engine.checkpoint import load_backbone
+from bissl.engine.logger import read_metrics
+from bissl.stages.pretrain import pretrain
 from bissl.utils.errors import ConfigError, NonFiniteError
 from bissl.utils.io import load_torch
 

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from bissl.config import PipelineConfig
+from bissl.engine.logger import read_metrics
 from bissl.pipeline.stats import paired_comparison, summarize
-from bissl.train.logger import read_metrics
 from bissl.utils.io import atomic_write
 from bissl.utils.plotting import new_figure, save_png
 
@@ -127,11 +127,11 @@ def plot_alignment(
     cfg: PipelineConfig, task_index: int, runs: list[dict[str, Any]], pretrained: Path, path: Path
 ) -> Path:
     """t-SNE of test features of the backbone each arm fine-tunes from (first seed): the alignment picture."""
+    from bissl.dist import resolve_device
     from bissl.downstream.build import build_splits
+    from bissl.engine.checkpoint import load_backbone
     from bissl.eval.embedding import embed_2d, plot_embeddings_grid
     from bissl.eval.frozen import dataset_features
-    from bissl.train.checkpoint import load_backbone
-    from bissl.train.runtime import resolve_device
 
     task = cfg.tasks[task_index]
     test = build_splits(task.downstream)["test"]

@@ -19,11 +19,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from bissl.config import AlignConfig, ArmSpec, FinetuneConfig, PipelineConfig, PretrainConfig, TaskSpec, to_yaml
-from bissl.train.align import align
-from bissl.train.checkpoint import resolve_backbone_file
-from bissl.train.finetune import finetune
-from bissl.train.pretrain import pretrain
-from bissl.train.runtime import SUMMARY_FILE, environment, require_same_config
+from bissl.engine.checkpoint import resolve_backbone_file
+from bissl.engine.names import validate_names
+from bissl.engine.runtime import SUMMARY_FILE, environment, require_same_config
+from bissl.stages.align import align
+from bissl.stages.finetune import finetune
+from bissl.stages.pretrain import pretrain
 from bissl.utils.io import atomic_write, save_json
 
 log = logging.getLogger("bissl.pipeline")
@@ -115,6 +116,11 @@ def run_study(cfg: PipelineConfig) -> StudyResult:
     """Run (or resume) every stage of the study, then write ``results.json``, ``report.md`` and plots."""
     from bissl.pipeline.report import write_report
 
+    validate_names(cfg)
+    for task in cfg.tasks:
+        validate_names(cfg.task_finetune(task))
+        for arm in cfg.arms:
+            validate_names(cfg.arm_align(arm, task))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.yaml", lambda f: f.write(to_yaml(cfg)), mode="w")

@@ -8,7 +8,7 @@ continues exactly.
 
 Under ``torchrun`` every rank runs the bilevel cycles on its rows ``r, r + W, ...`` of each global lower and upper
 batch (``lower.batch_size`` and ``upper.batch_size`` stay the global sizes), with views drawn per augmentation
-shard as in ``pretrain`` (:mod:`bissl.train.step`). No module is wrapped in ``DistributedDataParallel``: the
+shard as in ``pretrain`` (:mod:`bissl.engine.step`). No module is wrapped in ``DistributedDataParallel``: the
 trainer averages gradients, hypergradient terms and Hessian-vector products over ranks explicitly
 (:class:`~bissl.bilevel.trainer.RankSync`), SimCLR contrasts with every rank's embeddings through a gather that
 differentiates twice, and with ``distributed.sync_batchnorm`` BatchNorm uses the statistics of the global batch
@@ -40,21 +40,7 @@ from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
 from bissl.config import AlignConfig, OptimConfig
 from bissl.data import build_dataset
 from bissl.data.augment import build_view_augmentation
-from bissl.downstream.build import build_splits, build_task
-from bissl.pretext import build_pretext
-from bissl.train.checkpoint import (
-    BACKBONE_FILE,
-    DOWNSTREAM_HEAD_FILE,
-    PRETEXT_HEAD_FILE,
-    export_backbone,
-    export_head,
-    load_backbone,
-    load_state,
-    read_head_file,
-    resolve_backbone_file,
-    save_state,
-)
-from bissl.train.distributed import (
+from bissl.dist import (
     all_reduce_mean_,
     barrier,
     broadcast_buffers,
@@ -66,12 +52,23 @@ from bissl.train.distributed import (
     require_in_sync,
     world,
 )
-from bissl.train.finetune import evaluate_split
-from bissl.train.head_warmup import warm_up_head
-from bissl.train.logger import MetricLogger
-from bissl.train.optim import build_optimizer, cosine_with_warmup
-from bissl.train.pretrain import distributed_pretext_params
-from bissl.train.runtime import (
+from bissl.downstream.build import build_splits, build_task
+from bissl.engine.checkpoint import (
+    BACKBONE_FILE,
+    DOWNSTREAM_HEAD_FILE,
+    PRETEXT_HEAD_FILE,
+    export_backbone,
+    export_head,
+    load_backbone,
+    load_state,
+    read_head_file,
+    resolve_backbone_file,
+    save_state,
+)
+from bissl.engine.logger import MetricLogger
+from bissl.engine.names import validate_names
+from bissl.engine.optim import build_optimizer, cosine_with_warmup
+from bissl.engine.runtime import (
     RESUMABLE_KEYS,
     STATE_FILE,
     check_batch_size,
@@ -79,8 +76,12 @@ from bissl.train.runtime import (
     prepare_run_dir,
     write_summary,
 )
-from bissl.train.sampling import BatchStream
-from bissl.train.step import BatchPlan, autocast, resolve_precision
+from bissl.engine.sampling import BatchStream
+from bissl.engine.step import BatchPlan, autocast, resolve_precision
+from bissl.pretext import build_pretext
+from bissl.stages.finetune import evaluate_split
+from bissl.stages.head_warmup import warm_up_head
+from bissl.stages.pretrain import distributed_pretext_params
 from bissl.utils.errors import ConfigError
 from bissl.utils.seed import derive_seed, seed_everything
 
@@ -107,6 +108,7 @@ def _optimizer_factory(cfg: OptimConfig) -> Callable[[list[nn.Parameter]], torch
 def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = None) -> AlignResult:
     """Run (or continue) the BiSSL stage; stop after ``until_cycle`` cycles if given (resumable)."""
     start_time = time.perf_counter()
+    validate_names(cfg)
     device = init_from_env(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     b = cfg.bilevel

@@ -23,16 +23,17 @@ from torch.utils.data import DataLoader
 from bissl.config import EvaluateConfig
 from bissl.data.augment import normalize
 from bissl.data.base import ImageDataset
+from bissl.dist import barrier, gather_shards, init_from_env, main_only, on_main, shard_dataset
 from bissl.downstream.build import build_splits
+from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
+from bissl.engine.logger import MetricLogger
+from bissl.engine.names import validate_names
+from bissl.engine.runtime import check_channels, prepare_run_dir, write_summary
+from bissl.engine.step import autocast, resolve_precision, use_channels_last
 from bissl.eval.embedding import embed_2d, plot_embedding
 from bissl.eval.features import extract_features
 from bissl.eval.knn import knn_accuracy
 from bissl.eval.linear_probe import fit_linear_classifier
-from bissl.train.checkpoint import load_backbone, resolve_backbone_file
-from bissl.train.distributed import barrier, gather_shards, init_from_env, main_only, on_main, shard_dataset
-from bissl.train.logger import MetricLogger
-from bissl.train.runtime import check_channels, prepare_run_dir, write_summary
-from bissl.train.step import autocast, resolve_precision, use_channels_last
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.plotting import require_plotting
 from bissl.utils.seed import seed_everything
@@ -113,6 +114,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """Score the frozen backbone ``cfg.backbone`` on ``cfg.downstream``; writes ``summary.json``,
     ``metrics.jsonl|csv`` and (with ``cfg.embedding``) ``embedding.png`` under ``cfg.out_dir``."""
     start_time = time.perf_counter()
+    validate_names(cfg)
     backbone_file = resolve_backbone_file(cfg.backbone)
     if not backbone_file.is_file():
         raise CheckpointError(

@@ -1,6 +1,6 @@
 import pytest
 
-from bissl.train.sampling import EpochBatchSampler, steps_per_epoch
+from bissl.engine.sampling import EpochBatchSampler, steps_per_epoch
 
 
 def test_order_depends_only_on_seed_and_epoch():
@@ -29,7 +29,7 @@ def test_rank_shards_union_is_the_global_batch():
 def test_batch_stream_resumes_at_its_position():
     import torch
 
-    from bissl.train.sampling import BatchStream
+    from bissl.engine.sampling import BatchStream
 
     data = torch.utils.data.TensorDataset(torch.arange(10))
     whole = [next(BatchStream(data, 3, seed=2, position=k))[0].tolist() for k in range(7)]
@@ -43,7 +43,7 @@ def test_batch_stream_resumes_at_its_position():
 def test_batch_stream_ranks_share_each_global_batch():
     import torch
 
-    from bissl.train.sampling import BatchStream
+    from bissl.engine.sampling import BatchStream
 
     data = torch.utils.data.TensorDataset(torch.arange(10))
     whole = BatchStream(data, 4, seed=3)
@@ -56,7 +56,7 @@ def test_batch_stream_ranks_share_each_global_batch():
 def test_batch_stream_with_workers_reads_the_same_batches_and_follows_a_moved_position():
     import torch
 
-    from bissl.train.sampling import BatchStream
+    from bissl.engine.sampling import BatchStream
 
     data = torch.utils.data.TensorDataset(torch.arange(10))
     plain = BatchStream(data, 3, seed=4)

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from bissl.dist import all_reduce_mean_
 from bissl.downstream.base import DownstreamTask
-from bissl.train.distributed import all_reduce_mean_
-from bissl.train.step import BatchPlan, autocast
+from bissl.engine.step import BatchPlan, autocast
 from bissl.utils.numerics import require_finite
 
 
@@ -30,10 +30,10 @@ def warm_up_head(
     """Train ``head`` for ``steps`` batches with the backbone frozen (eval mode, no gradients).
 
     SGD with momentum 0.9 and a cosine learning rate; returns the mean loss of the last 10 steps. Under DDP
-    ``batches`` yields this rank's rows of each global batch and ``plan`` (:class:`~bissl.train.step.BatchPlan`)
+    ``batches`` yields this rank's rows of each global batch and ``plan`` (:class:`~bissl.engine.step.BatchPlan`)
     says how their augmentation is drawn; the head's gradients and the losses are averaged over ranks, so every
     rank trains the same head as one process on the global batches (same augmentation shards). ``precision``
-    (resolved, :func:`~bissl.train.step.resolve_precision`): ``bf16`` runs the forward passes under autocast.
+    (resolved, :func:`~bissl.engine.step.resolve_precision`): ``bf16`` runs the forward passes under autocast.
     """
     if steps == 0:
         return float("nan")

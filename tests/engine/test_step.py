@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bissl.train.step import (
+from bissl.engine.step import (
     BatchPlan,
     Objective,
     accumulate_gradients,

@@ -25,20 +25,7 @@ from tqdm.auto import tqdm
 
 from bissl.config import FinetuneConfig
 from bissl.data.base import ImageDataset
-from bissl.downstream.base import DownstreamTask
-from bissl.downstream.build import build_splits, build_task
-from bissl.downstream.classification import ClassificationTask, classification_metrics
-from bissl.train.checkpoint import (
-    BACKBONE_FILE,
-    DOWNSTREAM_HEAD_FILE,
-    export_backbone,
-    export_head,
-    load_backbone,
-    load_state,
-    resolve_backbone_file,
-    save_state,
-)
-from bissl.train.distributed import (
+from bissl.dist import (
     barrier,
     gather_shards,
     init_from_env,
@@ -50,9 +37,23 @@ from bissl.train.distributed import (
     world,
     wrap_ddp,
 )
-from bissl.train.logger import MetricLogger
-from bissl.train.optim import build_optimizer, cosine_with_warmup
-from bissl.train.runtime import (
+from bissl.downstream.base import DownstreamTask
+from bissl.downstream.build import build_splits, build_task
+from bissl.downstream.classification import ClassificationTask, classification_metrics
+from bissl.engine.checkpoint import (
+    BACKBONE_FILE,
+    DOWNSTREAM_HEAD_FILE,
+    export_backbone,
+    export_head,
+    load_backbone,
+    load_state,
+    resolve_backbone_file,
+    save_state,
+)
+from bissl.engine.logger import MetricLogger
+from bissl.engine.names import validate_names
+from bissl.engine.optim import build_optimizer, cosine_with_warmup
+from bissl.engine.runtime import (
     RESUMABLE_KEYS,
     STATE_FILE,
     check_batch_size,
@@ -60,8 +61,8 @@ from bissl.train.runtime import (
     prepare_run_dir,
     write_summary,
 )
-from bissl.train.sampling import BatchStream, steps_per_epoch
-from bissl.train.step import BatchPlan, Objective, accumulate_gradients, autocast, resolve_precision, use_channels_last
+from bissl.engine.sampling import BatchStream, steps_per_epoch
+from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, autocast, resolve_precision, use_channels_last
 from bissl.utils.numerics import clip_gradients, require_finite
 from bissl.utils.seed import derive_seed, seed_everything
 
@@ -90,6 +91,7 @@ def finetune(
     report and prune); an exception it raises stops the run after that epoch's checkpoint is written.
     """
     start_time = time.perf_counter()
+    validate_names(cfg)
     device = init_from_env(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     out, has_state = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=resume))

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from bissl.config import to_yaml
-from bissl.train.checkpoint import config_diff
+from bissl.engine.checkpoint import config_diff
 from bissl.utils.errors import ConfigError, DataError
 from bissl.utils.io import atomic_write, save_json
 
@@ -20,15 +20,6 @@ STATE_FILE = "checkpoints/last.pt"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 RESUMABLE_KEYS = ("log", "device")  # config keys that may differ between a run and its continuation
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a config error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA GPU is visible; set device=cpu or device=auto")
-    return torch.device(name)
 
 
 def prepare_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool) -> tuple[Path, bool]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bissl.train import distributed as D
+from bissl.dist import process as D
 from gloo_ranks import spawn_ranks
 
 WORLD = 2

@@ -1,6 +1,6 @@
 import csv
 
-from bissl.train.logger import MetricLogger, read_metrics
+from bissl.engine.logger import MetricLogger, read_metrics
 
 
 def test_jsonl_and_csv_and_resume_truncation(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from bissl.train.optim import LARS, OPTIMIZERS, OptimizerSettings, build_optimizer, cosine_with_warmup
+from bissl.engine.optim import LARS, OPTIMIZERS, OptimizerSettings, build_optimizer, cosine_with_warmup
 from bissl.utils.errors import ConfigError
 
 

@@ -6,7 +6,7 @@ batch order from ``(seed, epoch)``, so ``--resume`` continues bit-exactly on CPU
 Under ``torchrun`` every rank trains on its shard of each global batch of ``data.batch_size`` in
 ``DistributedDataParallel``; SimCLR-type methods then contrast with the negatives of every rank
 (``pretext.params.gather_distributed``, on unless set), and rank 0 alone writes logs, checkpoints and exports.
-How views are drawn per shard, and which runs therefore equal which: :mod:`bissl.train.step`.
+How views are drawn per shard, and which runs therefore equal which: :mod:`bissl.engine.step`.
 """
 
 from __future__ import annotations
@@ -26,20 +26,7 @@ from bissl.config import BackboneConfig, PretrainConfig
 from bissl.data import build_dataset
 from bissl.data.augment import build_view_augmentation
 from bissl.data.base import ImageDataset
-from bissl.models import build_backbone
-from bissl.models.weights import load_backbone_weights
-from bissl.pretext import PRETEXT_METHODS, build_pretext
-from bissl.pretext.base import PretextMethod
-from bissl.train.checkpoint import (
-    BACKBONE_FILE,
-    PRETEXT_HEAD_FILE,
-    backbone_spec,
-    export_backbone,
-    export_head,
-    load_state,
-    save_state,
-)
-from bissl.train.distributed import (
+from bissl.dist import (
     barrier,
     init_from_env,
     is_main,
@@ -49,12 +36,26 @@ from bissl.train.distributed import (
     world,
     wrap_ddp,
 )
-from bissl.train.evaluate import frozen_features, frozen_scores
-from bissl.train.logger import MetricLogger
-from bissl.train.optim import build_optimizer, cosine_with_warmup
-from bissl.train.runtime import RESUMABLE_KEYS, STATE_FILE, check_batch_size, prepare_run_dir, write_summary
-from bissl.train.sampling import BatchStream, steps_per_epoch
-from bissl.train.step import BatchPlan, Objective, accumulate_gradients, resolve_precision, use_channels_last
+from bissl.engine.checkpoint import (
+    BACKBONE_FILE,
+    PRETEXT_HEAD_FILE,
+    backbone_spec,
+    export_backbone,
+    export_head,
+    load_state,
+    save_state,
+)
+from bissl.engine.logger import MetricLogger
+from bissl.engine.names import validate_names
+from bissl.engine.optim import build_optimizer, cosine_with_warmup
+from bissl.engine.runtime import RESUMABLE_KEYS, STATE_FILE, check_batch_size, prepare_run_dir, write_summary
+from bissl.engine.sampling import BatchStream, steps_per_epoch
+from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, resolve_precision, use_channels_last
+from bissl.models import build_backbone
+from bissl.models.weights import load_backbone_weights
+from bissl.pretext import PRETEXT_METHODS, build_pretext
+from bissl.pretext.base import PretextMethod
+from bissl.stages.evaluate import frozen_features, frozen_scores
 from bissl.utils.errors import ConfigError
 from bissl.utils.numerics import clip_gradients, require_finite
 from bissl.utils.seed import seed_everything
@@ -120,6 +121,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | Non
     ``metrics.jsonl|csv``, TensorBoard events and ``summary.json`` under ``cfg.out_dir``.
     """
     start_time = time.perf_counter()
+    validate_names(cfg)
     device = init_from_env(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     out, has_state = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=resume))

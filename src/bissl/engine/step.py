@@ -2,7 +2,7 @@
 
 Every rule deals row ``i`` of a global batch (in sampler order) to part ``i mod n``, so the rules compose:
 
-* rank ``r`` of ``W`` processes holds rows ``r::W`` (:class:`~bissl.train.sampling.EpochBatchSampler`);
+* rank ``r`` of ``W`` processes holds rows ``r::W`` (:class:`~bissl.engine.sampling.EpochBatchSampler`);
 * with ``grad_accumulation = A`` its local rows ``m::A`` are micro-batch ``m``: global rows ``s::S`` with
   ``S = W * A`` and ``s = r + W * m``;
 * with ``V`` augmentation shards (``distributed.augment_shards``, a multiple of ``S``; default ``S``) micro-batch
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bissl.train.distributed import all_reduce_mean, rank, world
+from bissl.dist import all_reduce_mean, rank, world
 from bissl.utils.errors import ConfigError
 from bissl.utils.seed import make_generator
 

@@ -33,7 +33,7 @@ import os, sys, time
 from pathlib import Path
 
 import optuna, psycopg2, torch
-import bissl.cli, bissl.train.finetune, bissl.train.hpo
+import bissl.cli, bissl.stages.finetune, bissl.stages.hpo
 
 Path(sys.argv[2]).touch()
 while not Path(sys.argv[1]).exists():
@@ -140,7 +140,7 @@ def _finished_in_logs(*logs: Path) -> Counter:
 
 
 def _seeded_draws(seed: int, numbers: list[int], lr_range, wd_range) -> dict[int, tuple[float, float]]:
-    """The parameters trial ``n`` draws: a RandomSampler seeded by ``(seed, n)`` (see bissl.train.hpo._sampler)."""
+    """The parameters trial ``n`` draws: a RandomSampler seeded by ``(seed, n)`` (see bissl.stages.hpo._sampler)."""
     draws = {}
     for n in numbers:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=derive_seed(seed, "hpo", n) % 2**32))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from bissl.config import FinetuneConfig, load_config
+from bissl.engine.checkpoint import backbone_spec, export_backbone
 from bissl.models import build_backbone
-from bissl.train.checkpoint import backbone_spec, export_backbone
-from bissl.train.hpo import final_runs, open_study, search
+from bissl.stages.hpo import final_runs, open_study, search
 from bissl.utils.errors import BisslError, ConfigError
 from bissl.utils.io import load_torch
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bissl.train.checkpoint import config_diff, load_state, save_state
+from bissl.engine.checkpoint import config_diff, load_state, save_state
 from bissl.utils.errors import CheckpointError, ConfigError
 
 

@@ -31,9 +31,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Subset
 
+from bissl.utils.errors import ConfigError
+
 log = logging.getLogger("bissl.distributed")
 
 T = TypeVar("T")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA GPU is visible; set device=cpu or device=auto")
+    return torch.device(name)
 
 
 def init_from_env(device: str = "auto") -> torch.device:
@@ -43,8 +54,6 @@ def init_from_env(device: str = "auto") -> torch.device:
     torchrun, or with a group the caller initialised already (e.g. ``init_process_group`` in a test), no new
     group is created. On ranks other than 0 the ``bissl`` loggers are quietened to warnings.
     """
-    from bissl.train.runtime import resolve_device  # here: runtime imports the model zoo, this module only torch
-
     resolved = resolve_device(device)
     if resolved.type == "cuda" and "LOCAL_RANK" in os.environ:
         resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

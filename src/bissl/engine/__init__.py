@@ -1,0 +1,1 @@
+"""What every stage shares, written once: run folders, checkpoints, logging, batch streams, optimizers, steps."""

@@ -1,0 +1,75 @@
+"""Registry names in a config, validated against the registries before any work starts.
+
+``bissl.config`` sits below every registry (it imports none), so names are checked here, one layer up: each
+stage calls :func:`validate_names` first, and the CLI calls it right after loading a config, once the
+``--plugin`` modules have registered their entries. A bad name is one :class:`ConfigError` naming the dotted key
+and the registered choices; a pretext method's ``params`` are validated by the method's own ``Config``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from bissl.bilevel.solvers import SOLVERS
+from bissl.config import (
+    BackboneConfig,
+    DataConfig,
+    DownstreamConfig,
+    MonitorConfig,
+    OptimConfig,
+    PretextSection,
+    SolverConfig,
+    format_validation_error,
+)
+from bissl.data import AUGMENTATIONS, DATASETS
+from bissl.downstream import DOWNSTREAM_TASKS
+from bissl.engine.optim import OPTIMIZERS
+from bissl.models import BACKBONES
+from bissl.pretext import PRETEXT_METHODS
+from bissl.utils.errors import ConfigError
+from bissl.utils.registry import Registry
+
+#: (config section, field) -> the registry its value must name
+NAMED_FIELDS: tuple[tuple[type[BaseModel], str, Registry[Any]], ...] = (
+    (DataConfig, "name", DATASETS),
+    (MonitorConfig, "dataset", DATASETS),
+    (BackboneConfig, "name", BACKBONES),
+    (PretextSection, "name", PRETEXT_METHODS),
+    (PretextSection, "augmentation", AUGMENTATIONS),
+    (OptimConfig, "name", OPTIMIZERS),
+    (SolverConfig, "name", SOLVERS),
+    (DownstreamConfig, "task", DOWNSTREAM_TASKS),
+)
+
+
+def _sections(node: Any, path: str) -> Iterator[tuple[str, BaseModel]]:
+    """Every config section under ``node`` (itself included) with its dotted path."""
+    if isinstance(node, BaseModel):
+        yield path, node
+        for name in type(node).model_fields:
+            yield from _sections(getattr(node, name), f"{path}.{name}" if path else name)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            yield from _sections(item, f"{path}.{i}")
+
+
+def validate_names(config: BaseModel) -> None:
+    """Raise :class:`ConfigError` for the first registry name in ``config`` that nothing registered."""
+    for path, section in _sections(config, ""):
+        for cls, field, registry in NAMED_FIELDS:
+            value = getattr(section, field) if isinstance(section, cls) else None
+            if value is None:
+                continue
+            key = f"{path}.{field}" if path else field
+            try:
+                registry.get(value)
+            except ConfigError as exc:
+                raise ConfigError(f"bad config value for {key!r}: {exc}") from None
+        if isinstance(section, PretextSection):
+            try:
+                PRETEXT_METHODS.get(section.name).Config(**section.params)
+            except ValidationError as exc:
+                raise ConfigError(format_validation_error(exc, f"{path}.params" if path else "params")) from None
