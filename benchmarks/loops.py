@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from bissl.config import FinetuneConfig, PretrainConfig, load_config
 from bissl.data import build_dataset
 from bissl.data.augment import build_view_augmentation
-from bissl.downstream.build import build_splits, build_task
+from bissl.downstream.base import build_task
 from bissl.engine.sampling import BatchStream
 from bissl.stages.pretrain import build_backbone_from_config, build_pretext_from_config
 from bissl.utils.seed import make_generator
@@ -91,8 +91,7 @@ def pretext_loop(cfg: PretrainConfig, variant: Variant) -> Loop:
 
 
 def finetune_loop(cfg: FinetuneConfig, arch: PretrainConfig, variant: Variant) -> Loop:
-    splits = build_splits(cfg.downstream)
-    task = build_task(cfg.downstream, splits["train"])
+    task, splits = build_task(cfg.downstream)
     torch.manual_seed(cfg.seed)
     backbone, _ = build_backbone_from_config(arch.backbone, splits["train"].info.channels)
     head = task.build_head(backbone.feature_dim)

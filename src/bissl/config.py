@@ -134,14 +134,16 @@ class PretrainConfig(StrictModel):
 
 
 class DownstreamConfig(StrictModel):
-    """A downstream task on a labelled dataset, optionally restricted to k shots per class or some classes."""
+    """A downstream task (``bissl.downstream.DOWNSTREAM_TASKS``) on a dataset, optionally restricted to k shots per
+    class or some classes; ``params`` are the task's own settings, validated by its ``Config``."""
 
     task: str = "classification"
     data: DataConfig = Field(default_factory=DataConfig)
+    params: dict[str, Any] = Field(default_factory=dict)
     few_shot: int | None = Field(None, gt=0)  # k labelled training images per class
     classes: list[int] | None = None  # keep only these classes (relabelled 0..n-1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    augment: bool = True  # random resized crop + flip on training batches
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # classification's cross-entropy
+    augment: bool = True  # the task's training augmentation (classification: random resized crop + flip)
 
 
 class LevelConfig(StrictModel):

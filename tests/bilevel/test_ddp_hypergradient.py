@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import torch
-from bissl.dist import process as D
 from tiny_models import ConvNet
 from torch import Tensor, nn
 
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
+from bissl.dist import process as D
 from bissl.downstream.classification import ClassificationTask
 from bissl.pretext import build_pretext
 from gloo_ranks import spawn_ranks

@@ -199,6 +199,27 @@ def gather_shards(rows: Tensor) -> Tensor:
     return out
 
 
+def gather_rows(rows: Any) -> Any:
+    """:func:`gather_shards` for a whole prediction, in dataset order, on every rank: a tensor (rows = samples), a
+    tuple or dict of such (each gathered), or a list with one picklable entry per sample (gathered as objects)."""
+    if world() == 1:
+        return rows
+    if isinstance(rows, Tensor):
+        return gather_shards(rows)
+    if isinstance(rows, dict):
+        return {key: gather_rows(value) for key, value in rows.items()}
+    if isinstance(rows, tuple):
+        return type(rows)(gather_rows(value) for value in rows)
+    if isinstance(rows, list):
+        parts: list[list[Any]] = [[] for _ in range(world())]
+        dist.all_gather_object(parts, rows)
+        out: list[Any] = [None] * sum(len(p) for p in parts)
+        for r, part in enumerate(parts):
+            out[r :: world()] = part
+        return out
+    raise TypeError(f"cannot gather predictions of type {type(rows).__name__}; return tensors or per-sample lists")
+
+
 class _AllReduceSum(torch.autograd.Function):
     """``sum over ranks`` with gradient (itself differentiable): each rank's gradient is the sum of all ranks'."""
 

@@ -1,7 +1,16 @@
-"""Downstream tasks: a head, a loss on prepared batches and metrics (classification; detection later)."""
+"""Downstream tasks: one contract (:class:`DownstreamTask`), built-ins registered through it (classification)."""
 
 from bissl.downstream import classification
-from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask
+from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask, Metric, TaskConfig, build_task, evaluating
 from bissl.downstream.classification import ClassificationTask
 
-__all__ = ["DOWNSTREAM_TASKS", "ClassificationTask", "DownstreamTask", "classification"]
+__all__ = [
+    "DOWNSTREAM_TASKS",
+    "ClassificationTask",
+    "DownstreamTask",
+    "Metric",
+    "TaskConfig",
+    "build_task",
+    "classification",
+    "evaluating",
+]

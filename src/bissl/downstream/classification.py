@@ -1,4 +1,7 @@
-"""Image classification as a downstream task: a linear head, cross-entropy, top-1 and per-class accuracy."""
+"""Image classification as a downstream task: a linear head, cross-entropy, top-1 and mean per-class accuracy.
+
+Registered and built through :class:`~bissl.downstream.base.DownstreamTask`'s contract exactly like a user's task.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from bissl.data.augment import normalize
+from bissl.config import DownstreamConfig
+from bissl.data.augment import build_view_augmentation, normalize
 from bissl.data.base import ImageDataset
-from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask
+from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask, Metric, Splits, evaluating
+from bissl.utils.errors import ConfigError
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -25,7 +30,11 @@ class ClassificationTask(DownstreamTask):
     batches are only normalised.
     """
 
-    primary_metric = "top1"
+    metrics = (
+        Metric("top1", label="top-1", unit="%", scale=100.0),
+        Metric("mean_per_class", label="mean per-class", unit="%", scale=100.0),
+        Metric("loss", higher_is_better=False, label="cross-entropy"),
+    )
 
     def __init__(
         self,
@@ -44,6 +53,22 @@ class ClassificationTask(DownstreamTask):
         self.train_augment = train_augment
         self.label_smoothing = label_smoothing
         self.eval_batch_size = eval_batch_size
+
+    @classmethod
+    def from_config(cls, cfg: DownstreamConfig, splits: Splits) -> ClassificationTask:
+        cls.parse_params(cfg)
+        info = splits["train"].info
+        if info.num_classes == 0:
+            raise ConfigError(f"downstream.data.name={cfg.data.name!r} has no labels; choose a labelled dataset")
+        augment = None
+        if cfg.augment:
+            views = build_view_augmentation(
+                "supervised", image_size=cfg.data.image_size, channels=info.channels, mean=info.mean, std=info.std
+            )
+            augment = lambda images, generator: views(images, generator)[0]  # noqa: E731 - one supervised view
+        return cls(
+            info.num_classes, mean=info.mean, std=info.std, train_augment=augment, label_smoothing=cfg.label_smoothing
+        )
 
     def build_head(self, feature_dim: int) -> nn.Module:
         return nn.Linear(feature_dim, self.num_classes)
@@ -65,23 +90,17 @@ class ClassificationTask(DownstreamTask):
     def predict(
         self, backbone: nn.Module, head: nn.Module, dataset: ImageDataset, device: torch.device
     ) -> tuple[Tensor, Tensor]:
-        """Logits and targets of a whole split, in eval mode (modes are restored afterwards)."""
-        modes = backbone.training, head.training
-        backbone.eval()
-        head.eval()
+        """Logits and targets of ``dataset``, in eval mode (modes are restored afterwards)."""
         logits, targets = [], []
-        for batch in DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False):
-            images, y = self.prepare(batch, device, None)
-            logits.append(head(backbone(images)).float().cpu())
-            targets.append(y.cpu())
-        backbone.train(modes[0])
-        head.train(modes[1])
+        with evaluating(backbone, head):
+            for batch in DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False):
+                images, y = self.prepare(batch, device, None)
+                logits.append(head(backbone(images)).float().cpu())
+                targets.append(y.cpu())
         return torch.cat(logits), torch.cat(targets)
 
-    def evaluate(
-        self, backbone: nn.Module, head: nn.Module, dataset: ImageDataset, device: torch.device
-    ) -> dict[str, float]:
-        logits, targets = self.predict(backbone, head, dataset, device)
+    def score(self, predictions: tuple[Tensor, Tensor]) -> dict[str, float]:
+        logits, targets = predictions
         return classification_metrics(logits, targets, self.num_classes)
 
 

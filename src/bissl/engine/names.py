@@ -3,7 +3,7 @@
 ``bissl.config`` sits below every registry (it imports none), so names are checked here, one layer up: each
 stage calls :func:`validate_names` first, and the CLI calls it right after loading a config, once the
 ``--plugin`` modules have registered their entries. A bad name is one :class:`ConfigError` naming the dotted key
-and the registered choices; a pretext method's ``params`` are validated by the method's own ``Config``.
+and the registered choices; a pretext method's or downstream task's ``params`` are validated by its own ``Config``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,14 @@ def validate_names(config: BaseModel) -> None:
             except ConfigError as exc:
                 raise ConfigError(f"bad config value for {key!r}: {exc}") from None
         if isinstance(section, PretextSection):
-            try:
-                PRETEXT_METHODS.get(section.name).Config(**section.params)
-            except ValidationError as exc:
-                raise ConfigError(format_validation_error(exc, f"{path}.params" if path else "params")) from None
+            _check_params(PRETEXT_METHODS.get(section.name).Config, section.params, path)
+        if isinstance(section, DownstreamConfig):
+            _check_params(DOWNSTREAM_TASKS.get(section.task).Config, section.params, path)
+
+
+def _check_params(schema: type[BaseModel], params: dict[str, Any], path: str) -> None:
+    """A plug-in's ``params`` validated by its own pydantic ``Config``, errors named by dotted key."""
+    try:
+        schema(**params)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{path}.params" if path else "params")) from None

@@ -128,13 +128,13 @@ def plot_alignment(
 ) -> Path:
     """t-SNE of test features of the backbone each arm fine-tunes from (first seed): the alignment picture."""
     from bissl.dist import resolve_device
-    from bissl.downstream.build import build_splits
+    from bissl.downstream.base import DOWNSTREAM_TASKS
     from bissl.engine.checkpoint import load_backbone
     from bissl.eval.embedding import embed_2d, plot_embeddings_grid
     from bissl.eval.frozen import dataset_features
 
     task = cfg.tasks[task_index]
-    test = build_splits(task.downstream)["test"]
+    test = DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)["test"]
     device = resolve_device(cfg.device)
     panels = []
     for arm in cfg.arm_names():

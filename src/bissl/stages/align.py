@@ -52,7 +52,7 @@ from bissl.dist import (
     require_in_sync,
     world,
 )
-from bissl.downstream.build import build_splits, build_task
+from bissl.downstream.base import build_task
 from bissl.engine.checkpoint import (
     BACKBONE_FILE,
     DOWNSTREAM_HEAD_FILE,
@@ -65,6 +65,7 @@ from bissl.engine.checkpoint import (
     resolve_backbone_file,
     save_state,
 )
+from bissl.engine.evaluation import evaluate_split
 from bissl.engine.logger import MetricLogger
 from bissl.engine.names import validate_names
 from bissl.engine.optim import build_optimizer, cosine_with_warmup
@@ -79,7 +80,6 @@ from bissl.engine.runtime import (
 from bissl.engine.sampling import BatchStream
 from bissl.engine.step import BatchPlan, autocast, resolve_precision
 from bissl.pretext import build_pretext
-from bissl.stages.finetune import evaluate_split
 from bissl.stages.head_warmup import warm_up_head
 from bissl.stages.pretrain import distributed_pretext_params
 from bissl.utils.errors import ConfigError
@@ -150,7 +150,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
     )  # fmt: skip
     check_batch_size(len(pretext_set), cfg.lower.batch_size, cfg.pretext_data.name, "lower.batch_size")
     check_channels(pretext_set.info.channels, spec["in_channels"], cfg.pretext_data.name)
-    splits = build_splits(cfg.downstream)
+    task, splits = build_task(cfg.downstream)
     check_batch_size(len(splits["train"]), cfg.upper.batch_size, cfg.downstream.data.name, "upper.batch_size")
     shards = cfg.distributed.augment_shards
     lower_plan = BatchPlan.create(
@@ -160,7 +160,6 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
         cfg.upper.batch_size, accumulation=1, augment_shards=shards, batch_key="upper.batch_size"
     )
     check_channels(splits["train"].info.channels, spec["in_channels"], cfg.downstream.data.name)
-    task = build_task(cfg.downstream, splits["train"])
     info = pretext_set.info
     augmentation = cfg.pretext.augmentation if cfg.pretext is not None else None
     augment = build_view_augmentation(

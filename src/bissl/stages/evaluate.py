@@ -24,7 +24,7 @@ from bissl.config import EvaluateConfig
 from bissl.data.augment import normalize
 from bissl.data.base import ImageDataset
 from bissl.dist import barrier, gather_shards, init_from_env, main_only, on_main, shard_dataset
-from bissl.downstream.build import build_splits
+from bissl.downstream.base import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
 from bissl.engine.logger import MetricLogger
 from bissl.engine.names import validate_names
@@ -127,7 +127,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
     backbone, spec = load_backbone(backbone_file)
-    splits = build_splits(cfg.downstream)
+    splits = DOWNSTREAM_TASKS.get(cfg.downstream.task).splits(cfg.downstream)
     data = cfg.downstream.data
     info = splits["train"].info
     if info.multi_label:

@@ -1,8 +1,9 @@
 """``bissl finetune``: supervised fine-tuning of a backbone on a downstream task, selected on validation.
 
-The backbone and a fresh task head are trained together (cosine schedule, optional warm-up, label
-smoothing); the weights with the best validation ``task.primary_metric`` are kept and evaluated once on
-the TEST split. Batches and augmentations are seeded by ``(seed, step)``; ``--resume`` continues exactly.
+The backbone and a fresh task head are trained together (cosine schedule, optional warm-up); the weights with
+the best validation value of the task's primary metric (in the direction the task declares) are kept and
+evaluated once on the TEST split. Batches and augmentations are seeded by ``(seed, step)``; ``--resume``
+continues exactly.
 
 Under ``torchrun`` every rank trains on its shard of each global batch of ``batch_size`` in
 ``DistributedDataParallel``; validation and test splits are sharded without padding and their predictions put
@@ -20,26 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from bissl.config import FinetuneConfig
-from bissl.data.base import ImageDataset
 from bissl.dist import (
     barrier,
-    gather_shards,
     init_from_env,
     is_main,
     main_only,
     on_main,
     require_in_sync,
-    shard_dataset,
     world,
     wrap_ddp,
 )
-from bissl.downstream.base import DownstreamTask
-from bissl.downstream.build import build_splits, build_task
-from bissl.downstream.classification import ClassificationTask, classification_metrics
+from bissl.downstream.base import build_task
 from bissl.engine.checkpoint import (
     BACKBONE_FILE,
     DOWNSTREAM_HEAD_FILE,
@@ -50,6 +45,7 @@ from bissl.engine.checkpoint import (
     resolve_backbone_file,
     save_state,
 )
+from bissl.engine.evaluation import evaluate_split
 from bissl.engine.logger import MetricLogger
 from bissl.engine.names import validate_names
 from bissl.engine.optim import build_optimizer, cosine_with_warmup
@@ -62,7 +58,7 @@ from bissl.engine.runtime import (
     write_summary,
 )
 from bissl.engine.sampling import BatchStream, steps_per_epoch
-from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, autocast, resolve_precision, use_channels_last
+from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, resolve_precision, use_channels_last
 from bissl.utils.numerics import clip_gradients, require_finite
 from bissl.utils.seed import derive_seed, seed_everything
 
@@ -97,7 +93,7 @@ def finetune(
     out, has_state = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=resume))
     seed_everything(cfg.seed)
     backbone, spec = load_backbone(resolve_backbone_file(cfg.backbone))
-    splits = build_splits(cfg.downstream)
+    task, splits = build_task(cfg.downstream)
     train_set = splits["train"]
     check_batch_size(len(train_set), cfg.batch_size, cfg.downstream.data.name, "batch_size")
     plan = BatchPlan.create(
@@ -105,7 +101,6 @@ def finetune(
         batch_key="batch_size",
     )  # fmt: skip
     check_channels(train_set.info.channels, spec["in_channels"], cfg.downstream.data.name)
-    task = build_task(cfg.downstream, train_set)
     seed_everything(derive_seed(cfg.seed, "head"))
     head = task.build_head(backbone.feature_dim)
     backbone.to(device)
@@ -126,7 +121,8 @@ def finetune(
 
     config_dict = cfg.model_dump(mode="json")
     epoch, step = 0, 0
-    best: dict[str, Any] = {"score": float("-inf"), "epoch": 0, "backbone": None, "head": None}
+    primary = task.primary()
+    best: dict[str, Any] = {"score": primary.worst, "epoch": 0, "backbone": None, "head": None}
     if has_state:
         state = load_state(out / STATE_FILE, config_dict, ignore=RESUMABLE_KEYS)
         backbone.load_state_dict(state["backbone"])
@@ -174,18 +170,16 @@ def finetune(
             if epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs:
                 val = score("val")
                 record.update({f"val_{k}": v for k, v in val.items()})
-                if val[task.primary_metric] > best["score"]:
+                if primary.better(val[primary.key], best["score"]):
                     best = {
-                        "score": val[task.primary_metric],
+                        "score": val[primary.key],
                         "epoch": epoch,
                         "backbone": copy.deepcopy(backbone.state_dict()),
                         "head": copy.deepcopy(head.state_dict()),
                     }
             logger.log(epoch, "epoch", record)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_' + task.primary_metric, 0):.3f}"
-            )
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_' + primary.key, 0):.3f}")
             state = {
                 "epoch": epoch,
                 "backbone": backbone.state_dict(),
@@ -197,7 +191,7 @@ def finetune(
             }
             if is_main():
                 save_state(out / STATE_FILE, state, config_dict)
-            if on_eval is not None and "val_" + task.primary_metric in record:
+            if on_eval is not None and "val_" + primary.key in record:
                 on_eval(epoch, {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")})
         bar.close()
         if epoch < cfg.epochs:
@@ -229,23 +223,3 @@ def finetune(
         write_summary(out, summary)
     barrier()
     return FinetuneResult(out, epoch, finished=True, best_epoch=best["epoch"], metrics=metrics)
-
-
-def evaluate_split(
-    task: DownstreamTask,
-    backbone: nn.Module,
-    head: nn.Module,
-    dataset: ImageDataset,
-    device: torch.device,
-    precision: str = "fp32",
-) -> dict[str, float]:
-    """The task's metrics on a whole split (eval mode), the same on every rank and equal to a single process's.
-
-    Classification under DDP: each rank predicts its shard (no padding), the logits are put back together in
-    dataset order and scored once. Other tasks evaluate the whole split on every rank.
-    """
-    with autocast(precision, device):
-        if world() == 1 or not isinstance(task, ClassificationTask):
-            return task.evaluate(backbone, head, dataset, device)
-        logits, targets = task.predict(backbone, head, shard_dataset(dataset), device)  # type: ignore[arg-type]
-    return classification_metrics(gather_shards(logits.float()), gather_shards(targets), task.num_classes)

@@ -197,7 +197,7 @@ def open_study(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> optuna.Stud
     study = optuna.create_study(
         storage=_storage(optuna, url, hpo.heartbeat_s),
         study_name=hpo.study_name,
-        direction="maximize",
+        direction=DOWNSTREAM_TASKS.get(cfg.downstream.task).primary().direction,
         sampler=_sampler(optuna, hpo.sampler, cfg.seed),
         pruner=_pruner(optuna, hpo.pruner, cfg.epochs),
         load_if_exists=True,
@@ -268,7 +268,7 @@ def search(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> SearchResult:
     hpo = hpo or cfg.hpo
     if hpo.trials < 1:
         raise ConfigError("hpo.trials is 0; set hpo.trials=N (N >= 1) to search")
-    metric = DOWNSTREAM_TASKS.get(cfg.downstream.task).primary_metric
+    metric = DOWNSTREAM_TASKS.get(cfg.downstream.task).primary().key
     study = open_study(cfg, hpo)
     finished = _finished_states(optuna)
     done = len(study.get_trials(deepcopy=False, states=finished))

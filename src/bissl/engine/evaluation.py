@@ -1,0 +1,26 @@
+"""A task's metrics on a whole split, the same on every rank and equal to one process's."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bissl.data.base import ImageDataset
+from bissl.dist import gather_rows, shard_dataset
+from bissl.downstream.base import DownstreamTask
+from bissl.engine.step import autocast
+
+
+def evaluate_split(
+    task: DownstreamTask,
+    backbone: nn.Module,
+    head: nn.Module,
+    dataset: ImageDataset,
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """``task.score`` of the predictions on ``dataset``: each rank predicts its strided shard (no padding), the
+    shards are put back together in dataset order and scored once (:mod:`bissl.downstream.base`)."""
+    with autocast(precision, device):
+        predictions = task.predict(backbone, head, shard_dataset(dataset), device)  # type: ignore[arg-type]
+    return task.score(gather_rows(predictions))
