@@ -31,8 +31,8 @@ from bissl.config import FinetuneConfig, PretrainConfig, load_config
 from bissl.data import build_dataset
 from bissl.data.augment import build_view_augmentation
 from bissl.downstream.base import build_task
+from bissl.engine.build import build_backbone_from_config, build_pretext_on
 from bissl.engine.sampling import BatchStream
-from bissl.stages.pretrain import build_backbone_from_config, build_pretext_from_config
 from bissl.utils.seed import make_generator
 
 PHASES = ("load", "augment", "forward", "backward", "step")
@@ -73,7 +73,7 @@ def pretext_loop(cfg: PretrainConfig, variant: Variant) -> Loop:
     info = data.info
     torch.manual_seed(cfg.seed)
     backbone, _ = build_backbone_from_config(cfg.backbone, info.channels)
-    method = build_pretext_from_config(cfg, backbone)
+    method = build_pretext_on(cfg.pretext.name, cfg.pretext.params, backbone)
     augment = build_view_augmentation(
         cfg.pretext.augmentation or method.augmentation, image_size=cfg.data.image_size, channels=info.channels,
         mean=info.mean, std=info.std, **cfg.pretext.augmentation_params,

@@ -12,28 +12,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
-
 from bissl.config import EvaluateConfig
-from bissl.data.augment import normalize
-from bissl.data.base import ImageDataset
-from bissl.dist import barrier, gather_shards, init_from_env, main_only, on_main, shard_dataset
+from bissl.dist import barrier, init_from_env, main_only, on_main
 from bissl.downstream.base import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
+from bissl.engine.frozen import frozen_features, frozen_scores
 from bissl.engine.logger import MetricLogger
 from bissl.engine.names import validate_names
 from bissl.engine.runtime import check_channels, prepare_run_dir, write_summary
-from bissl.engine.step import autocast, resolve_precision, use_channels_last
+from bissl.engine.step import resolve_precision, use_channels_last
 from bissl.eval.embedding import embed_2d, plot_embedding
-from bissl.eval.features import extract_features
-from bissl.eval.knn import knn_accuracy
-from bissl.eval.linear_probe import fit_linear_classifier
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.plotting import require_plotting
 from bissl.utils.seed import seed_everything
@@ -41,7 +32,6 @@ from bissl.utils.seed import seed_everything
 log = logging.getLogger("bissl.evaluate")
 
 EMBEDDING_FILE = "embedding.png"
-Features = tuple[Tensor, Tensor]  # (features [N, D], labels [N]) on the CPU
 
 
 @dataclass
@@ -50,64 +40,6 @@ class EvaluateResult:
     metrics: dict[str, float]  # knn_val, knn_test and, with a probe, linear_probe_val, linear_probe_test
     summary_path: Path
     embedding_path: Path | None
-
-
-def frozen_features(
-    backbone: nn.Module,
-    dataset: ImageDataset,
-    *,
-    device: torch.device,
-    batch_size: int = 512,
-    num_workers: int = 0,
-    precision: str = "fp32",
-) -> Features:
-    """Features and labels of every item of ``dataset``, in dataset order, on every rank (eval mode, dataset
-    normalisation); each rank extracts its own shard."""
-    info = dataset.info
-    loader = DataLoader(
-        shard_dataset(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )  # fmt: skip
-    with autocast(precision, device):
-        x, y = extract_features(
-            backbone, loader, normalize_fn=lambda b: normalize(b, info.mean, info.std), device=device
-        )
-    return gather_shards(x), gather_shards(y)
-
-
-def frozen_scores(
-    train: Features,
-    evals: Mapping[str, Features],
-    *,
-    knn_k: int,
-    knn_temperature: float,
-    probe_epochs: int,
-    seed: int,
-    probe_lr: float = 1e-2,
-    probe_weight_decay: float = 1e-4,
-    num_classes: int | None = None,
-) -> dict[str, float]:
-    """``knn_<split>`` for every split of ``evals`` and, with ``probe_epochs > 0``, ``linear_probe_<split>`` of
-    one probe trained on ``train``; computed on rank 0, returned on every rank."""
-
-    def compute() -> dict[str, float]:
-        train_x, train_y = train
-        scores = {
-            f"knn_{split}": knn_accuracy(train_x, train_y, x, y, k=knn_k, temperature=knn_temperature)
-            for split, (x, y) in evals.items()
-        }
-        if probe_epochs > 0:
-            classes = num_classes or int(max(int(y.max()) for _, y in (train, *evals.values()))) + 1
-            probe = fit_linear_classifier(
-                train_x, train_y, num_classes=classes, epochs=probe_epochs, lr=probe_lr,
-                weight_decay=probe_weight_decay, seed=seed,
-            )  # fmt: skip
-            with torch.no_grad():
-                for split, (x, y) in evals.items():
-                    scores[f"linear_probe_{split}"] = (probe(x.float()).argmax(dim=1) == y.long()).float().mean().item()
-        return scores
-
-    return on_main(compute)
 
 
 def evaluate(cfg: EvaluateConfig) -> EvaluateResult:

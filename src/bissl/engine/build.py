@@ -1,0 +1,72 @@
+"""Config sections -> the objects every stage builds the same way: datasets, backbones, pretext methods, view
+augmentations, optimizers with their schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from bissl.config import BackboneConfig, DataConfig, OptimConfig, PretextSection
+from bissl.data.augment import ViewPipeline, build_view_augmentation
+from bissl.data.base import DatasetInfo
+from bissl.dist import world
+from bissl.engine.checkpoint import backbone_spec
+from bissl.engine.optim import build_optimizer, cosine_with_warmup
+from bissl.models import build_backbone
+from bissl.models.weights import load_backbone_weights
+from bissl.pretext import PRETEXT_METHODS, build_pretext
+from bissl.pretext.base import PretextMethod
+
+
+def data_kwargs(cfg: DataConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`bissl.data.build_dataset` a data section sets (besides name, split, seed)."""
+    return {"root": cfg.root, "image_size": cfg.image_size, "download": cfg.download}
+
+
+def build_backbone_from_config(cfg: BackboneConfig, in_channels: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The configured backbone (optionally initialised from local weights) and its rebuild spec."""
+    backbone = build_backbone(cfg.name, in_channels=in_channels, small_images=cfg.small_images, **cfg.kwargs)
+    if cfg.weights is not None:
+        load_backbone_weights(backbone, cfg.weights)
+    return backbone, backbone_spec(cfg.name, in_channels, cfg.small_images, cfg.kwargs)
+
+
+def distributed_pretext_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` of pretext method ``name``, with ``gather_distributed`` switched on under DDP (more than one
+    process) for a method that has that setting, unless ``params`` sets it."""
+    params = dict(params)
+    if world() > 1 and "gather_distributed" in PRETEXT_METHODS.get(name).Config.model_fields:
+        params.setdefault("gather_distributed", True)
+    return params
+
+
+def build_pretext_on(name: str, params: Mapping[str, Any], backbone: nn.Module) -> PretextMethod:
+    """Pretext method ``name`` set up on ``backbone``; under DDP a method with a ``gather_distributed`` setting
+    contrasts with every rank's samples unless ``params`` says otherwise."""
+    method = build_pretext(name, backbone.feature_dim, distributed_pretext_params(name, params))
+    method.setup(backbone)
+    return method
+
+
+def view_augmentation(
+    section: PretextSection | None, method: PretextMethod, data: DataConfig, info: DatasetInfo
+) -> ViewPipeline:
+    """The pretext views: the section's augmentation (else the method's own) with its parameters, for ``data``."""
+    return build_view_augmentation(
+        (section.augmentation if section is not None else None) or method.augmentation,
+        image_size=data.image_size, channels=info.channels, mean=info.mean, std=info.std,
+        **(section.augmentation_params if section is not None else {}),
+    )  # fmt: skip
+
+
+def build_optimization(
+    cfg: OptimConfig, params: Sequence[nn.Parameter], total_steps: int, steps_per_epoch: int = 1
+) -> tuple[Optimizer, LambdaLR]:
+    """The configured optimizer over ``params`` and its cosine schedule (warm-up given in epochs)."""
+    optimizer = build_optimizer(cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return optimizer, cosine_with_warmup(optimizer, warmup, total_steps, min_lr_ratio=cfg.min_lr_ratio)
