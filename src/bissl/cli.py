@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bissl import __version__
-from bissl.utils.errors import BisslError
+from bissl.utils.errors import BisslError, RunTerminated
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 def run_pretrain(cfg: Any, args: argparse.Namespace) -> None:
     from bissl.stages.pretrain import pretrain
 
-    result = pretrain(cfg, resume=args.resume)
+    result = pretrain(cfg, resume=args.resume, overwrite=args.overwrite)
     _print_metrics(result.metrics)
     _print(f"backbone: {result.backbone_path}")
     _print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
@@ -53,7 +53,7 @@ def run_pretrain(cfg: Any, args: argparse.Namespace) -> None:
 def run_align(cfg: Any, args: argparse.Namespace) -> None:
     from bissl.stages.align import align
 
-    result = align(cfg, resume=args.resume)
+    result = align(cfg, resume=args.resume, overwrite=args.overwrite)
     _print_metrics(result.metrics)
     _print(f"aligned backbone (theta): {result.backbone_path}")
     _print(f"run folder: {result.out_dir} (metrics.csv, summary.json, tb/)")
@@ -63,7 +63,7 @@ def run_finetune(cfg: Any, args: argparse.Namespace) -> None:
     if cfg.hpo.trials == 0:
         from bissl.stages.finetune import finetune
 
-        result = finetune(cfg, resume=args.resume)
+        result = finetune(cfg, resume=args.resume, overwrite=args.overwrite)
         _print_metrics(result.metrics)
         _print(f"best epoch (validation): {result.best_epoch}")
         _print(f"run folder: {result.out_dir} (backbone.pt, downstream_head.pt, metrics.csv, summary.json)")
@@ -85,7 +85,7 @@ def run_finetune(cfg: Any, args: argparse.Namespace) -> None:
 def run_evaluate(cfg: Any, args: argparse.Namespace) -> None:
     from bissl.stages.evaluate import evaluate
 
-    result = evaluate(cfg)
+    result = evaluate(cfg, overwrite=args.overwrite)
     _print_metrics(result.metrics)
     if result.embedding_path is not None:
         _print(f"embedding: {result.embedding_path}")
@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--download", action="store_true", help="allow torchvision to download missing data")
         sub.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
         sub.add_argument(
+            "--overwrite", action="store_true", help="replace the earlier run's files in --out-dir (never others)"
+        )
+        sub.add_argument(
             "--threads", type=_positive_int, metavar="N",
             help="torch CPU threads (default: torch's, one per core); 1 where other jobs share the cores",
         )  # fmt: skip
@@ -191,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         verb.run(load_verb_config(verb, args), args)
+    except RunTerminated as exc:
+        print(f"bissl {args.verb}: {exc}", file=sys.stderr)
+        return 143
     except BisslError as exc:
         print(f"bissl {args.verb}: error: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ class DivergenceGuard:
 
     what: str = "loss"
     setting: str = "optim.lr"
+    weights: str = "weights"
     loss_factor: float = 100.0
     norm_factor: float = 100.0
     warmup: int = 10
@@ -48,12 +49,12 @@ class DivergenceGuard:
             return
         norm = math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in params))
         if not math.isfinite(norm):
-            raise NonFiniteError(f"the weights are NaN/inf after step {step}: the run diverged; lower {self.setting}")
+            raise NonFiniteError(f"the {self.weights} became NaN/inf at step {step}; lower {self.setting}")
         if self._norm0 is None:
             self._norm0 = norm
         elif norm > self.norm_factor * max(self._norm0, 1e-12):
             raise NonFiniteError(
-                f"the weights' norm after step {step} is {norm:.3g}, {norm / self._norm0:.3g}x its start "
+                f"the norm of the {self.weights} at step {step} is {norm:.3g}, {norm / self._norm0:.3g}x its start "
                 f"({self._norm0:.3g}): the run diverged; lower {self.setting}"
             )
 

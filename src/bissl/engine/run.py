@@ -47,7 +47,7 @@ from bissl.engine.runtime import (
     write_summary,
 )
 from bissl.engine.step import resolve_precision
-from bissl.utils.errors import BisslError, ConfigError
+from bissl.utils.errors import BisslError, ConfigError, RunTerminated
 from bissl.utils.io import atomic_write
 
 log = logging.getLogger("bissl.run")
@@ -75,10 +75,6 @@ RUN_FILES = frozenset(
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
-
-
-class RunTerminated(BisslError):
-    """The run received SIGTERM; its checkpoint was written."""
 
 
 class RunLocked(BisslError):

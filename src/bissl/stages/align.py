@@ -24,35 +24,25 @@ products and the solver stay fp32 (:class:`~bissl.bilevel.trainer.BiSSLTrainer`'
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
-from bissl.config import AlignConfig, OptimConfig
+from bissl.config import AlignConfig
 from bissl.data import build_dataset
-from bissl.data.augment import build_view_augmentation
-from bissl.dist import (
-    all_reduce_mean_,
-    barrier,
-    broadcast_buffers,
-    convert_sync_batchnorm,
-    init_from_env,
-    is_main,
-    main_only,
-    on_main,
-    require_in_sync,
-    world,
-)
-from bissl.downstream.base import build_task
+from bissl.data.augment import ViewPipeline
+from bissl.data.base import ImageDataset
+from bissl.dist import all_reduce_mean_, broadcast_buffers, convert_sync_batchnorm, require_in_sync, world
+from bissl.downstream.base import DownstreamTask, build_task
+from bissl.engine.build import build_optimization, build_pretext_on, data_kwargs, view_augmentation
 from bissl.engine.checkpoint import (
     BACKBONE_FILE,
     DOWNSTREAM_HEAD_FILE,
@@ -60,29 +50,18 @@ from bissl.engine.checkpoint import (
     export_backbone,
     export_head,
     load_backbone,
-    load_state,
     read_head_file,
     resolve_backbone_file,
-    save_state,
 )
 from bissl.engine.evaluation import evaluate_split
-from bissl.engine.logger import MetricLogger
-from bissl.engine.names import validate_names
-from bissl.engine.optim import build_optimizer, cosine_with_warmup
-from bissl.engine.runtime import (
-    RESUMABLE_KEYS,
-    STATE_FILE,
-    check_batch_size,
-    check_channels,
-    prepare_run_dir,
-    write_summary,
-)
+from bissl.engine.guard import DivergenceGuard
+from bissl.engine.head_warmup import warm_up_head
+from bissl.engine.run import Run
+from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream
-from bissl.engine.step import BatchPlan, autocast, resolve_precision
-from bissl.pretext import build_pretext
-from bissl.stages.head_warmup import warm_up_head
-from bissl.stages.pretrain import distributed_pretext_params
-from bissl.utils.errors import ConfigError
+from bissl.engine.step import BatchPlan, autocast
+from bissl.pretext.base import PretextMethod
+from bissl.utils.errors import ConfigError, NonFiniteError
 from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.align")
@@ -99,37 +78,292 @@ class AlignResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _optimizer_factory(cfg: OptimConfig) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
-    return lambda params: build_optimizer(
-        cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
-    )
-
-
-def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = None) -> AlignResult:
+def align(
+    cfg: AlignConfig, *, resume: bool = False, overwrite: bool = False, until_cycle: int | None = None
+) -> AlignResult:
     """Run (or continue) the BiSSL stage; stop after ``until_cycle`` cycles if given (resumable)."""
-    start_time = time.perf_counter()
-    validate_names(cfg)
-    device = init_from_env(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     b = cfg.bilevel
     if world() > 1 and b.solver.hvp == "func":
         raise ConfigError(
             "bilevel.solver.hvp=func cannot run the cross-rank collectives of a torchrun run inside torch.func "
             "transforms; remove bilevel.solver.hvp (double_backward) or run align as a single process"
         )
-    out, has_state = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=resume))
+    with Run.start("align", cfg, resume=resume, overwrite=overwrite) as run:
+        setup = _set_up(cfg, run)
+        trainer, task, splits = setup.trainer, setup.task, setup.splits
+        saved = run.resume(trainer=trainer)
+        cycle = int(saved.get("cycle", 0))
+        setup.lower_stream.position = int(saved.get("lower_position", 0))
+        setup.upper_stream.position = int(saved.get("upper_position", 0))
+        setup.lower_plan.check_resumed(saved.get("augment_shards", setup.lower_plan.augment_shards))
+        require_in_sync(
+            nn.ModuleList([trainer.lower_backbone, trainer.upper_backbone, trainer.pretext, trainer.head]),
+            "theta, phi or the heads",
+        )
 
+        def score(model: nn.Module, split: str) -> dict[str, float]:
+            return evaluate_split(task, model, trainer.head, splits[split], run.device, run.precision)
+
+        if not run.has_state:
+            warm_loss = setup.warm_up_head()
+            run.log(
+                0,
+                "head_warmup",
+                {"loss": warm_loss, **{f"val_{k}": v for k, v in score(trainer.lower_backbone, "val").items()}},
+            )
+            run.checkpoint(log_step=0, **setup.counters(0))
+        lower_guard = DivergenceGuard("lower-level loss", "lower.optim.lr", "lower-level weights (theta)")
+        upper_guard = DivergenceGuard("upper-level loss", "upper.optim.lr", "upper-level weights (phi)")
+        bar = run.progress(b.cycles, cycle, "cycle")
+        while cycle < min(b.cycles, until_cycle or b.cycles):
+            sums: dict[str, float] = defaultdict(float)
+            for _ in range(b.n_lower):
+                stats = trainer.lower_step(
+                    setup.pretext_views("lower_views", trainer.lower_steps), b.cycles * b.n_lower
+                )
+                lower_guard.check(trainer.lower_steps, stats["pretext_loss"], trainer.theta)
+                for key, value in stats.items():
+                    sums[f"lower/{key}"] += value / b.n_lower
+            if b.n_upper > 0:
+                trainer.begin_cycle(setup.pretext_views("hessian_views", cycle))  # one pretext batch fixes H
+            for _ in range(b.n_upper):
+                with _naming_the_step(cycle, trainer.upper_steps):
+                    stats = trainer.upper_step(setup.upper_batch(trainer.upper_steps))
+                upper_guard.check(trainer.upper_steps, stats["loss_theta"] + stats["loss_phi"], trainer.phi)
+                for key, value in stats.items():
+                    sums[f"upper/{key}"] += value / b.n_upper
+            trainer.end_cycle()
+            cycle += 1
+            bar.update(1)
+            bar.set_postfix(lower=f"{sums['lower/pretext_loss']:.3f}", upper=f"{sums.get('upper/loss_theta', 0):.3f}")
+            if cycle % cfg.log.every_steps == 0 or cycle == b.cycles:
+                lrs = {
+                    "lower/lr": trainer.lower_optimizer.param_groups[0]["lr"],
+                    "upper/lr": trainer.upper_optimizer.param_groups[0]["lr"],
+                }
+                run.log(cycle, "cycle", {**sums, **lrs})
+            due = cycle % cfg.checkpoint_every_cycles == 0 or cycle == b.cycles or cycle == until_cycle
+            run.checkpoint(due=due, log_step=cycle, **setup.counters(cycle))
+        bar.close()
+        if cycle < b.cycles:
+            return AlignResult(run.out, None, cycle, finished=False)
+        metrics = {
+            f"{name}_{split}_{k}": v
+            for name, model in (("theta", trainer.lower_backbone), ("phi", trainer.upper_backbone))
+            for split in ("val", "test")
+            for k, v in score(model, split).items()
+        }
+        run.log(cycle, "final", metrics)
+        run.finish(
+            {
+                "cycles": cycle,
+                "processes": world(),
+                "metrics": metrics,
+                "backbone": str(run.out / BACKBONE_FILE),
+                "pretrained": str(setup.backbone_path),
+            },
+            setup.exports(cfg),
+        )
+    return AlignResult(run.out, run.out / BACKBONE_FILE, cycle, finished=True, metrics=metrics)
+
+
+@contextlib.contextmanager
+def _naming_the_step(cycle: int, upper_step: int) -> Iterator[None]:
+    """A NaN/inf inside an upper step (a Hessian-vector product, the solve) names the cycle, step and settings."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        raise NonFiniteError(
+            f"{exc} (BiSSL cycle {cycle}, upper step {upper_step}: lower upper.optim.lr or lower.optim.lr, "
+            "or raise bilevel.damping)"
+        ) from None
+
+
+@dataclass
+class AlignSetup:
+    """Everything the BiSSL loop runs on, built from the config: the trainer (theta, phi, psi, omega and their
+    optimizers), the task and its splits, the seeded lower/upper batch streams and how their views are drawn."""
+
+    cfg: AlignConfig
+    run: Run
+    trainer: BiSSLTrainer
+    task: DownstreamTask
+    splits: dict[str, ImageDataset]
+    lower_stream: BatchStream
+    upper_stream: BatchStream
+    lower_plan: BatchPlan
+    upper_plan: BatchPlan
+    augment: ViewPipeline
+    backbone_path: Path
+    spec: dict[str, Any]
+    pretext_file: dict[str, Any]
+
+    def pretext_views(self, tag: str, counter: int) -> list[torch.Tensor]:
+        """The views of the next lower (pretext) batch, drawn by ``(seed, tag, counter)``."""
+        images = next(self.lower_stream)[0].to(self.run.device)
+        return self.lower_plan.augment(self.augment, images, self.lower_plan.rank, self.cfg.seed, tag, counter)
+
+    def upper_batch(self, counter: int) -> Any:
+        """The next prepared downstream batch (the task's seeded training augmentation)."""
+        return self.upper_plan.augment(
+            self._prepare, next(self.upper_stream), self.upper_plan.rank, self.cfg.seed, "upper_views", counter
+        )
+
+    def _prepare(self, rows: Any, generator: torch.Generator) -> Any:
+        return self.task.prepare(rows, self.run.device, generator)
+
+    def warm_up_head(self) -> float:
+        """BiSSL's first step: the downstream head trained on the frozen pretrained backbone."""
+        b, ranks = self.cfg.bilevel, {"rank": self.upper_plan.rank, "world_size": self.upper_plan.world_size}
+        stream = BatchStream(
+            self.splits["train"], self.cfg.upper.batch_size, seed=derive_seed(self.cfg.seed, "warmup"), **ranks
+        )
+        return warm_up_head(
+            self.task,
+            self.trainer.lower_backbone,
+            self.trainer.head,
+            stream,
+            steps=b.head_warmup_epochs * stream.per_epoch,
+            lr=b.head_warmup_lr,
+            device=self.run.device,
+            seed=self.cfg.seed,
+            plan=self.upper_plan,
+            precision=self.run.precision,
+        )
+
+    def counters(self, cycle: int) -> dict[str, int]:
+        """What a checkpoint holds besides the trainer: the cycle and the streams' positions."""
+        return {
+            "cycle": cycle,
+            "lower_position": self.lower_stream.position,
+            "upper_position": self.upper_stream.position,
+            "augment_shards": self.lower_plan.augment_shards,
+        }
+
+    def exports(self, cfg: AlignConfig) -> list[Callable[[Path], None]]:
+        """theta as ``backbone.pt`` (what fine-tuning starts from), phi, and both heads."""
+        t, f = self.trainer, self.pretext_file
+        return [
+            lambda out: export_backbone(out / BACKBONE_FILE, t.lower_backbone, self.spec),
+            lambda out: export_backbone(out / UPPER_BACKBONE_FILE, t.upper_backbone, self.spec),
+            lambda out: export_head(
+                out / PRETEXT_HEAD_FILE, t.pretext, kind="pretext", name=f["name"], params=f["params"]
+            ),
+            lambda out: export_head(
+                out / DOWNSTREAM_HEAD_FILE,
+                t.head,
+                kind="downstream",
+                name=cfg.downstream.task,
+                params=cfg.downstream.model_dump(mode="json"),
+            ),
+        ]
+
+
+def _set_up(cfg: AlignConfig, run: Run) -> AlignSetup:
+    """Load the pretrained backbone and pretext heads, build the task, the streams and the trainer."""
     backbone_path = resolve_backbone_file(cfg.pretrained)
-    head_path = backbone_path.parent / PRETEXT_HEAD_FILE
     seed_everything(cfg.seed)
     backbone, spec = load_backbone(backbone_path)
-    head_file = read_head_file(head_path, "pretext")
+    pretext_file = read_head_file(backbone_path.parent / PRETEXT_HEAD_FILE, "pretext")
+    pretext = build_pretext_on(pretext_file["name"], _pretext_params(cfg, pretext_file, backbone_path), backbone)
+    pretext.load_state_dict(pretext_file["state_dict"])
+    backbone.to(run.device)
+    pretext.to(run.device)
+    pretext_set = build_dataset(
+        cfg.pretext_data.name, "train", seed=cfg.pretext_data.seed, **data_kwargs(cfg.pretext_data)
+    )
+    check_batch_size(len(pretext_set), cfg.lower.batch_size, cfg.pretext_data.name, "lower.batch_size")
+    check_channels(pretext_set.info.channels, spec["in_channels"], cfg.pretext_data.name)
+    task, splits = build_task(cfg.downstream)
+    check_batch_size(len(splits["train"]), cfg.upper.batch_size, cfg.downstream.data.name, "upper.batch_size")
+    check_channels(splits["train"].info.channels, spec["in_channels"], cfg.downstream.data.name)
+    plans = [
+        BatchPlan.create(
+            level.batch_size,
+            accumulation=1,
+            augment_shards=cfg.distributed.augment_shards,
+            batch_key=f"{name}.batch_size",
+        )
+        for name, level in (("lower", cfg.lower), ("upper", cfg.upper))
+    ]
+    seed_everything(derive_seed(cfg.seed, "head"))
+    head = task.build_head(backbone.feature_dim).to(run.device)
+    trainer = _trainer(cfg, run, backbone, pretext, task, head)
+    pin, ranks = run.device.type == "cuda", {"rank": plans[0].rank, "world_size": plans[0].world_size}
+    streams = [
+        BatchStream(
+            data, level.batch_size, seed=derive_seed(cfg.seed, name), pin_memory=pin, num_workers=workers, **ranks
+        )
+        for name, data, level, workers in (
+            ("lower", pretext_set, cfg.lower, cfg.pretext_data.num_workers),
+            ("upper", splits["train"], cfg.upper, cfg.downstream.data.num_workers),
+        )
+    ]
+    augment = view_augmentation(cfg.pretext, pretext, cfg.pretext_data, pretext_set.info)
+    return AlignSetup(cfg, run, trainer, task, splits, *streams, *plans, augment, backbone_path, spec, pretext_file)
+
+
+def _trainer(
+    cfg: AlignConfig, run: Run, backbone: nn.Module, pretext: PretextMethod, task: DownstreamTask, head: nn.Module
+) -> BiSSLTrainer:
+    """The BiSSL trainer with its optimizers and cosine schedules; under torchrun, averaging over ranks."""
+    b, sync = cfg.bilevel, None
+    if world() > 1:
+        if cfg.distributed.sync_batchnorm:  # before the trainer copies theta into phi
+            convert_sync_batchnorm(nn.ModuleList([backbone, pretext, head]), run.device)
+        sync = RankSync(all_reduce_mean_, None if cfg.distributed.sync_batchnorm else broadcast_buffers)
+    settings = BilevelSettings(
+        n_lower=b.n_lower,
+        n_upper=b.n_upper,
+        lam=b.lam,
+        damping=b.damping,
+        gamma=b.gamma,
+        solver=b.solver.name,
+        solver_iters=b.solver.iters,
+        solver_tol=b.solver.tol,
+        hvp=b.solver.hvp,
+        warm_start=b.solver.warm_start,
+        hessian_fraction=b.solver.hessian_fraction,
+        mfac_window=b.solver.mfac_window,
+        mfac_block_size=b.solver.mfac_block_size,
+        recycle_vectors=b.solver.recycle_vectors,
+        lower_grad_clip=b.lower_grad_clip,
+        upper_grad_clip=b.upper_grad_clip,
+    )
+    schedules = {}
+
+    def optimizer(level: str, steps: int) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+        def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            schedules[level] = build_optimization(getattr(cfg, level).optim, params, b.cycles * steps)
+            return schedules[level][0]
+
+        return make
+
+    trainer = BiSSLTrainer(
+        backbone=backbone,
+        pretext=pretext,
+        task=task,
+        head=head,
+        settings=settings,
+        make_lower_optimizer=optimizer("lower", b.n_lower),
+        make_upper_optimizer=optimizer("upper", b.n_upper),
+        sync=sync,
+        forward_context=lambda: autocast(run.precision, run.device),
+    )
+    trainer.lower_scheduler, trainer.upper_scheduler = schedules["lower"][1], schedules["upper"][1]
+    return trainer
+
+
+def _pretext_params(cfg: AlignConfig, head_file: dict[str, Any], backbone_path: Path) -> dict[str, Any]:
+    """The pretext parameters the pretrained heads were trained with (``pretext`` in the config may only repeat
+    them, or set ``gather_distributed``)."""
+    head_path = backbone_path.parent / PRETEXT_HEAD_FILE
     if cfg.pretext is not None and cfg.pretext.name.lower() != str(head_file["name"]).lower():
         raise ConfigError(
             f"pretext.name={cfg.pretext.name!r} but {head_path} holds {head_file['name']!r} heads; "
             "remove pretext.name or point pretrained at a matching run"
         )
-    params = distributed_pretext_params(head_file["name"], head_file["params"])
+    params = dict(head_file["params"])
     if cfg.pretext is not None and cfg.pretext.params:
         if _without_gather(cfg.pretext.params) != _without_gather(head_file["params"]):
             raise ConfigError(
@@ -138,179 +372,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
                 "gather_distributed may be set here)"
             )
         params.update(cfg.pretext.params)
-    pretext = build_pretext(head_file["name"], backbone.feature_dim, params)
-    pretext.setup(backbone)
-    pretext.load_state_dict(head_file["state_dict"])
-    backbone.to(device)
-    pretext.to(device)
-
-    pretext_set = build_dataset(
-        cfg.pretext_data.name, "train", root=cfg.pretext_data.root, image_size=cfg.pretext_data.image_size,
-        download=cfg.pretext_data.download, seed=cfg.pretext_data.seed,
-    )  # fmt: skip
-    check_batch_size(len(pretext_set), cfg.lower.batch_size, cfg.pretext_data.name, "lower.batch_size")
-    check_channels(pretext_set.info.channels, spec["in_channels"], cfg.pretext_data.name)
-    task, splits = build_task(cfg.downstream)
-    check_batch_size(len(splits["train"]), cfg.upper.batch_size, cfg.downstream.data.name, "upper.batch_size")
-    shards = cfg.distributed.augment_shards
-    lower_plan = BatchPlan.create(
-        cfg.lower.batch_size, accumulation=1, augment_shards=shards, batch_key="lower.batch_size"
-    )
-    upper_plan = BatchPlan.create(
-        cfg.upper.batch_size, accumulation=1, augment_shards=shards, batch_key="upper.batch_size"
-    )
-    check_channels(splits["train"].info.channels, spec["in_channels"], cfg.downstream.data.name)
-    info = pretext_set.info
-    augmentation = cfg.pretext.augmentation if cfg.pretext is not None else None
-    augment = build_view_augmentation(
-        augmentation or pretext.augmentation, image_size=cfg.pretext_data.image_size, channels=info.channels,
-        mean=info.mean, std=info.std, **(cfg.pretext.augmentation_params if cfg.pretext is not None else {}),
-    )  # fmt: skip
-
-    seed_everything(derive_seed(cfg.seed, "head"))
-    head = task.build_head(backbone.feature_dim).to(device)
-    sync = None
-    if world() > 1:
-        if cfg.distributed.sync_batchnorm:  # before the trainer copies theta into phi
-            convert_sync_batchnorm(nn.ModuleList([backbone, pretext, head]), device)
-        sync = RankSync(all_reduce_mean_, None if cfg.distributed.sync_batchnorm else broadcast_buffers)
-    settings = BilevelSettings(
-        n_lower=b.n_lower, n_upper=b.n_upper, lam=b.lam, damping=b.damping, gamma=b.gamma, solver=b.solver.name,
-        solver_iters=b.solver.iters, solver_tol=b.solver.tol, hvp=b.solver.hvp, warm_start=b.solver.warm_start,
-        hessian_fraction=b.solver.hessian_fraction, mfac_window=b.solver.mfac_window,
-        mfac_block_size=b.solver.mfac_block_size, recycle_vectors=b.solver.recycle_vectors,
-        lower_grad_clip=b.lower_grad_clip, upper_grad_clip=b.upper_grad_clip,
-    )  # fmt: skip
-    trainer = BiSSLTrainer(
-        backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,
-        make_lower_optimizer=_optimizer_factory(cfg.lower.optim),
-        make_upper_optimizer=_optimizer_factory(cfg.upper.optim), sync=sync,
-        forward_context=lambda: autocast(precision, device),
-    )  # fmt: skip
-    total_lower, total_upper = b.cycles * b.n_lower, b.cycles * b.n_upper
-    trainer.lower_scheduler = cosine_with_warmup(
-        trainer.lower_optimizer, 0, total_lower, min_lr_ratio=cfg.lower.optim.min_lr_ratio
-    )
-    trainer.upper_scheduler = cosine_with_warmup(
-        trainer.upper_optimizer, 0, total_upper, min_lr_ratio=cfg.upper.optim.min_lr_ratio
-    )
-
-    pin = device.type == "cuda"
-    ranks = {"rank": lower_plan.rank, "world_size": lower_plan.world_size}
-    lower_stream = BatchStream(
-        pretext_set, cfg.lower.batch_size, seed=derive_seed(cfg.seed, "lower"), pin_memory=pin,
-        num_workers=cfg.pretext_data.num_workers, **ranks,
-    )  # fmt: skip
-    upper_stream = BatchStream(
-        splits["train"], cfg.upper.batch_size, seed=derive_seed(cfg.seed, "upper"), pin_memory=pin,
-        num_workers=cfg.downstream.data.num_workers, **ranks,
-    )  # fmt: skip
-    config_dict = cfg.model_dump(mode="json")
-    cycle = 0
-    if has_state:
-        state = load_state(out / STATE_FILE, config_dict, ignore=RESUMABLE_KEYS)
-        trainer.load_state_dict(state["trainer"])
-        lower_stream.position, upper_stream.position = state["lower_position"], state["upper_position"]
-        cycle = int(state["cycle"])
-        lower_plan.check_resumed(state.get("augment_shards", 1))
-        log.info("resumed %s at cycle %d/%d", out, cycle, b.cycles)
-    require_in_sync(nn.ModuleList([backbone, trainer.upper_backbone, pretext, head]), "theta, phi or the heads")
-    logger = main_only(
-        lambda: MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=cycle if has_state else None)
-    )
-
-    def checkpoint() -> None:
-        if not is_main():
-            return
-        save_state(
-            out / STATE_FILE,
-            {
-                "cycle": cycle,
-                "trainer": trainer.state_dict(),
-                "lower_position": lower_stream.position,
-                "upper_position": upper_stream.position,
-                "augment_shards": lower_plan.augment_shards,
-            },
-            config_dict,
-        )
-
-    def prepare(rows: Any, generator: torch.Generator) -> Any:
-        return task.prepare(rows, device, generator)
-
-    def pretext_views(tag: str, counter: int) -> list[torch.Tensor]:
-        images, _ = next(lower_stream)
-        return lower_plan.augment(augment, images.to(device), lower_plan.rank, cfg.seed, tag, counter)
-
-    if not has_state:
-        warm_stream = BatchStream(splits["train"], cfg.upper.batch_size, seed=derive_seed(cfg.seed, "warmup"), **ranks)
-        warm_loss = warm_up_head(
-            task, backbone, head, warm_stream, steps=b.head_warmup_epochs * warm_stream.per_epoch,
-            lr=b.head_warmup_lr, device=device, seed=cfg.seed, plan=upper_plan, precision=precision,
-        )  # fmt: skip
-        val = evaluate_split(task, backbone, head, splits["val"], device, precision)
-        logger.log(0, "head_warmup", {"loss": warm_loss, **{f"val_{k}": v for k, v in val.items()}})
-        checkpoint()
-
-    stop = b.cycles if until_cycle is None else min(b.cycles, until_cycle)
-    show = cfg.log.progress and is_main()
-    bar = tqdm(total=b.cycles, initial=cycle, desc="align", unit="cycle", disable=not show)
-    while cycle < stop:
-        sums: dict[str, float] = defaultdict(float)
-        for _ in range(b.n_lower):
-            views = pretext_views("lower_views", trainer.lower_steps)
-            for key, value in trainer.lower_step(views, total_lower).items():
-                sums[f"lower/{key}"] += value / b.n_lower
-        trainer.begin_cycle(pretext_views("hessian_views", cycle))  # one pretext batch fixes H for the cycle
-        for _ in range(b.n_upper):
-            rows = next(upper_stream)
-            batch = upper_plan.augment(prepare, rows, upper_plan.rank, cfg.seed, "upper_views", trainer.upper_steps)
-            for key, value in trainer.upper_step(batch).items():
-                sums[f"upper/{key}"] += value / b.n_upper
-        trainer.end_cycle()
-        cycle += 1
-        bar.update(1)
-        bar.set_postfix(lower=f"{sums['lower/pretext_loss']:.3f}", upper=f"{sums['upper/loss_theta']:.3f}")
-        if cycle % cfg.log.every_steps == 0 or cycle == stop:
-            sums["lower/lr"] = trainer.lower_optimizer.param_groups[0]["lr"]
-            sums["upper/lr"] = trainer.upper_optimizer.param_groups[0]["lr"]
-            logger.log(cycle, "cycle", dict(sums))
-        if cycle % cfg.checkpoint_every_cycles == 0 or cycle == stop:
-            checkpoint()
-    bar.close()
-    if cycle < b.cycles:
-        logger.close()
-        barrier()
-        return AlignResult(out, None, cycle, finished=False)
-
-    if is_main():
-        export_backbone(out / BACKBONE_FILE, backbone, spec)
-        export_backbone(out / UPPER_BACKBONE_FILE, trainer.upper_backbone, spec)
-        export_head(
-            out / PRETEXT_HEAD_FILE, pretext, kind="pretext", name=head_file["name"], params=head_file["params"]
-        )
-        export_head(
-            out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
-            params=cfg.downstream.model_dump(mode="json"),
-        )  # fmt: skip
-    metrics: dict[str, float] = {}
-    for name, model in (("theta", backbone), ("phi", trainer.upper_backbone)):
-        for split in ("val", "test"):
-            for key, value in evaluate_split(task, model, head, splits[split], device, precision).items():
-                metrics[f"{name}_{split}_{key}"] = value
-    logger.log(cycle, "final", metrics)
-    logger.close()
-    summary = {
-        "stage": "align",
-        "cycles": cycle,
-        "processes": world(),
-        "wall_time_s": time.perf_counter() - start_time,
-        "metrics": metrics,
-        "backbone": str(out / BACKBONE_FILE),
-        "pretrained": str(backbone_path),
-    }
-    on_main(lambda: write_summary(out, summary))
-    barrier()
-    return AlignResult(out, out / BACKBONE_FILE, cycle, finished=True, metrics=metrics)
+    return params
 
 
 def _without_gather(params: dict[str, Any]) -> dict[str, Any]:

@@ -11,19 +11,18 @@ together in dataset order (no padded duplicates), and rank 0 scores them: the nu
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bissl.config import EvaluateConfig
-from bissl.dist import barrier, init_from_env, main_only, on_main
+from bissl.dist import on_main
 from bissl.downstream.base import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
-from bissl.engine.frozen import frozen_features, frozen_scores
-from bissl.engine.logger import MetricLogger
-from bissl.engine.names import validate_names
-from bissl.engine.runtime import check_channels, prepare_run_dir, write_summary
-from bissl.engine.step import resolve_precision, use_channels_last
+from bissl.engine.frozen import Features, frozen_features, frozen_scores
+from bissl.engine.run import Run
+from bissl.engine.runtime import check_channels
+from bissl.engine.step import use_channels_last
 from bissl.eval.embedding import embed_2d, plot_embedding
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.plotting import require_plotting
@@ -42,11 +41,9 @@ class EvaluateResult:
     embedding_path: Path | None
 
 
-def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
+def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
     """Score the frozen backbone ``cfg.backbone`` on ``cfg.downstream``; writes ``summary.json``,
     ``metrics.jsonl|csv`` and (with ``cfg.embedding``) ``embedding.png`` under ``cfg.out_dir``."""
-    start_time = time.perf_counter()
-    validate_names(cfg)
     backbone_file = resolve_backbone_file(cfg.backbone)
     if not backbone_file.is_file():
         raise CheckpointError(
@@ -55,76 +52,47 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
         )
     if cfg.embedding:
         require_plotting()
-    device = init_from_env(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    seed_everything(cfg.seed)
-    backbone, spec = load_backbone(backbone_file)
-    splits = DOWNSTREAM_TASKS.get(cfg.downstream.task).splits(cfg.downstream)
-    data = cfg.downstream.data
-    info = splits["train"].info
-    if info.multi_label:
-        raise ConfigError(
-            f"downstream.data.name={data.name!r} is multi-label; evaluate needs single-label classes, choose another"
-        )
-    check_channels(info.channels, spec["in_channels"], data.name)
-    out, _ = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=False))
+    with Run.start("evaluate", cfg, overwrite=overwrite) as run:
+        seed_everything(cfg.seed)
+        backbone, spec = load_backbone(backbone_file)
+        splits = DOWNSTREAM_TASKS.get(cfg.downstream.task).splits(cfg.downstream)
+        data, info = cfg.downstream.data, splits["train"].info
+        if info.num_classes == 0:
+            raise ConfigError(f"downstream.data.name={data.name!r} has no labels; choose a labelled dataset")
+        if info.multi_label:
+            raise ConfigError(
+                f"downstream.data.name={data.name!r} is multi-label; evaluate needs single-label classes, choose another"
+            )
+        check_channels(info.channels, spec["in_channels"], data.name)
+        use_channels_last(backbone.to(run.device), cfg.channels_last)
+        features = {
+            split: frozen_features(backbone, dataset, device=run.device, batch_size=data.batch_size,
+                                   num_workers=data.num_workers, precision=run.precision)
+            for split, dataset in splits.items()
+        }  # fmt: skip
+        metrics = frozen_scores(
+            features["train"], {split: features[split] for split in ("val", "test")}, knn_k=cfg.knn_k,
+            knn_temperature=cfg.knn_temperature, probe_epochs=cfg.linear_probe_epochs, seed=cfg.seed,
+            probe_lr=cfg.linear_probe_lr, probe_weight_decay=cfg.linear_probe_weight_decay,
+            num_classes=info.num_classes,
+        )  # fmt: skip
+        log.info("frozen %s features (dim %d): %s", data.name, features["train"][0].shape[1], metrics)
+        run.log(0, "evaluate", metrics)
+        embedding_path = on_main(lambda: _plot(cfg, run.out, features["test"], backbone_file, info.classes))
+        summary_path = run.finish(
+            {"metrics": metrics, "backbone": str(backbone_file), "feature_dim": int(features["train"][0].shape[1]),
+             "num_samples": {split: len(x) for split, (x, _) in features.items()},
+             "embedding": str(embedding_path) if embedding_path else None}
+        )  # fmt: skip
+    return EvaluateResult(run.out, metrics, summary_path, embedding_path)
 
-    backbone.to(device)
-    use_channels_last(backbone, cfg.channels_last)
-    extract = {"device": device, "batch_size": data.batch_size, "num_workers": data.num_workers, "precision": precision}
-    features = {split: frozen_features(backbone, dataset, **extract) for split, dataset in splits.items()}
-    train_x, _ = features["train"]
-    log.info(
-        "features of %s (dim %d): %s",
-        data.name,
-        train_x.shape[1],
-        ", ".join(f"{split} {len(x)}" for split, (x, _) in features.items()),
-    )
 
-    metrics = frozen_scores(
-        features["train"], {split: features[split] for split in ("val", "test")}, knn_k=cfg.knn_k,
-        knn_temperature=cfg.knn_temperature, probe_epochs=cfg.linear_probe_epochs, seed=cfg.seed,
-        probe_lr=cfg.linear_probe_lr, probe_weight_decay=cfg.linear_probe_weight_decay, num_classes=info.num_classes,
-    )  # fmt: skip
-    log.info("kNN (k=%d) top-1: val %.4f, test %.4f", cfg.knn_k, metrics["knn_val"], metrics["knn_test"])
-    if cfg.linear_probe_epochs > 0:
-        log.info(
-            "linear probe (%d epochs) top-1: val %.4f, test %.4f",
-            cfg.linear_probe_epochs,
-            metrics["linear_probe_val"],
-            metrics["linear_probe_test"],
-        )
-
-    logger = main_only(lambda: MetricLogger(out, tensorboard=cfg.log.tensorboard))
-    logger.log(0, "evaluate", metrics)
-    logger.close()
-
-    def plot() -> Path | None:
-        (out / EMBEDDING_FILE).unlink(missing_ok=True)  # never leave a plot of an earlier run beside these numbers
-        if not cfg.embedding:
-            return None
-        test_x, test_y = features["test"]
-        points, labels = embed_2d(test_x, test_y, seed=cfg.seed, max_points=cfg.embedding_max_points)
-        path = plot_embedding(
-            points,
-            labels,
-            out / EMBEDDING_FILE,
-            title=f"t-SNE of {data.name} test features ({len(points)} points)\n{backbone_file}",
-            class_names=info.classes,
-        )
-        log.info("embedding of %d test images: %s", len(points), path)
-        return path
-
-    embedding_path = on_main(plot)
-    summary = {
-        "stage": "evaluate",
-        "wall_time_s": time.perf_counter() - start_time,
-        "metrics": metrics,
-        "backbone": str(backbone_file),
-        "feature_dim": int(train_x.shape[1]),
-        "num_samples": {split: len(x) for split, (x, _) in features.items()},
-        "embedding": str(embedding_path) if embedding_path else None,
-    }
-    summary_path = on_main(lambda: write_summary(out, summary))
-    barrier()
-    return EvaluateResult(out, metrics, summary_path, embedding_path)
+def _plot(cfg: EvaluateConfig, out: Path, test: Features, backbone_file: Path, classes: Any) -> Path | None:
+    """``embedding.png``: a t-SNE of the test features coloured by class (with ``cfg.embedding``)."""
+    if not cfg.embedding:
+        return None
+    points, labels = embed_2d(*test, seed=cfg.seed, max_points=cfg.embedding_max_points)
+    title = f"t-SNE of {cfg.downstream.data.name} test features ({len(points)} points)\n{backbone_file}"
+    path = plot_embedding(points, labels, out / EMBEDDING_FILE, title=title, class_names=classes)
+    log.info("embedding of %d test images: %s", len(points), path)
+    return path

@@ -14,52 +14,32 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from bissl.config import FinetuneConfig
-from bissl.dist import (
-    barrier,
-    init_from_env,
-    is_main,
-    main_only,
-    on_main,
-    require_in_sync,
-    world,
-    wrap_ddp,
-)
+from bissl.dist import require_in_sync, world, wrap_ddp
 from bissl.downstream.base import build_task
+from bissl.engine.build import build_optimization
 from bissl.engine.checkpoint import (
     BACKBONE_FILE,
     DOWNSTREAM_HEAD_FILE,
     export_backbone,
     export_head,
     load_backbone,
-    load_state,
     resolve_backbone_file,
-    save_state,
 )
 from bissl.engine.evaluation import evaluate_split
-from bissl.engine.logger import MetricLogger
-from bissl.engine.names import validate_names
-from bissl.engine.optim import build_optimizer, cosine_with_warmup
-from bissl.engine.runtime import (
-    RESUMABLE_KEYS,
-    STATE_FILE,
-    check_batch_size,
-    check_channels,
-    prepare_run_dir,
-    write_summary,
-)
+from bissl.engine.guard import DivergenceGuard
+from bissl.engine.run import Run
+from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream, steps_per_epoch
-from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, resolve_precision, use_channels_last
-from bissl.utils.numerics import clip_gradients, require_finite
+from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, use_channels_last
+from bissl.utils.numerics import clip_gradients
 from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.finetune")
@@ -78,6 +58,7 @@ def finetune(
     cfg: FinetuneConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     until_epoch: int | None = None,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FinetuneResult:
@@ -86,140 +67,84 @@ def finetune(
     ``on_eval(epoch, val_metrics)`` is called after every validation (hyper-parameter search uses it to
     report and prune); an exception it raises stops the run after that epoch's checkpoint is written.
     """
-    start_time = time.perf_counter()
-    validate_names(cfg)
-    device = init_from_env(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    out, has_state = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=resume))
-    seed_everything(cfg.seed)
-    backbone, spec = load_backbone(resolve_backbone_file(cfg.backbone))
-    task, splits = build_task(cfg.downstream)
-    train_set = splits["train"]
-    check_batch_size(len(train_set), cfg.batch_size, cfg.downstream.data.name, "batch_size")
-    plan = BatchPlan.create(
-        cfg.batch_size, accumulation=cfg.grad_accumulation, augment_shards=cfg.distributed.augment_shards,
-        batch_key="batch_size",
-    )  # fmt: skip
-    check_channels(train_set.info.channels, spec["in_channels"], cfg.downstream.data.name)
-    seed_everything(derive_seed(cfg.seed, "head"))
-    head = task.build_head(backbone.feature_dim)
-    backbone.to(device)
-    head.to(device)
-    use_channels_last(backbone, cfg.channels_last)
-    objective = Objective(lambda batch: task.loss(backbone, head, batch), backbone=backbone, head=head)
-    model = wrap_ddp(objective, device, sync_batchnorm=cfg.distributed.sync_batchnorm)
-    params = [*backbone.parameters(), *head.parameters()]
-    o = cfg.optim
-    optimizer = build_optimizer(o.name, params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
-    per_epoch = steps_per_epoch(len(train_set), cfg.batch_size)
-    total = cfg.epochs * per_epoch
-    scheduler = cosine_with_warmup(optimizer, round(o.warmup_epochs * per_epoch), total, min_lr_ratio=o.min_lr_ratio)
-    stream = BatchStream(
-        train_set, cfg.batch_size, seed=derive_seed(cfg.seed, "finetune"), num_workers=cfg.downstream.data.num_workers,
-        pin_memory=device.type == "cuda", rank=plan.rank, world_size=plan.world_size,
-    )  # fmt: skip
+    with Run.start("finetune", cfg, resume=resume, overwrite=overwrite) as run:
+        seed_everything(cfg.seed)
+        backbone, spec = load_backbone(resolve_backbone_file(cfg.backbone))
+        task, splits = build_task(cfg.downstream)
+        check_batch_size(len(splits["train"]), cfg.batch_size, cfg.downstream.data.name, "batch_size")
+        plan = BatchPlan.create(
+            cfg.batch_size, accumulation=cfg.grad_accumulation, augment_shards=cfg.distributed.augment_shards,
+            batch_key="batch_size",
+        )  # fmt: skip
+        check_channels(splits["train"].info.channels, spec["in_channels"], cfg.downstream.data.name)
+        seed_everything(derive_seed(cfg.seed, "head"))
+        head = task.build_head(backbone.feature_dim).to(run.device)
+        use_channels_last(backbone.to(run.device), cfg.channels_last)
+        objective = Objective(lambda batch: task.loss(backbone, head, batch), backbone=backbone, head=head)
+        model = wrap_ddp(objective, run.device, sync_batchnorm=cfg.distributed.sync_batchnorm)
+        params = [*backbone.parameters(), *head.parameters()]
+        per_epoch = steps_per_epoch(len(splits["train"]), cfg.batch_size)
+        optimizer, scheduler = build_optimization(cfg.optim, params, cfg.epochs * per_epoch, per_epoch)
+        primary = task.primary()
+        saved = run.resume(backbone=backbone, head=head, optimizer=optimizer, scheduler=scheduler)
+        epoch = int(saved.get("epoch", 0))
+        best = saved.get("best", {"score": primary.worst, "epoch": 0, "backbone": None, "head": None})
+        plan.check_resumed(saved.get("augment_shards", plan.augment_shards))
+        require_in_sync(objective, "the backbone or head")
+        stream = BatchStream(
+            splits["train"], cfg.batch_size, seed=derive_seed(cfg.seed, "finetune"), position=epoch * per_epoch,
+            num_workers=cfg.downstream.data.num_workers, pin_memory=run.device.type == "cuda", rank=plan.rank,
+            world_size=plan.world_size,
+        )  # fmt: skip
+        guard = DivergenceGuard("fine-tuning loss", "optim.lr (or set optim.grad_clip)")
+        score = lambda split: evaluate_split(task, backbone, head, splits[split], run.device, run.precision)  # noqa: E731
 
-    config_dict = cfg.model_dump(mode="json")
-    epoch, step = 0, 0
-    primary = task.primary()
-    best: dict[str, Any] = {"score": primary.worst, "epoch": 0, "backbone": None, "head": None}
-    if has_state:
-        state = load_state(out / STATE_FILE, config_dict, ignore=RESUMABLE_KEYS)
-        backbone.load_state_dict(state["backbone"])
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, best = int(state["epoch"]), state["best"]
-        step = stream.position = epoch * per_epoch
-        plan.check_resumed(state.get("augment_shards", 1))
-        log.info("resumed %s at epoch %d/%d", out, epoch, cfg.epochs)
-    require_in_sync(objective, "the backbone or head")
-    logger = main_only(
-        lambda: MetricLogger(out, tensorboard=cfg.log.tensorboard, resume_step=epoch if has_state else None)
-    )
+        def prepare(rows: Any, generator: torch.Generator) -> Any:
+            return task.prepare(rows, run.device, generator)
 
-    def prepare(rows: Any, generator: torch.Generator) -> Any:
-        return task.prepare(rows, device, generator)
-
-    def score(split: str) -> dict[str, float]:
-        return evaluate_split(task, backbone, head, splits[split], device, precision)
-
-    try:
-        stop = cfg.epochs if until_epoch is None else min(cfg.epochs, until_epoch)
-        show = cfg.log.progress and is_main()
-        bar = tqdm(total=cfg.epochs, initial=epoch, desc="finetune", unit="epoch", disable=not show)
-        while epoch < stop:
+        bar = run.progress(cfg.epochs, epoch, "epoch")
+        while epoch < min(cfg.epochs, until_epoch or cfg.epochs):
             backbone.train()
             head.train()
-            loss_sum = 0.0
-            for _ in range(per_epoch):
-                batches = [
-                    plan.augment(prepare, rows, s, cfg.seed, "finetune_views", step)
-                    for s, rows in plan.micro_batches(next(stream))
-                ]
+            losses = []
+            for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
+                batches = [plan.augment(prepare, rows, s, cfg.seed, "finetune_views", step)
+                           for s, rows in plan.micro_batches(next(stream))]  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
-                loss = accumulate_gradients(model, batches, precision=precision, device=device)
-                require_finite(loss, f"fine-tuning loss at step {step}", "lower optim.lr or set optim.grad_clip")
-                clip_gradients(params, o.grad_clip)
+                loss = accumulate_gradients(model, batches, precision=run.precision, device=run.device)
+                guard.check(step, loss, backbone.parameters())
+                clip_gradients(params, cfg.optim.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                step += 1
-                loss_sum += loss.item()
+                losses.append(loss.item())
             epoch += 1
-            record = {"train_loss": loss_sum / per_epoch, "lr": optimizer.param_groups[0]["lr"]}
-            if epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs:
-                val = score("val")
-                record.update({f"val_{k}": v for k, v in val.items()})
-                if primary.better(val[primary.key], best["score"]):
-                    best = {
-                        "score": val[primary.key],
-                        "epoch": epoch,
-                        "backbone": copy.deepcopy(backbone.state_dict()),
-                        "head": copy.deepcopy(head.state_dict()),
-                    }
-            logger.log(epoch, "epoch", record)
+            record = {"train_loss": sum(losses) / per_epoch, "lr": optimizer.param_groups[0]["lr"]}
+            val = score("val") if epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs else {}
+            record.update({f"val_{k}": v for k, v in val.items()})
+            if val and primary.better(val[primary.key], best["score"]):
+                best = {"score": val[primary.key], "epoch": epoch, "backbone": copy.deepcopy(backbone.state_dict()),
+                        "head": copy.deepcopy(head.state_dict())}  # fmt: skip
+            run.log(epoch, "epoch", record)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_' + primary.key, 0):.3f}")
-            state = {
-                "epoch": epoch,
-                "backbone": backbone.state_dict(),
-                "head": head.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "best": best,
-                "augment_shards": plan.augment_shards,
-            }
-            if is_main():
-                save_state(out / STATE_FILE, state, config_dict)
-            if on_eval is not None and "val_" + primary.key in record:
-                on_eval(epoch, {k.removeprefix("val_"): v for k, v in record.items() if k.startswith("val_")})
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{val.get(primary.key, 0):.3f}")
+            run.checkpoint(log_step=epoch, epoch=epoch, best=best, augment_shards=plan.augment_shards)
+            if on_eval is not None and val:
+                on_eval(epoch, val)
         bar.close()
         if epoch < cfg.epochs:
-            barrier()
-            return FinetuneResult(out, epoch, finished=False)
-
+            return FinetuneResult(run.out, epoch, finished=False)
         backbone.load_state_dict(best["backbone"])
         head.load_state_dict(best["head"])
-        metrics = {f"test_{k}": v for k, v in score("test").items()}
-        metrics.update({f"val_{k}": v for k, v in score("val").items()})
-        logger.log(epoch, "final", {**metrics, "best_epoch": best["epoch"]})
-    finally:
-        logger.close()
-    summary = {
-        "stage": "finetune",
-        "epochs": epoch,
-        "best_epoch": best["epoch"],
-        "processes": world(),
-        "wall_time_s": time.perf_counter() - start_time,
-        "metrics": metrics,
-        "backbone_init": str(resolve_backbone_file(cfg.backbone)),
-    }
-    if is_main():
-        export_backbone(out / BACKBONE_FILE, backbone, spec)
-        export_head(
-            out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
-            params=config_dict["downstream"],
+        metrics = {
+            **{f"test_{k}": v for k, v in score("test").items()},
+            **{f"val_{k}": v for k, v in score("val").items()},
+        }
+        run.log(epoch, "final", {**metrics, "best_epoch": best["epoch"]})
+        run.finish(
+            {"epochs": epoch, "best_epoch": best["epoch"], "processes": world(), "metrics": metrics,
+             "backbone_init": str(resolve_backbone_file(cfg.backbone))},
+            [lambda out: export_backbone(out / BACKBONE_FILE, backbone, spec),
+             lambda out: export_head(out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
+                                     params=run.config_dict["downstream"])],
         )  # fmt: skip
-        write_summary(out, summary)
-    barrier()
-    return FinetuneResult(out, epoch, finished=True, best_epoch=best["epoch"], metrics=metrics)
+    return FinetuneResult(run.out, epoch, finished=True, best_epoch=best["epoch"], metrics=metrics)

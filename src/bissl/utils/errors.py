@@ -21,3 +21,7 @@ class CheckpointError(BisslError):
 
 class NonFiniteError(BisslError, FloatingPointError):
     """A loss, gradient or solver iterate became NaN or infinite."""
+
+
+class RunTerminated(BisslError):
+    """The run received SIGTERM and stopped after writing its checkpoint."""
