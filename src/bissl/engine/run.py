@@ -81,10 +81,12 @@ class RunLocked(BisslError):
     """Another process is writing to the run folder."""
 
 
-def _foreign(out: Path) -> list[str]:
-    """Entries of ``out`` that no bissl stage writes (atomic writers' ``.*.tmp`` files excepted)."""
+def _foreign(out: Path, run_folder: bool) -> list[str]:
+    """Entries of ``out`` that no bissl stage wrote: everything in a folder that never held a run (a user's own
+    ``config.yaml`` included), else the names no stage writes (atomic writers' ``.*.tmp`` files excepted)."""
+    ours = RUN_FILES if run_folder else {LOCK_FILE}
     return sorted(
-        p.name for p in out.iterdir() if p.name not in RUN_FILES and not (p.name.startswith(".") and p.suffix == ".tmp")
+        p.name for p in out.iterdir() if p.name not in ours and not (p.name.startswith(".") and p.suffix == ".tmp")
     )
 
 
@@ -99,6 +101,7 @@ def open_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool, overwr
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out_dir {out} is a file, not a folder; choose another out_dir")
+    run_folder = any((out / name).exists() for name in (LOCK_FILE, STATE_FILE, SUMMARY_FILE))
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = (out / LOCK_FILE).open("a")
@@ -109,21 +112,26 @@ def open_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool, overwr
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunLocked(f"another run is writing to {out}; wait for it to end or choose another out_dir") from None
-        has_state = _check_folder(out, config, resume=resume, overwrite=overwrite)
+        try:
+            has_state = _check_folder(out, config, resume=resume, overwrite=overwrite, run_folder=run_folder)
+        except BisslError:
+            if not run_folder:  # leave a refused folder as it was
+                (out / LOCK_FILE).unlink(missing_ok=True)
+            raise
         atomic_write(out / CONFIG_FILE, lambda f: f.write(to_yaml(config)), mode="w")
         yield has_state
 
 
-def _check_folder(out: Path, config: BaseModel, *, resume: bool, overwrite: bool) -> bool:
+def _check_folder(out: Path, config: BaseModel, *, resume: bool, overwrite: bool, run_folder: bool) -> bool:
     has_state = (out / STATE_FILE).is_file()
-    if overwrite:
+    if overwrite and run_folder:
         for name in RUN_FILES - {LOCK_FILE}:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         return False
     if (out / SUMMARY_FILE).is_file():
         raise ConfigError(f"{out} holds a finished run (summary.json); choose another out_dir, or pass --overwrite")
-    foreign = _foreign(out)
+    foreign = _foreign(out, run_folder)
     if foreign:
         raise ConfigError(
             f"{out} holds files this run did not write ({', '.join(foreign[:3])}); choose an empty or new out_dir"

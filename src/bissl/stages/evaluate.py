@@ -61,7 +61,8 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
             raise ConfigError(f"downstream.data.name={data.name!r} has no labels; choose a labelled dataset")
         if info.multi_label:
             raise ConfigError(
-                f"downstream.data.name={data.name!r} is multi-label; evaluate needs single-label classes, choose another"
+                f"downstream.data.name={data.name!r} is multi-label;"
+                " evaluate needs single-label classes: choose another"
             )
         check_channels(info.channels, spec["in_channels"], data.name)
         use_channels_last(backbone.to(run.device), cfg.channels_last)
