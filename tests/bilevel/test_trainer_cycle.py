@@ -7,7 +7,7 @@ import torch
 from test_implicit import conv_problem, dense_hessian, flat, random_like, rel_err, target
 from test_trainer import RegressViewPretext, TinyBackbone, TinyTask, _batches
 
-from bissl.bilevel import BilevelSettings, BiSSLTrainer, implicit_gradient
+from bissl.bilevel import BilevelSettings, BiSSLTrainer, HessianOperator, SolverSpec, implicit_gradient, proximal_mu
 from bissl.bilevel.hvp import preserve_buffers
 from bissl.config import BilevelConfig
 
@@ -24,13 +24,13 @@ class CountingPretext(RegressViewPretext):
         return super().loss(backbone, views)
 
 
-def make_trainer(**settings) -> BiSSLTrainer:
+def make_trainer(solver: str = "cg", **settings) -> BiSSLTrainer:
     torch.manual_seed(0)
     sgd = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)  # noqa: E731
     trainer = BiSSLTrainer(
         backbone=TinyBackbone().double(), pretext=CountingPretext(3).double(), task=TinyTask(),
         head=TinyTask().build_head(3).double(),
-        settings=BilevelSettings(lam=0.3, damping=20.0, **settings),
+        settings=BilevelSettings(lam=0.3, damping=20.0, solver=SolverSpec(solver, maxiter=5, rtol=None), **settings),
         make_lower_optimizer=sgd, make_upper_optimizer=sgd,
     )  # fmt: skip
     with torch.no_grad():
@@ -102,9 +102,7 @@ def test_default_solver_settings_meet_the_default_accuracy() -> None:
         h = dense_hessian(loss, params)
     for seed in range(3):
         v = random_like(params, seed)
-        x, info = implicit_gradient(
-            loss, params, v, cfg.lam, cfg.damping, solver=cfg.solver.name, iters=cfg.solver.iters,
-            tol=cfg.solver.tol, module=model,
-        )  # fmt: skip
+        op = HessianOperator(loss, params, module=model)
+        x, info = implicit_gradient(op, v, mu=proximal_mu(cfg.lam, cfg.damping))  # SolverSpec() is cfg.solver
         assert rel_err(flat(x), target(h, flat(tuple(v)), cfg.lam + cfg.damping)) <= 1e-3
         assert info.converged or cfg.solver.tol is None

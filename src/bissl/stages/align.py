@@ -175,13 +175,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
         if cfg.distributed.sync_batchnorm:  # before the trainer copies theta into phi
             convert_sync_batchnorm(nn.ModuleList([backbone, pretext, head]), device)
         sync = RankSync(all_reduce_mean_, None if cfg.distributed.sync_batchnorm else broadcast_buffers)
-    settings = BilevelSettings(
-        n_lower=b.n_lower, n_upper=b.n_upper, lam=b.lam, damping=b.damping, gamma=b.gamma, solver=b.solver.name,
-        solver_iters=b.solver.iters, solver_tol=b.solver.tol, hvp=b.solver.hvp, warm_start=b.solver.warm_start,
-        hessian_fraction=b.solver.hessian_fraction, mfac_window=b.solver.mfac_window,
-        mfac_block_size=b.solver.mfac_block_size, recycle_vectors=b.solver.recycle_vectors,
-        lower_grad_clip=b.lower_grad_clip, upper_grad_clip=b.upper_grad_clip,
-    )  # fmt: skip
+    settings = BilevelSettings.from_config(b)
     trainer = BiSSLTrainer(
         backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,
         make_lower_optimizer=_optimizer_factory(cfg.lower.optim),
