@@ -38,7 +38,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,17 @@ import torch
 from reference_paper_way import PAPER_ITERS, PaperWayTrainer, paper_solve
 from torch import Tensor, nn
 
-from bissl.bilevel import BilevelSettings, BiSSLTrainer, SolveInfo, implicit_gradient
+from bissl.bilevel import (
+    PAPER_SOLVER,
+    BilevelSettings,
+    BiSSLTrainer,
+    HessianOperator,
+    SolveInfo,
+    SolverSpec,
+    implicit_gradient,
+)
 from bissl.bilevel.hvp import flatten, frozen_buffers, preserve_buffers
-from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes, mfac
-from bissl.config import SolverConfig
+from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes
 from bissl.data import build_dataset
 from bissl.data.augment import build_view_augmentation, normalize
 from bissl.downstream.classification import ClassificationTask
@@ -240,19 +247,16 @@ def reference_solution(problem: Problem) -> tuple[Tensor, str]:
     """The tightly converged ``mu (H + mu I)^-1 v`` (flat) and how it was obtained."""
     kind = problem.spec.reference
     if kind == "cg32":
-        x, info = implicit_gradient(
-            problem.lower_loss(), problem.theta, problem.v, LAM, DAMPING, iters=100, tol=1e-7, module=problem.modules
-        )
+        op = HessianOperator(problem.lower_loss(), problem.theta, module=problem.modules)
+        x, info = implicit_gradient(op, problem.v, mu=MU, solver=SolverSpec("cg", maxiter=100, rtol=1e-7))
         return flatten(x), f"float32 CG, relative residual {info.residual:.1e} after {info.iterations} iterations"
     model = copy.deepcopy(problem.modules).double()
     views = [v.double() for v in problem.hessian_views]
     params = list(model[0].parameters())
     v64 = [t.double() for t in problem.v]
-    solver, iters, tol = ("exact", 0, None) if kind == "exact" else ("cg", 200, 1e-10)
-    x, info = implicit_gradient(
-        lambda: model[1].loss(model[0], views), params, v64, LAM, DAMPING, solver=solver, iters=iters, tol=tol,
-        module=model,
-    )  # fmt: skip
+    spec = SolverSpec("exact") if kind == "exact" else SolverSpec("cg", maxiter=200, rtol=1e-10)
+    op = HessianOperator(lambda: model[1].loss(model[0], views), params, module=model)
+    x, info = implicit_gradient(op, v64, mu=MU, solver=spec)
     how = "dense exact solve" if kind == "exact" else f"CG to relative residual {info.residual:.1e}"
     return flatten(x), f"float64 {how}"
 
@@ -261,22 +265,15 @@ def reference_solution(problem: Problem) -> tuple[Tensor, str]:
 SolveFn = Callable[[Problem], tuple[Tensor, int]]
 
 
-def library_solve(**kwargs: Any) -> SolveFn:
+def library_solve(spec: SolverSpec, fraction: float = 1.0) -> SolveFn:
     """``implicit_gradient`` with its own operator (built inside the solve, as the first solve of a cycle does)."""
 
-    fraction = kwargs.pop("fraction", 1.0)
-
     def run(p: Problem) -> tuple[Tensor, int]:
-        x, info = implicit_gradient(p.lower_loss(fraction), p.theta, p.v, LAM, DAMPING, module=p.modules, **kwargs)
+        op = HessianOperator(p.lower_loss(fraction), p.theta, module=p.modules)
+        x, info = implicit_gradient(op, p.v, mu=MU, solver=spec)
         return flatten(x), info.matvecs
 
     return run
-
-
-def default_settings() -> dict[str, Any]:
-    """The ``bilevel.solver`` config defaults, as ``implicit_gradient`` keywords."""
-    cfg = SolverConfig()
-    return {"solver": cfg.name, "iters": cfg.iters, "tol": cfg.tol}
 
 
 def paper_case(layerwise: bool) -> SolveFn:
@@ -289,8 +286,8 @@ def paper_case(layerwise: bool) -> SolveFn:
 
 def mfac_case(p: Problem) -> tuple[Tensor, int]:
     """Set-up (Gram matrices, Cholesky) and one application: what the first solve of a cycle costs."""
-    inverse = MFACInverse(p.window.gradients(), MU, block_sizes([t.numel() for t in p.theta], None))
-    x, info = mfac(None, flatten(p.v), inverse=inverse)
+    inverse = MFACInverse(p.window.gradients(), block_sizes([t.numel() for t in p.theta], None))
+    x, info = inverse.inverse(flatten(p.v), MU)
     return x, info.matvecs
 
 
@@ -335,17 +332,17 @@ def solve_cases(problem: Problem, has_torchopt: bool) -> dict[str, SolveFn]:
     cases: dict[str, SolveFn] = {
         "paper-layerwise": paper_case(layerwise=True),
         "paper-cg": paper_case(layerwise=False),
-        "default": library_solve(**default_settings()),
-        "cg-5": library_solve(solver="cg", iters=5),
-        "cg-rtol1e-3": library_solve(solver="cg", iters=20, tol=1e-3),
-        "cg-rtol1e-4": library_solve(solver="cg", iters=20, tol=1e-4),
-        "cg-half-batch": library_solve(**default_settings(), fraction=0.5),
-        "neumann-5": library_solve(solver="neumann", iters=5),
-        "identity": library_solve(solver="identity"),
+        "default": library_solve(SolverSpec()),
+        "cg-5": library_solve(SolverSpec("cg", maxiter=5, rtol=None)),
+        "cg-rtol1e-3": library_solve(SolverSpec("cg", maxiter=20, rtol=1e-3)),
+        "cg-rtol1e-4": library_solve(SolverSpec("cg", maxiter=20, rtol=1e-4)),
+        "cg-half-batch": library_solve(SolverSpec(), fraction=0.5),
+        "neumann-5": library_solve(SolverSpec("neumann", maxiter=5, rtol=None)),
+        "identity": library_solve(SolverSpec("identity")),
         "mfac": mfac_case,
     }
     if problem.spec.reference == "exact":
-        cases["exact"] = library_solve(solver="exact")
+        cases["exact"] = library_solve(SolverSpec("exact"))
     if has_torchopt:
         cases["torchopt-cg-5"] = torchopt_case
     return cases
@@ -392,17 +389,17 @@ def run_solves(problem: Problem, has_torchopt: bool, repeats: int, plain: float)
 # ------------------------------------------------------------------------------------------------ cycle cases
 def make_trainer(problem: Problem, case: str) -> BiSSLTrainer:
     """A fresh trainer on copies of the problem's modules, configured for ``case``."""
-    defaults = SolverConfig()
-    settings: dict[str, Any] = {"solver": defaults.name, "solver_iters": defaults.iters, "solver_tol": defaults.tol}
-    settings |= {
-        "paper-layerwise": {"solver_iters": PAPER_ITERS, "solver_tol": None},
-        "paper-cg": {"solver_iters": PAPER_ITERS, "solver_tol": None},
+    default = SolverSpec()
+    settings: dict[str, Any] = {
+        "paper-layerwise": {"solver": PAPER_SOLVER},
+        "paper-cg": {"solver": PAPER_SOLVER},
         "default": {},
-        "cg-5": {"solver": "cg", "solver_iters": 5, "solver_tol": None},
-        "cg-warm-start": {"warm_start": True},
-        "recycled-cg": {"solver": "recycled_cg"},  # deflated CG sharing the cycle's directions (operator_reuse.py)
-        "identity": {"solver": "identity"},
-        "mfac": {"solver": "mfac", "mfac_window": N_L},
+        "cg-5": {"solver": SolverSpec("cg", maxiter=5, rtol=None)},
+        "cg-warm-start": {"solver": replace(default, warm_start=True)},
+        # deflated CG sharing the cycle's directions (operator_reuse.py)
+        "recycled-cg": {"solver": replace(default, name="recycled_cg")},
+        "identity": {"solver": SolverSpec("identity")},
+        "mfac": {"solver": SolverSpec("mfac"), "mfac_window": N_L},
     }[case]
     backbone = copy.deepcopy(problem.backbone)
     kwargs = {
@@ -544,7 +541,7 @@ def main() -> None:
         "device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg(), "torch": torch.__version__, "torchopt": why, "lam": LAM,
         "damping": DAMPING, "n_lower": N_L, "n_upper": N_U,
-        "default_solver": default_settings(),
+        "default_solver": asdict(SolverSpec()),
     }  # fmt: skip
     print(json.dumps(header))
     results: dict[str, Any] = {**header, "models": {}}

@@ -162,7 +162,7 @@ def batched_products(op: HessianOperator, r: int) -> dict[str, float]:
     start = time.perf_counter()
     separate = torch.stack([op.matvec(v) for v in vs])
     t_sep = time.perf_counter() - start
-    chunks = vs.split(list(op.sizes), dim=1)
+    chunks = vs.split([p.numel() for p in op.params], dim=1)
     tangents = [chunk.reshape(r, *shape) for chunk, shape in zip(chunks, op.shapes, strict=True)]
     graph = op._graph
     start = time.perf_counter()
@@ -218,15 +218,15 @@ def study(name: str, lanczos_steps: int, full: bool) -> dict[str, Any]:
         a.per_solve = counts  # type: ignore[attr-defined]
         return xs
 
-    cfg = hg.SolverConfig()
+    cfg = hg.SolverSpec()
     run("identity", lambda a: [b.clone() for b in rhs])
-    run("cg", lambda a: per_solve(a, lambda b, _: cg(a, b, maxiter=cfg.iters, rtol=cfg.tol)[0]))
+    run("cg", lambda a: per_solve(a, lambda b, _: cg(a, b, maxiter=cfg.maxiter, rtol=cfg.rtol)[0]))
     run("cg-oracle", lambda a: per_solve(a, lambda b, ref: pcg_oracle(a, b, ref, lambda r: r, 30)))
     for m in (16, 8, 32) if full else (16, 8):
 
         def recycled(a: CountedA, m: int = m) -> list[Tensor]:
             space = RecycleSpace(m)
-            return per_solve(a, lambda b, _: recycled_cg(a, b, maxiter=cfg.iters, rtol=cfg.tol, recycle=space)[0])
+            return per_solve(a, lambda b, _: recycled_cg(a, b, maxiter=cfg.maxiter, rtol=cfg.rtol, recycle=space)[0])
 
         run(f"recycled_cg-{m}", recycled)
 

@@ -101,8 +101,8 @@ class PaperWayTrainer(BiSSLTrainer):
             v_theta,
             proximal_mu(s.lam, s.damping),
             self._lower_modules,
-            iters=s.solver_iters,
+            iters=s.solver.maxiter,
             layerwise=self.layerwise,
         )
         name = "paper-layerwise" if self.layerwise else "paper-cg"
-        return x, SolveInfo(name, s.solver_iters, s.solver_iters, math.nan, False, "maxiter")
+        return x, SolveInfo(name, s.solver.maxiter, s.solver.maxiter, math.nan, False, "maxiter")

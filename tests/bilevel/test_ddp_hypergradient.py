@@ -17,6 +17,7 @@ import torch
 from tiny_models import ConvNet
 from torch import Tensor, nn
 
+from bissl.bilevel.implicit import SolverSpec
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
 from bissl.dist import process as D
 from bissl.downstream.classification import ClassificationTask
@@ -53,7 +54,8 @@ def _trainer(solver: str, *, sync_batchnorm: bool) -> BiSSLTrainer:
         if sync_batchnorm:
             D.convert_sync_batchnorm(nn.ModuleList([backbone, pretext]), torch.device("cpu"))
         sync = RankSync(mean=D.all_reduce_mean_, buffers=None if sync_batchnorm else D.broadcast_buffers)
-    settings = BilevelSettings(lam=1e-3, damping=200.0, solver=solver, solver_iters=8, mfac_window=4)
+    spec = SolverSpec(solver, maxiter=8, rtol=None)
+    settings = BilevelSettings(lam=1e-3, damping=200.0, solver=spec, mfac_window=4)
     sgd = lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)  # noqa: E731
     return BiSSLTrainer(
         backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,

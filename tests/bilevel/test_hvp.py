@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -143,8 +143,9 @@ def test_unused_and_linear_parameters_have_zero_curvature() -> None:
 
 def test_non_finite_loss_or_product_raises() -> None:
     w = torch.randn(3, requires_grad=True)
+    lazy = HessianOperator(lambda: (w * math.nan).sum(), [w])  # nothing runs before the first product
     with pytest.raises(NonFiniteError, match="NaN"):
-        HessianOperator(lambda: (w * math.nan).sum(), [w])
+        lazy.matvec(torch.ones(3))
     op = HessianOperator(lambda: (w.exp() ** 3).sum(), [w])
     with pytest.raises(NonFiniteError, match="Hessian-vector product"):
         op.matvec(torch.tensor([1.0, math.inf, 0.0]))
@@ -159,6 +160,41 @@ def test_func_method_needs_the_owning_module() -> None:
         HessianOperator(lambda: loss(model), [torch.zeros(2, requires_grad=True)], method="func", module=model)
     with pytest.raises(ConfigError, match="double_backward"):
         HessianOperator(lambda: loss(model), params, method="bogus")  # type: ignore[arg-type]
+
+
+def test_func_refuses_a_loss_that_reads_params_without_calling_the_module() -> None:
+    """``functional_call`` substitutes parameters only inside the module's forward: a closure that reads them
+    directly would get ``H = 0`` from ``func`` (``double_backward`` differentiates it correctly)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    params = weight, bias = list(layer.parameters())
+
+    def direct() -> Tensor:
+        return (x @ weight.T + bias).pow(4).sum()  # the captured tensors, not layer(x)
+
+    op = HessianOperator(direct, params, method="func", module=layer)
+    with pytest.raises(ConfigError, match=r"reads params \[0, 1\] directly.*call the module inside loss_fn"):
+        op.matvec(torch.ones(op.numel, dtype=torch.float64))
+    v = torch.randn(op.numel, dtype=torch.float64)
+    reference = HessianOperator(direct, params, method="double_backward").matvec(v)
+    assert reference.abs().max() > 1  # the curvature func would have missed
+    through_module = HessianOperator(lambda: layer(x).pow(4).sum(), params, method="func", module=layer)
+    assert torch.allclose(through_module.matvec(v), reference, rtol=1e-10, atol=1e-10)
+
+
+def test_mean_averages_every_product() -> None:
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def halve(tensors: Sequence[Tensor]) -> None:  # a stand-in for the all-reduce mean over two ranks
+        calls.append(len(tensors))
+        for t in tensors:
+            t.mul_(0.5)
+
+    v = torch.randn(3, dtype=torch.float64)
+    op = HessianOperator(lambda: (w**3).sum(), [w], mean=halve)
+    assert torch.allclose(op.matvec(v), 3 * w.detach() * v) and calls == [1]
 
 
 def test_flatten_unflatten_roundtrip() -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tiny_models import ConvNet
 from torch import Tensor, nn
 
-from bissl.bilevel import SOLVERS, HessianOperator, SolveInfo, implicit_gradient
+from bissl.bilevel import SOLVERS, HessianOperator, SolveInfo, SolverSpec, implicit_gradient, proximal_mu
 from bissl.bilevel.hvp import HVP_METHODS, preserve_buffers
 from bissl.bilevel.solvers import cg
 from bissl.utils.errors import ConfigError
@@ -90,9 +90,8 @@ def test_cg_matches_dense_exact(problem: str, method: str) -> None:
     v = random_like(params)
     for damping in (10.0, 3.0):  # H's eigenvalues lie in [-2.1, 0.4] (conv) and [-0.2, 0.5] (mlp)
         mu = LAM + damping
-        x, info = implicit_gradient(
-            loss, params, v, LAM, damping, solver="cg", iters=100, tol=1e-10, hvp=method, module=model
-        )
+        op = HessianOperator(loss, params, method=method, module=model)  # type: ignore[arg-type]
+        x, info = implicit_gradient(op, v, mu=mu, solver=SolverSpec("cg", maxiter=100, rtol=1e-10))
         assert rel_err(flat(x), target(h, flat(tuple(v)), mu)) < 1e-4
         assert info.converged and [t.shape for t in x] == [p.shape for p in params]
 
@@ -101,11 +100,13 @@ def test_exact_and_neumann_match(conv_dense: tuple[Tensor, Tensor]) -> None:
     h, v_flat = conv_dense
     model, params, loss = conv_problem()
     v = [t.view_as(p) for t, p in zip(v_flat.split([p.numel() for p in params]), params, strict=True)]
-    x, info = implicit_gradient(loss, params, v, LAM, 10.0, solver="exact", module=model)
+    op = HessianOperator(loss, params, module=model)
+    x, info = implicit_gradient(op, v, mu=LAM + 10.0, solver=SolverSpec("exact"))
     assert rel_err(flat(x), target(h, v_flat, LAM + 10.0)) < 1e-10 and info.matvecs == v_flat.numel()
     norm_h = float(torch.linalg.matrix_norm(h, ord=2))
     damping = 2 * norm_h  # ||H/mu|| ~ 1/2: the series converges
-    x, info = implicit_gradient(loss, params, v, LAM, damping, solver="neumann", iters=60, tol=1e-9, module=model)
+    op = HessianOperator(loss, params, module=model)
+    x, info = implicit_gradient(op, v, mu=LAM + damping, solver=SolverSpec("neumann", maxiter=60, rtol=1e-9))
     assert info.converged and rel_err(flat(x), target(h, v_flat, LAM + damping)) < 1e-8
 
 
@@ -114,8 +115,29 @@ def test_batchnorm_running_stats_are_bit_identical_after_a_solve() -> None:
         model, params, loss = conv_problem()
         loss()  # non-trivial running statistics
         before = {n: b.clone() for n, b in model.named_buffers()}
-        implicit_gradient(loss, params, random_like(params), LAM, 10.0, iters=5, hvp=method, module=model)
+        op = HessianOperator(loss, params, method=method, module=model)  # type: ignore[arg-type]
+        implicit_gradient(op, random_like(params), mu=LAM + 10.0, solver=SolverSpec("cg", maxiter=5, rtol=None))
         assert all(torch.equal(b, before[n]) for n, b in model.named_buffers()), method
+
+
+@pytest.mark.parametrize("method", HVP_METHODS)
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_solve_through_a_batchnorm_in_either_mode_matches_the_dense_solve(method: str, bn_mode: str) -> None:
+    """An eval-mode BatchNorm saves its running statistics for backward: the solve must not write them (it used to
+    copy them back in place, failing the products); train mode must not move them. Both: H matches the dense one."""
+    model, params, loss = conv_problem()
+    loss()  # non-trivial running statistics
+    model.backbone[4].train(bn_mode == "train")  # the second BatchNorm; the first stays in train mode
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    with preserve_buffers(model):
+        h = dense_hessian(loss, params)
+    v = random_like(params)
+    op = HessianOperator(loss, params, method=method, module=model)  # type: ignore[arg-type]
+    for damping in (10.0, 3.0):  # two solves share the operator (and its graph, for double_backward)
+        x, info = implicit_gradient(op, v, mu=LAM + damping, solver=SolverSpec("cg", maxiter=100, rtol=1e-10))
+        assert info.converged and rel_err(flat(x), target(h, flat(tuple(v)), LAM + damping)) < 1e-8
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+    assert model.backbone[4].training == (bn_mode == "train")
 
 
 def test_first_order_graph_is_built_once_per_solve_and_shared_by_an_operator() -> None:
@@ -126,11 +148,11 @@ def test_first_order_graph_is_built_once_per_solve_and_shared_by_an_operator() -
         calls.append(1)
         return loss()
 
-    _, info = implicit_gradient(counted, params, random_like(params), LAM, 10.0, iters=10, hvp="double_backward")
-    assert len(calls) == 1 and info.matvecs == 10
     op = HessianOperator(counted, params, method="double_backward", module=model)
-    solutions = [implicit_gradient(None, params, random_like(params, s), LAM, 10.0, operator=op) for s in range(3)]
-    assert len(calls) == 2 and op.num_hvps == sum(i.matvecs for _, i in solutions) == 15
+    assert not calls and not op.built  # lazy: nothing runs before the first product
+    fixed = SolverSpec("cg", maxiter=5, rtol=None)
+    solutions = [implicit_gradient(op, random_like(params, s), mu=LAM + 10.0, solver=fixed) for s in range(3)]
+    assert len(calls) == 1 and op.built and op.num_hvps == sum(i.matvecs for _, i in solutions) == 15
 
 
 def test_recycled_cg_shares_its_directions_through_the_operator(conv_dense: tuple[Tensor, Tensor]) -> None:
@@ -144,24 +166,25 @@ def test_recycled_cg_shares_its_directions_through_the_operator(conv_dense: tupl
     for solver in ("cg", "recycled_cg"):
         op = HessianOperator(loss, params, module=model)
         for v in rhs:
-            x, info = implicit_gradient(None, params, v, LAM, damping, solver=solver, iters=50, tol=1e-6, operator=op)
+            x, info = implicit_gradient(op, v, mu=LAM + damping, solver=SolverSpec(solver, maxiter=50, rtol=1e-6))
             assert info.converged and rel_err(flat(x), target(h, flat(tuple(v)), LAM + damping)) < 1e-5
         used[solver] = op.num_hvps
     assert used["recycled_cg"] < used["cg"]
     assert [type(k) for k in op.cache] == [tuple] and len(op.cache[("recycle", LAM + damping)]) > 0
     fresh = HessianOperator(loss, params, module=model)
-    _, first = implicit_gradient(None, params, rhs[0], LAM, damping, solver="recycled_cg", iters=50, tol=1e-6,
-                                 operator=fresh)  # fmt: skip
-    _, cold = implicit_gradient(loss, params, rhs[0], LAM, damping, solver="cg", iters=50, tol=1e-6, module=model)
+    recycled = SolverSpec("recycled_cg", maxiter=50, rtol=1e-6)
+    _, first = implicit_gradient(fresh, rhs[0], mu=LAM + damping, solver=recycled)
+    cold_op = HessianOperator(loss, params, module=model)
+    _, cold = implicit_gradient(cold_op, rhs[0], mu=LAM + damping, solver=SolverSpec("cg", maxiter=50, rtol=1e-6))
     assert first.matvecs == cold.matvecs
 
 
 def test_recycle_vectors_bounds_the_shared_space() -> None:
     model, params, loss = conv_problem()
     op = HessianOperator(loss, params, module=model)
+    spec = SolverSpec("recycled_cg", maxiter=20, rtol=1e-8, recycle_vectors=3)
     for seed in range(3):
-        implicit_gradient(None, params, random_like(params, seed), LAM, 3.0, solver="recycled_cg", iters=20,
-                          tol=1e-8, operator=op, recycle_vectors=3)  # fmt: skip
+        implicit_gradient(op, random_like(params, seed), mu=LAM + 3.0, solver=spec)
     space = op.cache[("recycle", LAM + 3.0)]
     assert space.max_vectors == 3 and len(space) == 3 and space.count > 3
 
@@ -170,15 +193,18 @@ def test_identity_uses_no_hessian_vector_products_and_no_forward() -> None:
     _, params, loss = conv_problem()
     calls = []
     v = random_like(params)
-    x, info = implicit_gradient(lambda: calls.append(1) or loss(), params, v, LAM, 10.0, solver="identity")
+    op = HessianOperator(lambda: calls.append(1) or loss(), params)
+    x, info = implicit_gradient(op, v, mu=LAM + 10.0, solver=SolverSpec("identity"))
+    assert not op.built
     assert info.matvecs == 0 and not calls and all(torch.equal(a, b) for a, b in zip(x, v, strict=True))
 
 
 def test_warm_start_from_the_solution(conv_dense: tuple[Tensor, Tensor]) -> None:
     model, params, loss = conv_problem()
     v = random_like(params)
-    x, _ = implicit_gradient(loss, params, v, LAM, 3.0, iters=100, tol=1e-12, module=model)
-    _, info = implicit_gradient(loss, params, v, LAM, 3.0, iters=100, tol=1e-8, x0=x, module=model)
+    op = HessianOperator(loss, params, module=model)
+    x, _ = implicit_gradient(op, v, mu=LAM + 3.0, solver=SolverSpec("cg", maxiter=100, rtol=1e-12))
+    _, info = implicit_gradient(op, v, mu=LAM + 3.0, solver=SolverSpec("cg", maxiter=100, rtol=1e-8), x0=x)
     assert info.iterations == 0 and info.matvecs == 1 and info.converged
 
 
@@ -194,7 +220,8 @@ def test_ridge_regression_closed_form() -> None:
     v = torch.randn(6, dtype=torch.float64)
     mu = LAM + 0.5
     expected = mu * torch.linalg.solve(x_mat.T @ x_mat + mu * torch.eye(6, dtype=torch.float64), v)
-    (x,), info = implicit_gradient(lambda: 0.5 * (x_mat @ theta - y).pow(2).sum(), [theta], [v], LAM, 0.5, iters=6)
+    op = HessianOperator(lambda: 0.5 * (x_mat @ theta - y).pow(2).sum(), [theta])
+    (x,), info = implicit_gradient(op, [v], mu=mu, solver=SolverSpec("cg", maxiter=6, rtol=None))
     assert rel_err(x, expected) < 1e-10 and info.matvecs == 6
 
 
@@ -214,9 +241,8 @@ def test_finite_difference_of_the_lower_solution() -> None:
     eps = 1e-4
     fd = torch.stack([(upper(phi + eps * e) - upper(phi - eps * e)) / (2 * eps) for e in eye])
     theta = theta_star(phi).requires_grad_()
-    (x,), _ = implicit_gradient(
-        lambda: 0.5 * (x_mat @ theta - y).pow(2).sum(), [theta], [theta.detach() - t], LAM, 0.0, iters=50, tol=1e-13
-    )
+    op = HessianOperator(lambda: 0.5 * (x_mat @ theta - y).pow(2).sum(), [theta])
+    (x,), _ = implicit_gradient(op, [theta.detach() - t], mu=LAM, solver=SolverSpec("cg", maxiter=50, rtol=1e-13))
     assert rel_err(x, fd) < 1e-6
 
 
@@ -224,13 +250,14 @@ def test_invalid_lam_and_mu_raise_config_errors() -> None:
     _, params, loss = conv_problem()
     v = random_like(params)
     with pytest.raises(ConfigError, match=r"lam=0\.0 must be > 0"):
-        implicit_gradient(loss, params, v, 0.0)
+        proximal_mu(0.0, 10.0)
     with pytest.raises(ConfigError, match=r"raise damping=-1\.0"):
-        implicit_gradient(loss, params, v, LAM, -1.0)
-    with pytest.raises(ValueError, match="exactly one"):
-        implicit_gradient(None, params, v, LAM)
-    with pytest.raises(ValueError, match="shapes of params"):
-        implicit_gradient(loss, params, v[:-1], LAM)
+        proximal_mu(LAM, -1.0)
+    op = HessianOperator(loss, params)
+    with pytest.raises(ConfigError, match=r"mu = lam \+ damping = 0 must be > 0"):
+        implicit_gradient(op, v, mu=0)
+    with pytest.raises(ValueError, match="the operator acts on"):
+        implicit_gradient(op, v[:-1], mu=LAM)
 
 
 def test_user_solver_receives_blocks_and_layerwise_runs() -> None:
@@ -242,16 +269,18 @@ def test_user_solver_receives_blocks_and_layerwise_runs() -> None:
         seen.append(tuple(blocks))
         return cg(matvec, b, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol)
 
-    implicit_gradient(loss, params, random_like(params), LAM, 10.0, solver="test_blocks", iters=2)
+    op = HessianOperator(loss, params)
+    implicit_gradient(op, random_like(params), mu=LAM + 10.0, solver=SolverSpec("test_blocks", maxiter=2))
     assert seen == [tuple(p.numel() for p in params)]
-    _, info = implicit_gradient(loss, params, random_like(params), LAM, 10.0, solver="layerwise", iters=5)
+    layerwise = SolverSpec("layerwise", maxiter=5, rtol=None)
+    _, info = implicit_gradient(HessianOperator(loss, params), random_like(params), mu=LAM + 10.0, solver=layerwise)
     assert info.solver == "layerwise" and info.matvecs == 6 and math.isfinite(info.residual)
 
 
 def test_every_solve_logs_its_residual(caplog: pytest.LogCaptureFixture) -> None:
     _, params, loss = conv_problem()
     with caplog.at_level(logging.DEBUG, logger="bissl.bilevel"):
-        _, info = implicit_gradient(loss, params, random_like(params), LAM, 10.0, iters=3)
+        _, info = implicit_gradient(HessianOperator(loss, params), random_like(params), mu=LAM + 10.0)
     assert f"relative residual {info.residual:.3g}" in caplog.text
 
 
@@ -269,7 +298,8 @@ def test_cg_error_table(conv_dense: tuple[Tensor, Tensor]) -> None:
         for iters in (1, 5, 20):
             with warnings.catch_warnings(record=True):
                 warnings.simplefilter("always")
-                x, info = implicit_gradient(None, params, v, LAM, damping, iters=iters, operator=op)
+                spec = SolverSpec("cg", maxiter=iters, rtol=None)
+                x, info = implicit_gradient(op, v, mu=LAM + damping, solver=spec)
             errors[damping, iters] = rel_err(flat(x), exact), info
             print(
                 f"damping={damping:<5} iters={iters:<3} rel_err={errors[damping, iters][0]:.2e} "

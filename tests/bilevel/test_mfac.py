@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from bissl.bilevel import SOLVERS, BilevelSettings, BiSSLTrainer, implicit_gradient
-from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes, mfac
+from bissl.bilevel import INVERSES, SOLVERS, BilevelSettings, BiSSLTrainer, SolverSpec, implicit_gradient
+from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes
 from bissl.config import AlignConfig, build_config
 from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
@@ -35,7 +35,7 @@ def test_woodbury_matches_dense_on_random_gradients(blocks: tuple[int, ...], n: 
     gen = torch.Generator().manual_seed(n)
     g = 3 * torch.randn(n, 30, generator=gen, dtype=torch.float64)
     v = torch.randn(30, generator=gen, dtype=torch.float64)
-    x = MFACInverse(g, MU, blocks).apply(v)
+    x, _ = MFACInverse(g, blocks).inverse(v, MU)
     assert rel_err(x, dense_mfac(g, v, MU, blocks)) < 1e-10
 
 
@@ -49,21 +49,23 @@ def test_block_sizes() -> None:
 
 def test_empty_window_is_the_identity_and_mu_must_be_positive() -> None:
     v = torch.randn(5, dtype=torch.float64)
-    assert torch.equal(MFACInverse(None, MU, (5,)).apply(v), v)
+    assert torch.equal(MFACInverse(None, (5,)).inverse(v, MU)[0], v)
     with pytest.raises(ConfigError, match="mu"):
-        MFACInverse(None, 0.0, (5,))
+        MFACInverse(None, (5,)).inverse(v, 0.0)
 
 
-def test_solver_registry_entry() -> None:
-    assert SOLVERS.get("mfac") is mfac
+def test_an_inverse_operator_through_implicit_gradient() -> None:
+    """M-FAC is an inverse operator, not a solver: ``implicit_gradient`` applies it (no solver, no product), with
+    its factors computed at the first use and once per ``mu``."""
+    assert INVERSES.get("mfac") is MFACInverse and "mfac" not in SOLVERS
     g = torch.randn(4, 6, dtype=torch.float64)
-    v = torch.randn(6, dtype=torch.float64)
-    x, info = mfac(None, v, inverse=MFACInverse(g, MU, (6,)))
-    assert rel_err(x, dense_mfac(g, v, MU, (6,))) < 1e-10
-    assert info.matvecs == 0 and info.solver == "mfac"
-    w = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(ConfigError, match="BiSSLTrainer"):  # the functional API has no gradient window
-        implicit_gradient(lambda: (w**2).sum(), [w], [v], 1e-3, 1.0, solver="mfac")
+    v = torch.randn(2, 3, dtype=torch.float64)
+    inverse = MFACInverse(g, (6,))
+    for mu in (MU, 2 * MU):
+        (x,), info = implicit_gradient(inverse, [v], mu=mu, solver=SolverSpec("cg", maxiter=1))
+        assert rel_err(x.reshape(-1), dense_mfac(g, v.reshape(-1), mu, (6,))) < 1e-10
+        assert info.matvecs == 0 and info.solver == "mfac"
+    assert sorted(inverse._factors) == [MU, 2 * MU]
 
 
 def test_window_keeps_the_last_m_gradients_and_roundtrips() -> None:
@@ -127,7 +129,9 @@ class Classify(DownstreamTask):
 
 def mfac_trainer(window: int, block_size: int | None) -> BiSSLTrainer:
     torch.manual_seed(0)
-    settings = BilevelSettings(lam=0.01, damping=0.5, solver="mfac", mfac_window=window, mfac_block_size=block_size)
+    settings = BilevelSettings(
+        lam=0.01, damping=0.5, solver=SolverSpec("mfac"), mfac_window=window, mfac_block_size=block_size
+    )
     return BiSSLTrainer(
         backbone=ConvBackbone().double(), pretext=Rotation(4).double(), task=Classify(), head=nn.Linear(4, 3).double(),
         settings=settings, make_lower_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
@@ -191,7 +195,7 @@ def test_non_finite_gradients_raise() -> None:
     g = torch.randn(3, 4, dtype=torch.float64)
     g[1, 2] = float("nan")
     with pytest.raises(NonFiniteError, match="NaN"):
-        MFACInverse(g, MU, (2, 2))
+        MFACInverse(g, (2, 2)).inverse(torch.ones(4, dtype=torch.float64), MU)
 
 
 def test_bissl_align_runs_with_mfac_and_resumes_exactly(tmp_path, tiny_align_overrides) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from bissl.bilevel.implicit import SolverSpec
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer
 from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
@@ -58,7 +59,8 @@ def _trainer(gamma=1.0, damping=20.0, solver="exact", iters=5):
     pretext = RegressViewPretext(3).double()
     task = TinyTask()
     head = task.build_head(3).double()
-    settings = BilevelSettings(lam=0.3, damping=damping, gamma=gamma, solver=solver, solver_iters=iters)
+    spec = SolverSpec(solver, maxiter=iters, rtol=None)
+    settings = BilevelSettings(lam=0.3, damping=damping, gamma=gamma, solver=spec)
     sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
     trainer = BiSSLTrainer(
         backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,

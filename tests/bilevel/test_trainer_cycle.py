@@ -7,9 +7,18 @@ import torch
 from test_implicit import conv_problem, dense_hessian, flat, random_like, rel_err, target
 from test_trainer import RegressViewPretext, TinyBackbone, TinyTask, _batches
 
-from bissl.bilevel import BilevelSettings, BiSSLTrainer, implicit_gradient
+from bissl.bilevel import (
+    PAPER_SOLVER,
+    BilevelSettings,
+    BiSSLTrainer,
+    HessianOperator,
+    SolverSpec,
+    implicit_gradient,
+    proximal_mu,
+)
 from bissl.bilevel.hvp import preserve_buffers
 from bissl.config import BilevelConfig
+from bissl.utils.errors import ConfigError
 
 
 class CountingPretext(RegressViewPretext):
@@ -24,13 +33,13 @@ class CountingPretext(RegressViewPretext):
         return super().loss(backbone, views)
 
 
-def make_trainer(**settings) -> BiSSLTrainer:
+def make_trainer(solver: str = "cg", **settings) -> BiSSLTrainer:
     torch.manual_seed(0)
     sgd = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)  # noqa: E731
     trainer = BiSSLTrainer(
         backbone=TinyBackbone().double(), pretext=CountingPretext(3).double(), task=TinyTask(),
         head=TinyTask().build_head(3).double(),
-        settings=BilevelSettings(lam=0.3, damping=20.0, **settings),
+        settings=BilevelSettings(lam=0.3, damping=20.0, solver=SolverSpec(solver, maxiter=5, rtol=None), **settings),
         make_lower_optimizer=sgd, make_upper_optimizer=sgd,
     )  # fmt: skip
     with torch.no_grad():
@@ -102,9 +111,76 @@ def test_default_solver_settings_meet_the_default_accuracy() -> None:
         h = dense_hessian(loss, params)
     for seed in range(3):
         v = random_like(params, seed)
-        x, info = implicit_gradient(
-            loss, params, v, cfg.lam, cfg.damping, solver=cfg.solver.name, iters=cfg.solver.iters,
-            tol=cfg.solver.tol, module=model,
-        )  # fmt: skip
+        op = HessianOperator(loss, params, module=model)
+        x, info = implicit_gradient(op, v, mu=proximal_mu(cfg.lam, cfg.damping))  # SolverSpec() is cfg.solver
         assert rel_err(flat(x), target(h, flat(tuple(v)), cfg.lam + cfg.damping)) <= 1e-3
         assert info.converged or cfg.solver.tol is None
+
+
+def test_a_user_frozen_batchnorm_stays_frozen_through_lower_and_upper_steps() -> None:
+    """The trainer never calls train()/eval(): an eval-mode BatchNorm keeps its mode and running statistics through
+    lower steps and upper steps whose Hessian-vector products reuse one graph (which saved those statistics)."""
+    views, _ = _batches()
+    trainer = make_trainer()
+    frozen = [trainer.lower_backbone.net[1], trainer.upper_backbone.net[1]]
+    for bn in frozen:
+        bn.eval()
+    stats_before = [{n: b.clone() for n, b in bn.named_buffers()} for bn in frozen]
+    for _ in range(2):
+        trainer.lower_step(views, total_lower_steps=2)
+    trainer.begin_cycle(views)
+    hvps = [trainer.upper_step(batch)["solver_hvps"] for batch in upper_batches(2)]
+    trainer.end_cycle()
+    assert hvps == [5, 5]
+    for bn, before in zip(frozen, stats_before, strict=True):
+        assert not bn.training
+        assert all(torch.equal(b, before[n]) for n, b in bn.named_buffers())
+    modules = [trainer.lower_backbone, trainer.upper_backbone, trainer.pretext, trainer.head]
+    assert all(m.training for module in modules for m in module.modules() if m not in frozen)
+
+
+def test_n_upper_zero_is_a_pretext_only_control(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lower steps with the proximal term towards a phi that never moves; no Hessian batch, forward or product."""
+    views, _ = _batches()
+
+    def no_product(self: HessianOperator, v: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a Hessian-vector product was computed")
+
+    monkeypatch.setattr(HessianOperator, "matvec", no_product)
+    trainer = make_trainer(n_lower=3, n_upper=0)
+    phi = [p.detach().clone() for p in trainer.phi]
+    theta = [p.detach().clone() for p in trainer.theta]
+
+    def no_hessian_views() -> list[torch.Tensor]:
+        raise AssertionError("the Hessian batch was drawn")
+
+    stats = trainer.run_cycle(iter([views] * 5), no_hessian_views, iter(upper_batches(2)), total_lower_steps=3)
+    assert trainer.lower_steps == 3 and trainer.upper_steps == 0 and len(trainer.pretext.sizes) == 3
+    assert all(torch.equal(a, b) for a, b in zip(trainer.phi, phi, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(trainer.theta, theta, strict=True))
+    assert stats["lower/proximal"] > 0 and not any(key.startswith("upper/") for key in stats)
+    with pytest.raises(ConfigError, match="n_upper >= 0"):
+        BilevelSettings(n_upper=-1)
+
+
+def test_run_cycle_equals_the_explicit_loop() -> None:
+    views, _ = _batches()
+    looped, cycled = make_trainer(n_lower=2, n_upper=2), make_trainer(n_lower=2, n_upper=2)
+    for _ in range(2):
+        looped.lower_step(views, total_lower_steps=2)
+    looped.begin_cycle(views)
+    for batch in upper_batches(2):
+        looped.upper_step(batch)
+    looped.end_cycle()
+    cycled.run_cycle(iter([views] * 2), lambda: views, iter(upper_batches(2)), total_lower_steps=2)
+    for a, b in zip([*looped.theta, *looped.phi], [*cycled.theta, *cycled.phi], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_settings_defaults_come_from_the_config() -> None:
+    """One place holds each default: ``bissl.config``; the paper's fixed budget is an explicit spec."""
+    cfg = BilevelConfig()
+    assert BilevelSettings() == BilevelSettings.from_config(cfg)
+    assert SolverSpec() == SolverSpec.from_config(cfg.solver)
+    assert (SolverSpec().maxiter, SolverSpec().rtol) == (cfg.solver.iters, cfg.solver.tol)
+    assert (PAPER_SOLVER.name, PAPER_SOLVER.maxiter, PAPER_SOLVER.rtol) == ("cg", 5, None)

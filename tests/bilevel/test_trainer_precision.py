@@ -15,6 +15,7 @@ from tiny_models import ConvNet
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from bissl.bilevel.implicit import SolverSpec
 from bissl.bilevel.solvers import SolveInfo
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, CycleOperator
 from bissl.pretext.base import PretextMethod
@@ -87,7 +88,7 @@ def _trainer(
     pretext = ClassifyViewPretext(6)
     task = TinyTask()
     head = task.build_head(6)
-    settings = BilevelSettings(lam=0.5, damping=2.0, solver=solver, solver_iters=20, hvp=hvp)
+    settings = BilevelSettings(lam=0.5, damping=2.0, solver=SolverSpec(solver, maxiter=20, rtol=None), hvp=hvp)
     sgd = lambda params: torch.optim.SGD(params, lr=0.05)  # noqa: E731
     trainer = RecordingTrainer(
         backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,

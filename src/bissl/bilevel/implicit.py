@@ -1,25 +1,86 @@
-"""The implicit hypergradient of BiSSL: ``mu (H + mu I)^-1 v`` with ``mu = lam + damping``.
+"""The implicit hypergradient of BiSSL: ``x = mu (H + mu I)^-1 v`` with ``mu = lam + damping``.
 
 The lower level solves ``min_theta L_P(theta) + lam/2 ||theta - phi||^2``. At its solution
 ``d theta*/d phi = lam (H + lam I)^-1`` (``H`` the Hessian of ``L_P`` w.r.t. ``theta``), so an upper-level
 gradient ``v = grad_theta L_D`` reaches ``phi`` as ``lam (H + lam I)^-1 v``. The damping is added to ``lam``
-to regularise the solve (the paper's code uses 10), giving ``mu (H + mu I)^-1 v``, computed as the solution
-``x`` of ``(I + H/mu) x = v`` by a solver from :data:`bissl.bilevel.solvers.SOLVERS`.
+to regularise the solve (the paper's code uses 10), giving ``mu (H + mu I)^-1 v``.
+
+Three swappable pieces, as in torchopt/jaxopt (operator, linear solve, settings)::
+
+    x, info = implicit_gradient(operator, v, mu=proximal_mu(lam, damping), solver=SolverSpec("cg", maxiter=10))
+
+``operator`` is the curvature, in one of two shapes:
+
+- a :class:`LinearOperator` (``matvec(v) -> H v``, e.g. :class:`~bissl.bilevel.hvp.HessianOperator`): ``x`` is
+  the solution of ``(I + H/mu) x = v`` by the solver of :data:`~bissl.bilevel.solvers.SOLVERS` that ``solver``
+  names;
+- an :class:`InverseOperator` (``inverse(v, mu) -> (mu (H + mu I)^-1 v, SolveInfo)``, e.g. M-FAC's
+  :class:`~bissl.bilevel.mfac.MFACInverse`): applied directly; ``solver`` is not used.
+
+Both are protocols: a user's curvature approximation plugs in by defining the one method.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from bissl.bilevel.hvp import DEFAULT_HVP_METHOD, HessianOperator, HVPMethod, flatten, unflatten
-from bissl.bilevel.solvers import DEFAULT_RECYCLE_VECTORS, SOLVERS, RecycleSpace, SolveInfo
+from bissl.bilevel.hvp import flatten, unflatten
+from bissl.bilevel.solvers import SOLVERS, RecycleSpace, SolveInfo
+from bissl.config import SolverConfig
 from bissl.utils.errors import ConfigError
 
 logger = logging.getLogger("bissl.bilevel")
+
+_DEFAULTS = SolverConfig()  # the one place each solver default lives: bissl.config.SolverConfig
+
+
+@runtime_checkable
+class LinearOperator(Protocol):
+    """``v -> H v`` on flat vectors. An optional ``cache: dict`` attribute keeps solver state per operator."""
+
+    def matvec(self, v: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class InverseOperator(Protocol):
+    """Applies ``mu (H + mu I)^-1`` to a flat vector directly, returning the solution and its :class:`SolveInfo`."""
+
+    def inverse(self, v: Tensor, mu: float) -> tuple[Tensor, SolveInfo]: ...
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """How to solve ``(I + H/mu) x = v``: a :data:`SOLVERS` name, its ``maxiter`` and relative-residual target
+    ``rtol`` (``None``: exactly ``maxiter`` iterations), whether the trainer warm-starts each solve from the
+    previous solution, and ``recycle_vectors`` (directions a ``recycled_cg`` space keeps per operator).
+
+    Defaults are those of :class:`bissl.config.SolverConfig` (``bissl align``'s measured fast path); the paper's
+    fixed budget is :data:`PAPER_SOLVER`.
+    """
+
+    name: str = _DEFAULTS.name
+    maxiter: int = _DEFAULTS.iters
+    rtol: float | None = _DEFAULTS.tol
+    warm_start: bool = _DEFAULTS.warm_start
+    recycle_vectors: int = _DEFAULTS.recycle_vectors
+
+    @classmethod
+    def from_config(cls, cfg: SolverConfig) -> SolverSpec:
+        """The spec of a ``bilevel.solver`` config section."""
+        return cls(cfg.name, cfg.iters, cfg.tol, cfg.warm_start, cfg.recycle_vectors)
+
+
+DEFAULT_SOLVER = SolverSpec()
+"""The ``bilevel.solver`` config defaults."""
+
+PAPER_SOLVER = SolverSpec(name="cg", maxiter=5, rtol=None)
+"""The paper's public code: exactly 5 CG iterations, no tolerance."""
 
 
 def proximal_mu(lam: float, damping: float) -> float:
@@ -35,74 +96,40 @@ def proximal_mu(lam: float, damping: float) -> float:
 
 
 def implicit_gradient(
-    lower_loss: Callable[[], Tensor] | None,
-    params: Sequence[Tensor],
-    vector: Sequence[Tensor],
-    lam: float,
-    damping: float = 0.0,
-    solver: str = "cg",
-    iters: int = 5,
-    tol: float | None = None,
+    operator: LinearOperator | InverseOperator,
+    rhs: Sequence[Tensor],
     *,
-    hvp: HVPMethod = DEFAULT_HVP_METHOD,
+    mu: float,
+    solver: SolverSpec = DEFAULT_SOLVER,
     x0: Sequence[Tensor] | None = None,
-    module: nn.Module | None = None,
-    operator: HessianOperator | None = None,
-    recycle_vectors: int = DEFAULT_RECYCLE_VECTORS,
 ) -> tuple[tuple[Tensor, ...], SolveInfo]:
-    """Approximate ``mu (H + mu I)^-1 vector``, ``mu = lam + damping``, ``H`` the Hessian of ``lower_loss``.
+    """``x = mu (H + mu I)^-1 rhs``, solved as ``(I + H/mu) x = rhs`` (or applied by an inverse operator).
 
     Args:
-        lower_loss: zero-argument callable returning the scalar lower-level loss WITHOUT the proximal term, at
-            the current ``params`` and on a fixed batch. ``None`` when ``operator`` is given.
-        params: the tensors ``H`` is taken over (e.g. the backbone parameters; a pretext head stays fixed).
-        vector: the right-hand side, shapes of ``params`` (e.g. ``grad_theta L_D``).
-        lam, damping: ``mu = lam + damping``; ``lam <= 0`` or ``mu <= 0`` raise :class:`ConfigError`.
-        solver: a name in ``SOLVERS`` (``cg``, ``neumann``, ``identity``, ``exact``, ``layerwise``, or yours).
-        iters: the solver's ``maxiter`` (ignored by ``identity`` and ``exact``).
-        tol: relative-residual target ``rtol``; ``None`` runs exactly ``iters`` iterations.
-        hvp: Hessian-vector product method of the operator built here (see :mod:`bissl.bilevel.hvp`).
-        x0: warm start, shapes of ``params`` (e.g. the previous solution for the same operator).
-        module: module(s) ``lower_loss`` runs, e.g. ``nn.ModuleList([backbone, pretext_method])``: its
-            BatchNorm running statistics and other buffers are left bit-identical by the solve (and the ``func``
-            method finds ``params`` in it).
-        operator: a :class:`HessianOperator` built earlier for the same ``params``, to share one first-order
-            graph between several solves (e.g. the upper steps of a BiSSL cycle); then ``lower_loss``,
-            ``hvp`` and ``module`` are not used. A solver with a ``recycle`` keyword (``recycled_cg``) gets the
-            :class:`~bissl.bilevel.solvers.RecycleSpace` kept in ``operator.cache`` for this ``mu``, so the
-            solves that share the operator share their Krylov directions (a new operator starts empty).
-        recycle_vectors: how many directions that space keeps (the newest; two parameter-sized vectors each).
+        operator: the curvature ``H`` (module docstring), e.g. ``HessianOperator(loss_fn, params, module=m)``.
+        rhs: the right-hand side, e.g. ``grad_theta L_D`` (tensors of any shapes, ``H``'s size in all).
+        mu: ``lam + damping`` (see :func:`proximal_mu`); must be > 0.
+        solver: which solver, its budget and target (:class:`SolverSpec`); unused by an inverse operator. A
+            solver with a ``blocks`` keyword (``layerwise``) gets the sizes of the ``rhs`` tensors; one with a
+            ``recycle`` keyword (``recycled_cg``) the :class:`~bissl.bilevel.solvers.RecycleSpace` kept in
+            ``operator.cache`` for this ``mu``, so the solves that share an operator share their Krylov directions.
+        x0: warm start, shapes of ``rhs`` (e.g. the previous solution).
 
     Returns:
-        The solution with the shapes of ``params`` (detached) and the :class:`SolveInfo`; ``info.matvecs`` is
-        the number of Hessian-vector products. The operator is built only if the solver asks for a product.
+        The solution with the shapes of ``rhs`` (detached) and the :class:`SolveInfo`; ``info.matvecs`` is the
+        number of products with ``H``.
     """
-    mu = proximal_mu(lam, damping)
-    params = tuple(params)
-    if (lower_loss is None) == (operator is None):
-        raise ValueError("pass exactly one of lower_loss and operator")
-    if operator is not None and operator.shapes != tuple(p.shape for p in params):
-        raise ValueError("operator was built for parameters of other shapes than params")
-    shapes = tuple(p.shape for p in params)
-    if tuple(v.shape for v in vector) != shapes:
-        raise ValueError("vector must have the shapes of params, in the same order")
-    solve = SOLVERS.get(solver)
-    b = flatten(vector).to(params[0].dtype)
-    op = operator
-
-    def matvec(x: Tensor) -> Tensor:
-        """``(I + H/mu) x``; the operator is built on the first call (never, for ``identity``)."""
-        nonlocal op
-        if op is None:
-            op = HessianOperator(lower_loss, params, method=hvp, module=module)  # type: ignore[arg-type]
-        return op.matvec(x).div_(mu).add_(x)
-
-    accepts = inspect.signature(solve).parameters
-    extra: dict[str, object] = {"blocks": tuple(p.numel() for p in params)} if "blocks" in accepts else {}
-    if "recycle" in accepts:  # one space per operator and mu (stored products are of (I + H/mu))
-        space = RecycleSpace(recycle_vectors)
-        extra["recycle"] = space if operator is None else operator.cache.setdefault(("recycle", mu), space)
-    x, info = solve(matvec, b, x0=None if x0 is None else flatten(x0).to(b.dtype), maxiter=iters, rtol=tol, **extra)
+    if not mu > 0:
+        raise ConfigError(f"mu = lam + damping = {mu} must be > 0")
+    shapes = tuple(t.shape for t in rhs)
+    numel = getattr(operator, "numel", None)
+    if numel is not None and numel != sum(s.numel() for s in shapes):
+        raise ValueError(f"rhs has {sum(s.numel() for s in shapes)} entries, the operator acts on {numel}")
+    b = flatten(rhs)
+    if isinstance(operator, InverseOperator):
+        x, info = operator.inverse(b, mu)
+    else:
+        x, info = _solve(operator, b, mu, solver, None if x0 is None else flatten(x0).to(b.dtype), shapes)
     logger.debug(
         "implicit solve (%s, mu=%g): %d iterations, %d HVPs, relative residual %.3g, %s",
         info.solver,
@@ -113,3 +140,17 @@ def implicit_gradient(
         info.reason,
     )
     return unflatten(x, shapes), info
+
+
+def _solve(
+    operator: LinearOperator, b: Tensor, mu: float, spec: SolverSpec, x0: Tensor | None, shapes: Sequence
+) -> tuple[Tensor, SolveInfo]:
+    """``(I + H/mu) x = b`` by the solver ``spec`` names (a product is spent only when the solver asks for one)."""
+    solve = SOLVERS.get(spec.name)
+    accepts = inspect.signature(solve).parameters
+    extra: dict[str, object] = {"blocks": tuple(s.numel() for s in shapes)} if "blocks" in accepts else {}
+    if "recycle" in accepts:  # one space per operator and mu (stored products are of (I + H/mu))
+        space = RecycleSpace(spec.recycle_vectors)
+        cache = getattr(operator, "cache", None)
+        extra["recycle"] = space if cache is None else cache.setdefault(("recycle", mu), space)
+    return solve(lambda x: operator.matvec(x).div_(mu).add_(x), b, x0=x0, maxiter=spec.maxiter, rtol=spec.rtol, **extra)

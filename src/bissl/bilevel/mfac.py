@@ -16,19 +16,26 @@ Set-up (the Gram matrices ``G_b G_b^T`` and their Cholesky factors): ``O(n^2 d)`
 ``O(n d)``, no Hessian-vector products. Memory: the ``m x d`` window. The Fisher is a different operator from the
 pretext Hessian, so the error against a converged Hessian solve does not measure its worth; downstream accuracy
 does (BiSSLight, the paper authors' follow-up, uses it in place of CG).
+
+:class:`MFACInverse` is an :class:`~bissl.bilevel.implicit.InverseOperator` like any other: pass it to
+:func:`~bissl.bilevel.implicit_gradient`, which applies it instead of running a solver. Its Fisher comes from the
+lower steps' gradients, which :class:`~bissl.bilevel.trainer.BiSSLTrainer` records in a :class:`GradientWindow`
+when ``bilevel.solver.name`` names an entry of :data:`INVERSES` (``mfac``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from bissl.bilevel.solvers import SOLVERS, MatVec, SolveInfo, _rhs_norm
+from bissl.bilevel.implicit import InverseOperator
+from bissl.bilevel.solvers import SolveInfo, _rhs_norm
 from bissl.utils.errors import ConfigError, NonFiniteError
+from bissl.utils.registry import Registry
 
 
 class GradientWindow:
@@ -80,69 +87,58 @@ def block_sizes(param_sizes: Sequence[int], block_size: int | None) -> tuple[int
     return (block_size,) * full + ((rest,) if rest else ())
 
 
+InverseFactory = Callable[[Tensor | None, Sequence[int]], InverseOperator]
+
+INVERSES: Registry[InverseFactory] = Registry("inverse operator")
+"""Curvature inverses built from the lower level's gradient window: ``factory(gradients, blocks)`` with
+``gradients`` the ``n x d`` window (or ``None``) and ``blocks`` the block sizes; :class:`BiSSLTrainer` records the
+window and builds one per cycle when ``bilevel.solver.name`` names an entry here instead of a solver."""
+
+
+@INVERSES.register("mfac")
 class MFACInverse:
     """``v -> mu (F + mu I)^-1 v`` with the block-diagonal empirical Fisher ``F`` of ``gradients`` (module docstring).
 
-    ``gradients`` is ``n x d`` (``n = 0``: ``F = 0``, the identity). It is kept by reference, not copied: build
-    the inverse after the lower steps of a cycle and drop it before the next push into the window.
+    An :class:`~bissl.bilevel.implicit.InverseOperator`. ``gradients`` is ``n x d`` (``n = 0`` or ``None``:
+    ``F = 0``, the identity). It is kept by reference, not copied: build the inverse after the lower steps of a
+    cycle and drop it before the next push into the window. Lazy: the Gram matrices are formed at the first
+    :meth:`inverse`, and their Cholesky factors once per ``mu``.
     """
 
-    def __init__(self, gradients: Tensor | None, mu: float, blocks: Sequence[int]) -> None:
-        if not mu > 0:
-            raise ConfigError(f"mfac: mu = lam + damping = {mu} must be > 0")
-        self.mu = mu
+    def __init__(self, gradients: Tensor | None, blocks: Sequence[int]) -> None:
         self.blocks = tuple(blocks)
         self.g = gradients if gradients is not None and gradients.shape[0] > 0 else None
-        self._factors: list[Tensor] = []
-        if self.g is None:
-            return
-        n, d = self.g.shape
-        if sum(self.blocks) != d:
-            raise ValueError(f"mfac: blocks sum to {sum(self.blocks)}, the gradients have {d} entries")
-        eye = torch.eye(n, dtype=torch.float64, device=self.g.device)
-        for g_b in self.g.split(self.blocks, dim=1):
-            gram = (g_b @ g_b.T).double()
-            if not bool(torch.isfinite(gram).all()):  # NaN/inf in G shows in its Gram, without an n x d temporary
+        if self.g is not None and sum(self.blocks) != self.g.shape[1]:
+            raise ValueError(f"mfac: blocks sum to {sum(self.blocks)}, the gradients have {self.g.shape[1]} entries")
+        self._grams: list[Tensor] | None = None
+        self._factors: dict[float, list[Tensor]] = {}
+
+    def _cholesky(self, g: Tensor, mu: float) -> list[Tensor]:
+        """Cholesky factors of ``n mu I + G_b G_b^T`` per block, in float64 (cached per ``mu``)."""
+        if self._grams is None:
+            self._grams = [(g_b @ g_b.T).double() for g_b in g.split(self.blocks, dim=1)]
+            if not all(bool(torch.isfinite(gram).all()) for gram in self._grams):  # no n x d temporary
                 raise NonFiniteError("mfac: a recorded lower-level gradient is NaN/inf; lower the lower-level lr")
-            self._factors.append(torch.linalg.cholesky(gram + n * mu * eye))
+        if mu not in self._factors:
+            n = g.shape[0]
+            eye = torch.eye(n, dtype=torch.float64, device=g.device)
+            self._factors[mu] = [torch.linalg.cholesky(gram + n * mu * eye) for gram in self._grams]
+        return self._factors[mu]
 
-    def apply(self, v: Tensor) -> Tensor:
-        """``mu (F + mu I)^-1 v`` for a flat ``v``: ``x_b = v_b - G_b^T (n mu I + G_b G_b^T)^-1 G_b v_b``."""
-        if self.g is None:
-            return v.clone()
+    def inverse(self, v: Tensor, mu: float) -> tuple[Tensor, SolveInfo]:
+        """``mu (F + mu I)^-1 v`` for a flat ``v``: ``x_b = v_b - G_b^T (n mu I + G_b G_b^T)^-1 G_b v_b``; no
+        Hessian-vector product (``SolveInfo.residual`` is NaN: the Hessian residual would cost one)."""
+        if not mu > 0:
+            raise ConfigError(f"mfac: mu = lam + damping = {mu} must be > 0")
+        _rhs_norm("mfac", v)
         out = v.clone()
-        for g_b, v_b, x_b, chol in zip(
-            self.g.split(self.blocks, dim=1), v.split(self.blocks), out.split(self.blocks), self._factors, strict=True
-        ):
-            coeff = torch.cholesky_solve((g_b @ v_b).double().unsqueeze(1), chol).squeeze(1)
-            x_b.sub_(g_b.T @ coeff.to(g_b.dtype))
-        return out
-
-
-@SOLVERS.register("mfac")
-def mfac(
-    matvec: MatVec | None,
-    b: Tensor,
-    *,
-    x0: Tensor | None = None,
-    maxiter: int = 0,
-    rtol: float | None = None,
-    atol: float = 0.0,
-    inverse: MFACInverse | None = None,
-) -> tuple[Tensor, SolveInfo]:
-    """``x = inverse.apply(b) = mu (F + mu I)^-1 b``: no product with ``A`` (``matvec`` is not called).
-
-    The Fisher comes from gradients recorded during the lower steps, which :func:`bissl.bilevel.implicit_gradient`
-    does not see: :class:`bissl.bilevel.BiSSLTrainer` (``solver="mfac"``) builds the :class:`MFACInverse` once
-    per cycle and passes it here. ``SolveInfo.residual`` is NaN (the Hessian residual would cost a product).
-    """
-    if inverse is None:
-        raise ConfigError(
-            "solver 'mfac' needs the lower-level gradient window: use it through BiSSLTrainer "
-            "(bilevel.solver.name=mfac), or call mfac(None, b, inverse=MFACInverse(gradients, mu, blocks))"
-        )
-    _rhs_norm("mfac", b)
-    x = inverse.apply(b)
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError("mfac: the solution is NaN/inf; check the recorded gradients")
-    return x, SolveInfo("mfac", 0, 0, math.nan, False, "no_solve")
+        if self.g is not None:
+            for g_b, v_b, x_b, chol in zip(
+                self.g.split(self.blocks, dim=1), v.split(self.blocks), out.split(self.blocks),
+                self._cholesky(self.g, mu), strict=True,
+            ):  # fmt: skip
+                coeff = torch.cholesky_solve((g_b @ v_b).double().unsqueeze(1), chol).squeeze(1)
+                x_b.sub_(g_b.T @ coeff.to(g_b.dtype))
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteError("mfac: the solution is NaN/inf; check the recorded gradients")
+        return out, SolveInfo("mfac", 0, 0, math.nan, False, "no_solve")

@@ -11,16 +11,28 @@ pretext batch per cycle fixing the Hessian ``H = d^2 L_P / d theta^2`` (psi held
     g_omega = grad_omega L_D(theta, omega) + gamma grad_omega L_D(phi, omega)
 
 theta and the Hessian batch do not change during a cycle's upper steps, so ``H`` is one operator for all of them:
-:meth:`BiSSLTrainer.begin_cycle` sets it up once (a :class:`~bissl.bilevel.hvp.HessianOperator`, built at the
-first Hessian-vector product; or, for ``solver="mfac"``, the inverse of the empirical Fisher of the gradients the
-lower steps recorded, :mod:`bissl.bilevel.mfac`), every :meth:`~BiSSLTrainer.upper_step` until
-:meth:`~BiSSLTrainer.end_cycle` reuses it::
+:meth:`BiSSLTrainer.begin_cycle` sets up the cycle's curvature once and every :meth:`~BiSSLTrainer.upper_step` until
+:meth:`~BiSSLTrainer.end_cycle` reuses it. The curvature is either a lazily built
+:class:`~bissl.bilevel.hvp.HessianOperator` solved by the solver ``settings.solver`` names, or, when that name is
+an entry of :data:`~bissl.bilevel.mfac.INVERSES` (``mfac``), an inverse operator built from the gradients the lower
+steps recorded; both go through :func:`~bissl.bilevel.implicit_gradient` the same way::
 
-    for cycle in ...:
+    for cycle in ...:  # trainer.run_cycle(lower_views, draw_hessian_views, upper_batches, total_lower_steps)
         for _ in range(n_lower): trainer.lower_step(views, total_lower_steps)
         trainer.begin_cycle(hessian_views)
         for _ in range(n_upper): trainer.upper_step(batch)
         trainer.end_cycle()
+
+With ``n_upper = 0`` (the pretext-only control) a cycle is its lower steps: phi never moves and no Hessian-vector
+product is computed (:meth:`~BiSSLTrainer.run_cycle` does not even draw the Hessian batch).
+
+Train/eval modes: the trainer never calls ``train()`` or ``eval()``; every forward pass runs in the modes the
+modules are in. Put the modules in train mode before training (new modules are); a submodule you put in eval mode
+(e.g. a frozen BatchNorm) stays so, normalises with its running statistics in the lower step, the downstream
+passes and the Hessian, and its running statistics never change. The maths needs no particular mode: ``H`` is the
+Hessian of the pretext loss as the lower steps compute it. An evaluation between steps must restore the modes it
+changed. Lower-level running statistics move only in lower steps; the Hessian and the downstream pass at theta
+leave them bit-identical; those of phi move in the downstream pass at phi of an upper step.
 
 The trainer knows nothing of datasets or files: it takes prepared batches, so any backbone, any
 :class:`~bissl.pretext.base.PretextMethod` and any :class:`~bissl.downstream.base.DownstreamTask` plug in.
@@ -56,30 +68,32 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bissl.bilevel.hvp import (
-    DEFAULT_HVP_METHOD,
-    HessianOperator,
-    HVPMethod,
-    flatten,
-    preserve_buffers,
-    unflatten,
+from bissl.bilevel.hvp import DEFAULT_HVP_METHOD, HessianOperator, preserve_buffers
+from bissl.bilevel.implicit import (
+    DEFAULT_SOLVER,
+    InverseOperator,
+    LinearOperator,
+    SolverSpec,
+    implicit_gradient,
+    proximal_mu,
 )
-from bissl.bilevel.implicit import implicit_gradient, proximal_mu
-from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes, mfac
-from bissl.bilevel.solvers import DEFAULT_RECYCLE_VECTORS, SolveInfo
+from bissl.bilevel.mfac import INVERSES, GradientWindow, block_sizes
+from bissl.bilevel.solvers import SolveInfo
+from bissl.config import BilevelConfig
 from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
 from bissl.utils.errors import ConfigError
 from bissl.utils.numerics import clip_gradients, global_norm, require_finite
 
-ViewFn = Callable[[Tensor], Sequence[Tensor]]
+_BILEVEL = BilevelConfig()  # the one place each bilevel default lives: bissl.config
 
 
 @dataclass(frozen=True)
@@ -99,28 +113,25 @@ class RankSync:
 
 @dataclass(frozen=True)
 class BilevelSettings:
-    """The bilevel hyper-parameters; defaults are those of the paper's public code (5 CG iterations, no tolerance).
-
-    ``bissl align`` builds them from the ``bilevel`` config section, whose solver defaults are the measured fast
-    path (``tol=5e-4`` with at most 10 iterations; ``benchmarks/README.md``).
+    """The bilevel hyper-parameters. Every default is that of :class:`bissl.config.BilevelConfig` (and its
+    ``solver`` section, :class:`~bissl.bilevel.implicit.SolverSpec`), so the Python API and ``bissl align`` agree;
+    :meth:`from_config` builds them from a config section. For the paper's fixed budget of 5 CG iterations with no
+    tolerance pass ``solver=PAPER_SOLVER``. ``n_upper=0`` is the pretext-only control: lower steps with the
+    proximal term towards a phi that never moves, no upper level, no Hessian work.
     """
 
-    n_lower: int = 20
-    n_upper: int = 8
-    lam: float = 1e-3
-    damping: float = 10.0
-    gamma: float = 1.0
-    solver: str = "cg"
-    solver_iters: int = 5
-    solver_tol: float | None = None
-    hvp: str | None = None  # None: the library default
-    warm_start: bool = False
-    hessian_fraction: float = 1.0  # H on the first ceil(fraction * B) samples of each Hessian view
-    mfac_window: int = 20  # solver "mfac": the last m lower-level pretext gradients
-    mfac_block_size: int | None = None  # solver "mfac": None, one block per parameter tensor
-    recycle_vectors: int = DEFAULT_RECYCLE_VECTORS  # solver "recycled_cg": directions kept per cycle
-    lower_grad_clip: float | None = 10.0
-    upper_grad_clip: float | None = 10.0
+    n_lower: int = _BILEVEL.n_lower
+    n_upper: int = _BILEVEL.n_upper
+    lam: float = _BILEVEL.lam
+    damping: float = _BILEVEL.damping
+    gamma: float = _BILEVEL.gamma
+    solver: SolverSpec = DEFAULT_SOLVER
+    hvp: str | None = _BILEVEL.solver.hvp  # None: the library default
+    hessian_fraction: float = _BILEVEL.solver.hessian_fraction  # H on the first ceil(fraction * B) samples
+    mfac_window: int = _BILEVEL.solver.mfac_window  # an inverse from INVERSES: the last m lower-level gradients
+    mfac_block_size: int | None = _BILEVEL.solver.mfac_block_size  # its blocks; None: one per parameter tensor
+    lower_grad_clip: float | None = _BILEVEL.lower_grad_clip
+    upper_grad_clip: float | None = _BILEVEL.upper_grad_clip
 
     def __post_init__(self) -> None:
         if self.lam <= 0:
@@ -129,47 +140,24 @@ class BilevelSettings:
             )
         if self.damping < 0:
             raise ConfigError(f"bilevel.damping must be >= 0 (got {self.damping}); the paper uses 10")
-        if self.n_lower < 1 or self.n_upper < 1:
-            raise ConfigError(f"bilevel.n_lower and n_upper must be >= 1 (got {self.n_lower}, {self.n_upper})")
+        if self.n_lower < 1 or self.n_upper < 0:
+            raise ConfigError(f"bilevel.n_lower must be >= 1, n_upper >= 0 (got {self.n_lower}, {self.n_upper})")
         if not 0 < self.hessian_fraction <= 1:
             raise ConfigError(f"bilevel.solver.hessian_fraction must lie in (0, 1] (got {self.hessian_fraction})")
 
-
-class _DeferredHessian(HessianOperator):
-    """A :class:`HessianOperator` whose build (forward + first-order graph) waits for the first product, so a
-    cycle whose solver spends no product (``identity``) runs no Hessian forward pass. With ``mean`` (data
-    parallel) each product is averaged over ranks: the Hessian of the mean of the ranks' losses."""
-
-    def __init__(
-        self,
-        loss_fn: Callable[[], Tensor],
-        params: Sequence[Tensor],
-        *,
-        method: HVPMethod,
-        module: nn.Module,
-        mean: Callable[[Sequence[Tensor]], None] | None = None,
-    ) -> None:
-        self._mean = mean
-        super().__init__(loss_fn, params, method=method, module=module)
-
-    def _build_double_backward(self, loss_fn: Callable[[], Tensor]) -> None:
-        self._pending = (super()._build_double_backward, loss_fn)
-
-    def _build_func(self, loss_fn: Callable[[], Tensor]) -> None:
-        self._pending = (super()._build_func, loss_fn)
-
-    def matvec(self, v: Tensor) -> Tensor:
-        if self._pending is not None:
-            build, loss_fn = self._pending
-            self._pending = None
-            build(loss_fn)
-        product = super().matvec(v).to(self.dtype)  # fp32 for fp32 parameters, whatever the forward's autocast
-        if self._mean is not None:
-            self._mean([product])
-        return product
+    @classmethod
+    def from_config(cls, cfg: BilevelConfig) -> BilevelSettings:
+        """The settings of a ``bilevel`` config section."""
+        return cls(
+            n_lower=cfg.n_lower, n_upper=cfg.n_upper, lam=cfg.lam, damping=cfg.damping, gamma=cfg.gamma,
+            solver=SolverSpec.from_config(cfg.solver), hvp=cfg.solver.hvp,
+            hessian_fraction=cfg.solver.hessian_fraction, mfac_window=cfg.solver.mfac_window,
+            mfac_block_size=cfg.solver.mfac_block_size, lower_grad_clip=cfg.lower_grad_clip,
+            upper_grad_clip=cfg.upper_grad_clip,
+        )  # fmt: skip
 
 
-CycleOperator = HessianOperator | MFACInverse
+CycleOperator = LinearOperator | InverseOperator
 
 
 class BiSSLTrainer:
@@ -216,7 +204,7 @@ class BiSSLTrainer:
         self.upper_steps = 0
         self._last_solution: tuple[Tensor, ...] | None = None
         self._cycle: CycleOperator | None = None
-        self._window = GradientWindow(settings.mfac_window) if settings.solver == "mfac" else None
+        self._window = GradientWindow(settings.mfac_window) if settings.solver.name in INVERSES else None
 
     # ----------------------------------------------------------------------------------- lower level
     def proximal_term(self) -> Tensor:
@@ -227,12 +215,11 @@ class BiSSLTrainer:
     def lower_step(self, views: Sequence[Tensor], total_lower_steps: int) -> dict[str, float]:
         """One step on ``L_P(theta, psi) + lam/2 ||theta - phi||^2``; it moves theta, so it ends an open cycle.
 
-        With ``solver="mfac"`` the pretext gradient ``grad_theta L_P`` (the total gradient less the proximal
-        term's ``lam (theta - phi)``, before clipping) is recorded in the M-FAC window.
+        With an inverse from :data:`~bissl.bilevel.mfac.INVERSES` (``mfac``) the pretext gradient ``grad_theta L_P``
+        (the total gradient less the proximal term's ``lam (theta - phi)``, before clipping) is recorded in its
+        gradient window.
         """
         self.end_cycle()
-        self.lower_backbone.train()
-        self.pretext.train()
         pretext_loss = self._pretext_loss(views)
         prox = self.proximal_term()
         self.lower_optimizer.zero_grad(set_to_none=True)
@@ -295,11 +282,11 @@ class BiSSLTrainer:
         s = self.settings
         if self._window is not None:
             blocks = block_sizes([p.numel() for p in self.theta], s.mfac_block_size)
-            return MFACInverse(self._window.gradients(), proximal_mu(s.lam, s.damping), blocks)
+            return INVERSES.get(s.solver.name)(self._window.gradients(), blocks)
         views = list(hessian_views)
         if s.hessian_fraction < 1:
             views = [v[: max(1, math.ceil(s.hessian_fraction * v.shape[0]))] for v in views]
-        return _DeferredHessian(
+        return HessianOperator(
             lambda: self._pretext_loss(views),
             self.theta,
             method=s.hvp or DEFAULT_HVP_METHOD,  # type: ignore[arg-type]
@@ -310,30 +297,14 @@ class BiSSLTrainer:
     def solve_implicit(
         self, v_theta: Sequence[Tensor], operator: CycleOperator
     ) -> tuple[tuple[Tensor, ...], SolveInfo]:
-        """``mu (H + mu I)^-1 v_theta`` by the configured solver (``mu (F + mu I)^-1 v_theta`` for ``mfac``).
+        """``mu (H + mu I)^-1 v_theta`` with the cycle's operator (:func:`~bissl.bilevel.implicit_gradient`).
 
         The one place the implicit term is computed: a subclass may override it (``benchmarks/`` does, to time
         other implementations inside the same cycle).
         """
         s = self.settings
-        if isinstance(operator, MFACInverse):
-            x, info = mfac(None, flatten(v_theta), inverse=operator)
-            return unflatten(x, [p.shape for p in self.theta]), info
-        self.lower_backbone.train()
-        self.pretext.train()
-        return implicit_gradient(
-            None,
-            self.theta,
-            v_theta,
-            lam=s.lam,
-            damping=s.damping,
-            solver=s.solver,
-            iters=s.solver_iters,
-            tol=s.solver_tol,
-            x0=self._last_solution if s.warm_start else None,
-            operator=operator,
-            recycle_vectors=s.recycle_vectors,
-        )
+        x0 = self._last_solution if s.solver.warm_start else None
+        return implicit_gradient(operator, v_theta, mu=proximal_mu(s.lam, s.damping), solver=s.solver, x0=x0)
 
     def hypergradient(
         self, batch: Any, hessian_views: Sequence[Tensor] | None = None
@@ -352,14 +323,12 @@ class BiSSLTrainer:
         else:
             raise ValueError("no open cycle: call begin_cycle(hessian_views) first, or pass hessian_views")
         head_params = list(self.head.parameters())
-        self.lower_backbone.train()
         with preserve_buffers(self._lower_modules):
             loss_theta = self._downstream_loss(self.lower_backbone, batch)
             grads = torch.autograd.grad(loss_theta, [*self.theta, *head_params])
         v_theta, g_head = grads[: len(self.theta)], grads[len(self.theta) :]
         # autograd returns each gradient in its parameter's dtype: the solve runs in the parameters' precision
         assert all(g.dtype == p.dtype for g, p in zip(v_theta, self.theta, strict=True))
-        self.upper_backbone.train()
         loss_phi = self._downstream_loss(self.upper_backbone, batch)
         grads_phi = torch.autograd.grad(loss_phi, [*self.phi, *head_params])
         g_phi_plain, g_head_phi = grads_phi[: len(self.phi)], grads_phi[len(self.phi) :]
@@ -369,7 +338,7 @@ class BiSSLTrainer:
         require_finite(losses[1], "downstream loss at phi", "lower upper.optim.lr")
         with preserve_buffers(self._lower_modules):
             implicit, info = self.solve_implicit(v_theta, operator)
-        if s.warm_start:
+        if s.solver.warm_start:
             self._last_solution = tuple(x.detach() for x in implicit)
         g_phi = [x + s.gamma * g for x, g in zip(implicit, g_phi_plain, strict=True)]
         g_omega = [a + s.gamma * b for a, b in zip(g_head, g_head_phi, strict=True)]
@@ -399,6 +368,29 @@ class BiSSLTrainer:
         self.upper_steps += 1
         self._sync_buffers(self.upper_backbone)
         return stats
+
+    def run_cycle(
+        self,
+        lower_views: Iterable[Sequence[Tensor]],
+        hessian_views: Callable[[], Sequence[Tensor]],
+        upper_batches: Iterable[Any],
+        total_lower_steps: int,
+    ) -> dict[str, float]:
+        """One cycle: ``n_lower`` lower steps, then (if ``n_upper > 0``) ``begin_cycle(hessian_views())`` and
+        ``n_upper`` upper steps; the batches are drawn from the iterables as needed. Returns the cycle's mean
+        statistics, keys prefixed ``lower/`` and ``upper/``."""
+        s = self.settings
+        sums: dict[str, float] = defaultdict(float)
+        for _, views in zip(range(s.n_lower), lower_views, strict=False):
+            for key, value in self.lower_step(views, total_lower_steps).items():
+                sums[f"lower/{key}"] += value / s.n_lower
+        if s.n_upper > 0:
+            self.begin_cycle(hessian_views())
+            for _, batch in zip(range(s.n_upper), upper_batches, strict=False):
+                for key, value in self.upper_step(batch).items():
+                    sums[f"upper/{key}"] += value / s.n_upper
+        self.end_cycle()
+        return dict(sums)
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

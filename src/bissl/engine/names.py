@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from bissl.bilevel.mfac import INVERSES
 from bissl.bilevel.solvers import SOLVERS
 from bissl.config import (
     BackboneConfig,
@@ -32,15 +33,15 @@ from bissl.pretext import PRETEXT_METHODS
 from bissl.utils.errors import ConfigError
 from bissl.utils.registry import Registry
 
-#: (config section, field) -> the registry its value must name
-NAMED_FIELDS: tuple[tuple[type[BaseModel], str, Registry[Any]], ...] = (
+#: (config section, field) -> the registries one of which its value must name
+NAMED_FIELDS: tuple[tuple[type[BaseModel], str, Registry[Any] | tuple[Registry[Any], ...]], ...] = (
     (DataConfig, "name", DATASETS),
     (MonitorConfig, "dataset", DATASETS),
     (BackboneConfig, "name", BACKBONES),
     (PretextSection, "name", PRETEXT_METHODS),
     (PretextSection, "augmentation", AUGMENTATIONS),
     (OptimConfig, "name", OPTIMIZERS),
-    (SolverConfig, "name", SOLVERS),
+    (SolverConfig, "name", (SOLVERS, INVERSES)),  # a linear solver or an inverse operator (M-FAC)
     (DownstreamConfig, "task", DOWNSTREAM_TASKS),
 )
 
@@ -59,15 +60,17 @@ def _sections(node: Any, path: str) -> Iterator[tuple[str, BaseModel]]:
 def validate_names(config: BaseModel) -> None:
     """Raise :class:`ConfigError` for the first registry name in ``config`` that nothing registered."""
     for path, section in _sections(config, ""):
-        for cls, field, registry in NAMED_FIELDS:
+        for cls, field, registries in NAMED_FIELDS:
             value = getattr(section, field) if isinstance(section, cls) else None
             if value is None:
                 continue
+            choices = registries if isinstance(registries, tuple) else (registries,)
+            if any(value in registry for registry in choices):
+                continue
             key = f"{path}.{field}" if path else field
-            try:
-                registry.get(value)
-            except ConfigError as exc:
-                raise ConfigError(f"bad config value for {key!r}: {exc}") from None
+            names = ", ".join(sorted(name for registry in choices for name in registry))
+            kinds = " or ".join(registry.kind for registry in choices)
+            raise ConfigError(f"bad config value for {key!r}: unknown {kinds} {value!r}; choose one of: {names}")
         if isinstance(section, PretextSection):
             _check_params(PRETEXT_METHODS.get(section.name).Config, section.params, path)
         if isinstance(section, DownstreamConfig):
