@@ -176,7 +176,7 @@ class BilevelConfig(StrictModel):
 
     cycles: int = Field(500, gt=0)
     n_lower: int = Field(20, gt=0)
-    n_upper: int = Field(8, gt=0)
+    n_upper: int = Field(8, ge=0)  # 0: the pretext-only control (no upper level, phi stays pretrained)
     lam: float = Field(1e-3, gt=0)
     damping: float = Field(10.0, ge=0)
     gamma: float = Field(1.0, ge=0)  # weight of the plain L_D(phi, omega) term

@@ -39,7 +39,7 @@ def warm_up_head(
         return float("nan")
     requires = [p.requires_grad for p in backbone.parameters()]
     backbone.requires_grad_(False)
-    was_training = backbone.training
+    modes = [(m, m.training) for m in backbone.modules()]  # each submodule's own mode (a user's frozen BN stays)
     backbone.eval()
     head.train()
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
@@ -66,5 +66,6 @@ def warm_up_head(
     finally:
         for param, flag in zip(backbone.parameters(), requires, strict=True):
             param.requires_grad_(flag)
-        backbone.train(was_training)
+        for module, training in modes:
+            module.training = training
     return sum(recent) / len(recent)

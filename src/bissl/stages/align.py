@@ -312,24 +312,7 @@ def _trainer(
         if cfg.distributed.sync_batchnorm:  # before the trainer copies theta into phi
             convert_sync_batchnorm(nn.ModuleList([backbone, pretext, head]), run.device)
         sync = RankSync(all_reduce_mean_, None if cfg.distributed.sync_batchnorm else broadcast_buffers)
-    settings = BilevelSettings(
-        n_lower=b.n_lower,
-        n_upper=b.n_upper,
-        lam=b.lam,
-        damping=b.damping,
-        gamma=b.gamma,
-        solver=b.solver.name,
-        solver_iters=b.solver.iters,
-        solver_tol=b.solver.tol,
-        hvp=b.solver.hvp,
-        warm_start=b.solver.warm_start,
-        hessian_fraction=b.solver.hessian_fraction,
-        mfac_window=b.solver.mfac_window,
-        mfac_block_size=b.solver.mfac_block_size,
-        recycle_vectors=b.solver.recycle_vectors,
-        lower_grad_clip=b.lower_grad_clip,
-        upper_grad_clip=b.upper_grad_clip,
-    )
+    settings = BilevelSettings.from_config(b)
     schedules = {}
 
     def optimizer(level: str, steps: int) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
