@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TinyClassify
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bissl.bilevel import INVERSES, SOLVERS, BilevelSettings, BiSSLTrainer, SolverSpec, implicit_gradient
 from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes
 from bissl.config import AlignConfig, build_config
-from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
 from bissl.utils.errors import ConfigError, NonFiniteError
 
@@ -113,27 +113,13 @@ class Rotation(PretextMethod):
         return F.cross_entropy(logits, labels)
 
 
-class Classify(DownstreamTask):
-    def build_head(self, feature_dim: int) -> nn.Module:
-        return nn.Linear(feature_dim, 3)
-
-    def prepare(self, batch, device, generator):  # type: ignore[no-untyped-def]
-        return batch
-
-    def loss(self, backbone: nn.Module, head: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-        return F.cross_entropy(head(backbone(batch[0])), batch[1])
-
-    def evaluate(self, backbone, head, dataset, device):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-
 def mfac_trainer(window: int, block_size: int | None) -> BiSSLTrainer:
     torch.manual_seed(0)
     settings = BilevelSettings(
         lam=0.01, damping=0.5, solver=SolverSpec("mfac"), mfac_window=window, mfac_block_size=block_size
     )
     return BiSSLTrainer(
-        backbone=ConvBackbone().double(), pretext=Rotation(4).double(), task=Classify(), head=nn.Linear(4, 3).double(),
+        backbone=ConvBackbone().double(), pretext=Rotation(4).double(), task=TinyClassify(), head=nn.Linear(4, 3).double(),
         settings=settings, make_lower_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
         make_upper_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
     )  # fmt: skip

@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_models import TinyClassify
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
 from bissl.bilevel.implicit import SolverSpec
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer
-from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
 from bissl.utils.errors import ConfigError
 
@@ -38,19 +38,7 @@ class RegressViewPretext(PretextMethod):
         return F.mse_loss(self.head(backbone(views[0])), views[1][:, :2])
 
 
-class TinyTask(DownstreamTask):
-    def build_head(self, feature_dim):
-        return nn.Linear(feature_dim, 3)
-
-    def prepare(self, batch, device, generator):
-        return batch
-
-    def loss(self, backbone, head, batch):
-        x, y = batch
-        return F.cross_entropy(head(backbone(x)), y)
-
-    def evaluate(self, backbone, head, dataset, device):
-        raise NotImplementedError
+TinyTask = TinyClassify
 
 
 def _trainer(gamma=1.0, damping=20.0, solver="exact", iters=5):
