@@ -77,3 +77,31 @@ def test_extends_loop_is_named(tmp_path):
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ConfigError, match="loop"):
         load_config(PretrainConfig, tmp_path / "a.yaml")
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nseed: [1,\n  2\nlog: {a: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+:\d+: not valid YAML \(.+\); fix its syntax") as info:
+        load_config(PretrainConfig, bad)
+    assert "\n" not in str(info.value)
+    (tmp_path / "tab.yaml").write_text("epochs: 3\nseed:\n\t- 1\n")
+    with pytest.raises(ConfigError, match=r"tab\.yaml:3:1: not valid YAML"):
+        load_config(PretrainConfig, tmp_path / "tab.yaml")
+
+
+def test_duplicate_yaml_keys_are_refused_with_key_file_and_line(tmp_path):
+    (tmp_path / "dup.yaml").write_text("epochs: 3\ndata:\n  name: digits\n  batch_size: 8\n  name: digits\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml:5:3: key 'name' appears twice in one mapping; keep one"):
+        load_config(PretrainConfig, tmp_path / "dup.yaml")
+    (tmp_path / "top.yaml").write_text("epochs: 3\nseed: 1\nepochs: 4\n")
+    with pytest.raises(ConfigError, match=r"top\.yaml:3:1: key 'epochs' appears twice"):
+        load_config(PretrainConfig, tmp_path / "top.yaml")
+
+
+def test_missing_extends_target_names_both_files(tmp_path):
+    (tmp_path / "child.yaml").write_text("epochs: 3\nextends: no_base.yaml\n")
+    with pytest.raises(
+        ConfigError, match=r"child\.yaml: 'extends: no_base\.yaml': config file 'no_base\.yaml' not found"
+    ):
+        load_config(PretrainConfig, tmp_path / "child.yaml")

@@ -448,6 +448,41 @@ def build_config(cls: type[ConfigT], data: dict[str, Any] | None = None) -> Conf
 EXTENDS_KEY = "extends"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ConfigError(
+                    f"{mark.name}:{mark.line + 1}:{mark.column + 1}: key {key!r} appears twice in one mapping; "
+                    "keep one of them"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; a syntax error or a duplicate key is one line ``file:line:column: ...``."""
+    text = path.read_text()
+    loader = _StrictLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(exc.problem or exc.context or type(exc).__name__).split())
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix its syntax") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({type(exc).__name__}); fix its syntax") from None
+    finally:
+        loader.dispose()
+
+
 def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The mapping a YAML config file (or shipped config name) holds, with its ``extends:`` chain resolved.
 
@@ -459,14 +494,16 @@ def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> 
     if _seen and not path.is_absolute():
         relative = _seen[-1].parent / path
         path = relative if relative.is_file() else path
-    path = resolve_config_path(path).resolve()
+    try:
+        path = resolve_config_path(path).resolve()
+    except ConfigError as exc:
+        if not _seen:
+            raise
+        raise ConfigError(f"{_seen[-1]}: 'extends: {path_or_name}': {exc}") from None
     if path in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise ConfigError(f"config files extend each other in a loop ({chain}); remove one 'extends:'")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML ({exc.__class__.__name__}); fix its syntax") from None
+    loaded = _load_yaml(path)
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     data: dict[str, Any] = loaded or {}

@@ -126,3 +126,32 @@ def test_too_few_images_for_a_carved_split(tmp_path: Path) -> None:
     assert len(load("unlabelled_folder", "train", tmp_path)) == 1
     with pytest.raises(DataError, match="val split is empty"):
         load("unlabelled_folder", "val", tmp_path)
+
+
+def test_empty_class_folder_is_named(tmp_path: Path) -> None:
+    class_folders(tmp_path, CLASSES, 10)
+    (tmp_path / "owl").mkdir()
+    with pytest.raises(DataError, match=r"no images in class folder .*owl; add images or remove it") as caught:
+        load("image_folder", "train", tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_classes_too_small_to_carve_warn(tmp_path: Path) -> None:
+    class_folders(tmp_path, CLASSES, 10)
+    write_image(tmp_path / "owl" / "0.png")
+    with pytest.warns(UserWarning, match=r"classes owl \(1\) of .* have fewer than 3 images"):
+        load("image_folder", "train", tmp_path)
+
+
+def test_corrupt_image_in_a_dataloader_worker_is_one_line_data_error(tmp_path: Path) -> None:
+    class_folders(tmp_path / "train", CLASSES, 2)
+    class_folders(tmp_path / "val", CLASSES, 1)
+    class_folders(tmp_path / "test", CLASSES, 1)
+    broken = tmp_path / "train" / "dog" / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    dataset = load("image_folder", "train", tmp_path)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=len(dataset), num_workers=1)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"cannot read image {broken}")

@@ -1,11 +1,15 @@
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import bissl.stages.hpo as hpo_module
 from bissl.config import FinetuneConfig, load_config
 from bissl.engine.checkpoint import backbone_spec, export_backbone
 from bissl.models import build_backbone
@@ -15,6 +19,7 @@ from bissl.utils.io import load_torch
 
 optuna = pytest.importorskip("optuna")
 TrialState = optuna.trial.TrialState
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = [
     "epochs=2",
@@ -83,11 +88,25 @@ def test_draws_depend_only_on_seed_and_trial_number(make_cfg, sampler):
         assert draws(make_cfg("seed=1", out="c"), n) != whole
 
 
-def test_running_trials_do_not_block_and_dead_ones_are_requeued(make_cfg, tmp_path):
+def _seeded_draw(cfg, number):
+    """The (lr, weight_decay) the sampler seeded by trial ``number`` draws, in a throw-away study."""
+    sampler = hpo_module._sampler(optuna, cfg.hpo.sampler, cfg.seed)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    for _ in range(number + 1):
+        trial = study.ask()
+        drawn = (
+            trial.suggest_float("lr", *cfg.hpo.lr_range, log=True),
+            trial.suggest_float("weight_decay", *cfg.hpo.weight_decay_range, log=True),
+        )
+        study.tell(trial, 0.0)
+    return drawn
+
+
+def test_dead_trials_with_or_without_a_heartbeat_are_requeued_with_their_settings(make_cfg, tmp_path):
     cfg = make_cfg("hpo.trials=2", "hpo.heartbeat_s=1")
     study = open_study(cfg)
     with pytest.warns(UserWarning, match="Heartbeat"):
-        orphan = study.ask()  # never told, no heartbeat: stays RUNNING, must not count or block
+        orphan = study.ask()  # its worker was killed before the first heartbeat: must not stay RUNNING forever
         dead = study.ask()  # a trial whose process was killed: its heartbeat stops
     lr = dead.suggest_float("lr", *cfg.hpo.lr_range, log=True)
     dead.suggest_float("weight_decay", *cfg.hpo.weight_decay_range, log=True)
@@ -100,11 +119,96 @@ def test_running_trials_do_not_block_and_dead_ones_are_requeued(make_cfg, tmp_pa
 
     result = search(cfg)
     states = {t["number"]: t["state"] for t in result.trials}
-    assert states[orphan.number] == "RUNNING" and states[dead.number] == "FAIL"
-    assert result.new_trials == 2 and list(states.values()).count("COMPLETE") == 2
+    assert states[orphan.number] == "FAIL" and states[dead.number] == "FAIL"
+    assert result.new_trials == 2 and list(states.values()).count("COMPLETE") == 2 and len(states) == 4
     retry = next(t for t in result.trials if t["state"] == "COMPLETE" and t["user_attrs"]["run_dir"] == str(dead_dir))
     assert retry["params"]["lr"] == lr and retry["number"] > dead.number
     assert not (dead_dir / "partial.txt").exists() and (dead_dir / "summary.json").is_file()
+    # The orphan died before drawing: its retry draws the settings seeded by the orphan's number, not its own.
+    orphan_retry = next(t for t in result.trials if t["state"] == "COMPLETE" and t is not retry)
+    assert (orphan_retry["params"]["lr"], orphan_retry["params"]["weight_decay"]) == _seeded_draw(cfg, orphan.number)
+
+
+def test_a_trial_started_beyond_hpo_trials_is_skipped_not_run(make_cfg, monkeypatch):
+    cfg = make_cfg("hpo.trials=1")
+    study = open_study(cfg)
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        study.ask()  # another worker's running trial holds the only slot
+        late = study.ask()
+    monkeypatch.setattr(hpo_module, "finetune", lambda *a, **k: pytest.fail("an excess trial must not run"))
+    objective = hpo_module._objective(optuna, cfg, cfg.hpo, "top1")
+    with pytest.raises(hpo_module._Skipped):
+        objective(late)
+    assert "hpo.trials=1" in study._storage.get_trial(late._trial_id).user_attrs["skipped"]
+
+
+def _fake_finetune(run_cfg, on_eval=None, **_):
+    """Fine-tuning in a blink: the validation metric is a fixed function of the learning rate."""
+    value = 1.0 / (1.0 + abs(run_cfg.optim.lr - 0.1))
+    if on_eval is not None:
+        on_eval(1, {"top1": value})
+    time.sleep(0.3)
+    return hpo_module.FinetuneResult(Path(run_cfg.out_dir), 1, True, best_epoch=1, metrics={"val_top1": value})
+
+
+# A worker process: fake fine-tuning, wait for the start signal (argv[1]) so both race on the fresh database.
+WORKER = """
+import sys, time
+from pathlib import Path
+import tests.stages.test_hpo as t
+from bissl.config import FinetuneConfig, load_config
+import bissl.stages.hpo as hpo
+
+hpo.finetune = t._fake_finetune
+cfg = load_config(FinetuneConfig, "finetune_digits", sys.argv[2:])
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.01)
+hpo.search(cfg)
+"""
+
+
+def test_two_workers_on_a_fresh_sqlite_study_finish_exactly_hpo_trials(make_cfg, tmp_path):
+    out = tmp_path / "odd?name#x%y"  # URL-special characters in out_dir must not misplace the study
+    args = [*TINY, "backbone=unused.pt", f"out_dir={out}", "hpo.trials=4", "hpo.heartbeat_s=1"]
+    go = tmp_path / "go"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, str(go), *args], env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    time.sleep(3)  # both have paid their imports
+    go.touch()
+    errors = [w.communicate(timeout=240)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], errors
+    assert (out / "study.db").is_file() and not list(tmp_path.glob("odd*study.db"))
+    study = open_study(make_cfg(*args[len(TINY) :]))
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4
+    cfg = make_cfg(*args[len(TINY) :])
+    assert sorted((t.params["lr"], t.params["weight_decay"]) for t in finished) == sorted(
+        _seeded_draw(cfg, t.number) for t in finished
+    )
+
+
+def test_racing_table_creation_is_retried(make_cfg, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    real = optuna.storages.RDBStorage
+    calls = []
+
+    class Racing(real):
+        def __init__(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
+    open_study(make_cfg())
+    assert len(calls) == 2
 
 
 def test_pruned_and_non_finite_trials_are_recorded_not_crashes(make_cfg, monkeypatch):

@@ -12,6 +12,7 @@ Images are found recursively by extension; hidden files are skipped.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,6 +84,9 @@ def image_folder(
     classes = _class_folders(train_folder)
     info = natural_image_info("image_folder", classes)
 
+    # Carving a split out of the pool puts each class in every part only if it has one image per part.
+    parts = 1 + ("test" not in splits) + ("val" not in splits)
+
     def read(split_folder: Path) -> LazyImageDataset:
         unknown = sorted(set(_class_folders(split_folder)) - set(classes))
         if unknown:
@@ -90,6 +94,17 @@ def image_folder(
         files = [image_files(split_folder / c) for c in classes]
         if not any(files):
             raise DataError(f"image_folder: no images in class folders of {split_folder} (expected {layout})")
+        for c, group in zip(classes, files, strict=True):
+            if not group and (split_folder / c).is_dir():
+                raise DataError(f"image_folder: no images in class folder {split_folder / c}; add images or remove it")
+        if split_folder == train_folder and parts > 1:
+            few = [f"{c} ({len(g)})" for c, g in zip(classes, files, strict=True) if len(g) < parts]
+            if few:
+                warnings.warn(
+                    f"image_folder: classes {', '.join(few)} of {split_folder} have fewer than {parts} images, so "
+                    "the carved val/test splits cannot hold every class; add images, or give val/test folders",
+                    stacklevel=2,
+                )
         paths = [path for group in files for path in group]
         return LazyImageDataset.from_files(paths, [i for i, group in enumerate(files) for _ in group], info, image_size)
 

@@ -2,17 +2,25 @@
 
 Every record is ``(step, tag, name, value)``. On resume the files are cut back to the resumed step,
 so a resumed run's logs read exactly like an uninterrupted run's.
+
+Failures: ``metrics.jsonl`` and ``metrics.csv`` are the record of a run, so a full disk while appending to them
+is one :class:`BisslError` line. TensorBoard is a convenience view of the same numbers: when its writer fails
+(full disk included) the logger warns once and goes on without it, and CSV/JSON keep working.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bissl.utils.errors import BisslError
 from bissl.utils.io import atomic_write
 
 
@@ -35,15 +43,32 @@ class MetricLogger:
                     stacklevel=2,
                 )
             else:
-                self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=resume_step)
+                with self._tensorboard():
+                    self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=resume_step)
+
+    @contextlib.contextmanager
+    def _tensorboard(self) -> Iterator[None]:
+        """Run a TensorBoard call; on failure warn once, drop the writer and keep logging to CSV/JSON."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                with contextlib.suppress(OSError, RuntimeError):
+                    writer.close()
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            warnings.warn(
+                f"TensorBoard logging to {self.out_dir / 'tb'} failed ({reason}); continuing with CSV/JSON only "
+                "(free space, or set log.tensorboard=false)",
+                stacklevel=3,
+            )
 
     def _truncate(self, resume_step: int | None) -> None:
         """Start fresh (``None``) or keep only records with ``step <= resume_step``."""
         if resume_step is None or not self.jsonl_path.exists():
             records: list[dict[str, Any]] = []
         else:
-            with self.jsonl_path.open() as handle:
-                records = [r for r in map(json.loads, handle) if r["step"] <= resume_step]
+            records = [r for r in read_metrics(self.jsonl_path) if r["step"] <= resume_step]
         atomic_write(self.jsonl_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records), mode="w")
 
         def write_csv(handle: Any) -> None:
@@ -56,22 +81,51 @@ class MetricLogger:
 
     def log(self, step: int, tag: str, values: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in values.items()}
-        with self.jsonl_path.open("a") as handle:
-            handle.write(json.dumps({"step": step, "tag": tag, **clean}) + "\n")
-        with self.csv_path.open("a", newline="") as handle:
-            csv.writer(handle).writerows([step, tag, k, v] for k, v in clean.items())
+        try:
+            with self.jsonl_path.open("a") as handle:
+                handle.write(json.dumps({"step": step, "tag": tag, **clean}) + "\n")
+            with self.csv_path.open("a", newline="") as handle:
+                csv.writer(handle).writerows([step, tag, k, v] for k, v in clean.items())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise BisslError(
+                    f"disk full while logging to {self.out_dir}; free space, then run again with --resume"
+                ) from exc
+            raise
         if self._writer is not None:
-            for key, value in clean.items():
-                if math.isfinite(value):
-                    self._writer.add_scalar(f"{tag}/{key}", value, step)
+            with self._tensorboard():
+                for key, value in clean.items():
+                    if math.isfinite(value):
+                        self._writer.add_scalar(f"{tag}/{key}", value, step)
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            with self._tensorboard():
+                self._writer.close()
             self._writer = None
 
 
 def read_metrics(path: str | Path, tag: str | None = None) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file, optionally only those of one ``tag``."""
-    with Path(path).open() as handle:
-        return [r for r in map(json.loads, handle) if tag is None or r["tag"] == tag]
+    """Records of a ``metrics.jsonl`` file, optionally only those of one ``tag``.
+
+    A torn last line (the process was killed mid-write) is dropped with a warning; a bad line before it is one
+    :class:`BisslError` line naming the file and line.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record or "tag" not in record:
+                raise ValueError("not a metrics record")
+        except ValueError as exc:
+            if number == len(lines):
+                warnings.warn(f"{path}:{number}: dropped a torn last line (the run was killed mid-write)", stacklevel=2)
+                break
+            raise BisslError(
+                f"{path}:{number}: not a metrics record ({exc}); delete that line, or start the run without --resume"
+            ) from None
+        if tag is None or record["tag"] == tag:
+            records.append(record)
+    return records

@@ -10,11 +10,14 @@ std of the TEST metrics. Layout of ``out_dir``::
     hpo_summary.json      best params, every trial, per-seed test metrics, mean and std
 
 Re-running resumes: ``hpo.trials`` counts the finished (complete or pruned) trials already in the study.
-Several workers may share one study through its storage URL. Each trial's parameters are drawn from a
-sampler seeded by ``(seed, trial number)``, so they do not depend on restarts or on which worker runs it.
-A trial whose process died stops sending heartbeats; after ``2 * hpo.heartbeat_s`` the next worker marks
-it failed and re-queues its parameters, and the retry restarts the dead trial's folder. Until then it stays
-RUNNING and is neither counted nor waited for.
+Several workers may share one study through its storage URL; the study ends with exactly ``hpo.trials``
+finished trials: a worker starts a trial only while finished plus running trials are fewer, and a trial that
+two workers started at once beyond that count is recorded FAIL (user attr ``skipped``) without running.
+Each trial's parameters are drawn from a sampler seeded by ``(seed, trial number)`` (a retry: the number of the
+trial it retries), so they do not depend on restarts or on which worker runs it. A trial whose process died
+stops sending heartbeats (or never sent one); after ``2 * hpo.heartbeat_s`` the next worker marks it failed and
+re-queues it with its parameters, and the retry restarts the dead trial's folder. A worker with nothing left to
+start waits for the other workers' running trials, so its summary sees every trial.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -88,8 +92,13 @@ def _optuna() -> ModuleType:
 
 
 def storage_url(cfg: FinetuneConfig, hpo: HPOConfig) -> str:
-    """``hpo.storage``, or a SQLite file in the run folder."""
-    return hpo.storage or f"sqlite:///{(Path(cfg.out_dir) / STUDY_FILE).resolve()}"
+    """``hpo.storage``, or a SQLite file in the run folder (any path: ``?``, ``#``, ``%`` are escaped)."""
+    if hpo.storage:
+        return hpo.storage
+    from sqlalchemy.engine import URL
+
+    database = str((Path(cfg.out_dir) / STUDY_FILE).resolve())
+    return URL.create("sqlite", database=database).render_as_string(hide_password=False)
 
 
 def _hide_password(url: str) -> str:
@@ -101,7 +110,8 @@ def _finished_states(optuna: ModuleType) -> tuple[Any, ...]:
 
 
 def _sampler(optuna: ModuleType, kind: str, seed: int) -> optuna.samplers.BaseSampler:
-    """A sampler that delegates each trial to a fresh ``kind`` sampler seeded by ``(seed, trial number)``."""
+    """A sampler that delegates each trial to a fresh ``kind`` sampler seeded by ``(seed, trial number)``; a retry
+    uses the number of the trial it retries, so it draws (and keeps) that trial's settings."""
 
     def make(number: int) -> optuna.samplers.BaseSampler:
         trial_seed = derive_seed(seed, "hpo", number) % 2**32
@@ -115,7 +125,8 @@ def _sampler(optuna: ModuleType, kind: str, seed: int) -> optuna.samplers.BaseSa
 
         def _of(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
             if self._current is None or self._current[0] != trial.number:
-                self._current = (trial.number, make(trial.number))
+                seeded_by = trial.system_attrs.get("failed_trial", trial.number)
+                self._current = (trial.number, make(seeded_by))
             return self._current[1]
 
         def infer_relative_search_space(
@@ -163,8 +174,12 @@ def _pruner(optuna: ModuleType, kind: str, epochs: int) -> optuna.pruners.BasePr
 
 
 def _storage(optuna: ModuleType, url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
-    """The RDB storage, with heartbeats and re-queueing of trials whose worker died."""
-    from sqlalchemy.exc import IntegrityError
+    """The RDB storage, with heartbeats and re-queueing of trials whose worker died.
+
+    Workers opening a fresh database together race to create its tables: the loser sees "already exists" (or a
+    duplicate key, or a locked SQLite file) and tries again.
+    """
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     def connect() -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():  # heartbeats and retries are marked experimental by Optuna
@@ -176,15 +191,23 @@ def _storage(optuna: ModuleType, url: str, heartbeat_s: int) -> optuna.storages.
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
             )
 
+    attempt = 0
     try:
-        try:
-            return connect()
-        except IntegrityError:  # another worker created the new database's tables at the same moment
-            time.sleep(1.0)
-            return connect()
+        while True:
+            try:
+                return connect()
+            except (IntegrityError, OperationalError, ProgrammingError) as exc:
+                attempt += 1
+                if attempt == _CREATE_ATTEMPTS or not _CREATE_RACE.search(str(exc)):
+                    raise
+                time.sleep(0.2 * attempt)
     except Exception as exc:  # bad URL, missing database driver, unreachable server
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"cannot open hpo.storage {_hide_password(url)!r}: {reason}") from None
+
+
+_CREATE_ATTEMPTS = 6
+_CREATE_RACE = re.compile(r"already exists|duplicate key|UNIQUE constraint|database is locked", re.IGNORECASE)
 
 
 def open_study(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> optuna.Study:
@@ -222,8 +245,19 @@ def run_config(cfg: FinetuneConfig, out_dir: Path, params: dict[str, float], see
     return build_config(FinetuneConfig, data)
 
 
+class _Skipped(Exception):
+    """A trial started beyond ``hpo.trials`` by workers racing; recorded FAIL without running."""
+
+
 def _objective(optuna: ModuleType, cfg: FinetuneConfig, hpo: HPOConfig, metric: str) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
+        # Trials are numbered in creation order: those before this one that finished or run take their slots.
+        taken = trial.study.get_trials(
+            deepcopy=False, states=(*_finished_states(optuna), optuna.trial.TrialState.RUNNING)
+        )
+        if sum(t.number < trial.number for t in taken) >= hpo.trials:
+            trial.set_user_attr("skipped", f"the study already held hpo.trials={hpo.trials} trials")
+            raise _Skipped(trial.number)
         params = {
             "lr": trial.suggest_float("lr", *hpo.lr_range, log=True),
             "weight_decay": trial.suggest_float("weight_decay", *hpo.weight_decay_range, log=True),
@@ -251,6 +285,40 @@ def _objective(optuna: ModuleType, cfg: FinetuneConfig, hpo: HPOConfig, metric: 
     return objective
 
 
+def fail_stale_trials(optuna: ModuleType, study: optuna.Study, grace_s: float) -> None:
+    """Mark failed, and re-queue with their parameters, RUNNING trials without a heartbeat for ``grace_s``:
+    Optuna's own check (a heartbeat that stopped) plus trials that never sent one (their worker died between
+    starting the trial and its first heartbeat), judged by their start time."""
+    from optuna.storages._rdb.models import TrialHeartbeatModel  # Optuna has no public query for this
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)  # create_study wraps the RDB storage in a cache
+    cutoff = datetime.now() - timedelta(seconds=grace_s)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    old = {t._trial_id: t for t in running if t.datetime_start is not None and t.datetime_start < cutoff}
+    if not old:
+        return
+    session = rdb.scoped_session()
+    try:
+        rows = session.query(TrialHeartbeatModel.trial_id).filter(TrialHeartbeatModel.trial_id.in_(list(old)))
+        beating = {row[0] for row in rows}
+    finally:
+        session.close()
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in sorted(set(old) - beating):
+        try:
+            if not storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
+            continue
+        log.warning("trial %d never sent a heartbeat (its worker died); failed and re-queued", old[trial_id].number)
+        if retry is not None:
+            retry(study, storage.get_trial(trial_id))
+
+
 def _trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     return {
         "number": trial.number,
@@ -273,12 +341,19 @@ def search(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> SearchResult:
     finished = _finished_states(optuna)
     done = len(study.get_trials(deepcopy=False, states=finished))
     log.info("study %s: %d of %d trials finished", hpo.study_name, done, hpo.trials)
-    if done < hpo.trials:
-        study.optimize(
-            _objective(optuna, cfg, hpo, metric),
-            n_trials=hpo.trials - done,
-            callbacks=[optuna.study.MaxTrialsCallback(hpo.trials, states=finished)],
-        )
+    objective = _objective(optuna, cfg, hpo, metric)
+    while True:
+        fail_stale_trials(optuna, study, 2 * hpo.heartbeat_s)
+        n_finished = len(study.get_trials(deepcopy=False, states=finished))
+        running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+        if n_finished >= hpo.trials:
+            break
+        if n_finished + running >= hpo.trials:  # the rest is running in other workers: wait for it
+            time.sleep(hpo.heartbeat_s)
+            continue
+        with warnings.catch_warnings():  # heartbeats are marked experimental by Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(objective, n_trials=1, catch=(_Skipped,))
     trials = study.get_trials(deepcopy=False)
     new = len([t for t in trials if t.state in finished]) - done
     try:

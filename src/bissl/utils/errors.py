@@ -4,7 +4,19 @@ from __future__ import annotations
 
 
 class BisslError(RuntimeError):
-    """Base class of every error bissl raises on bad input; the CLI prints it as one line."""
+    """Base class of every error bissl raises on bad input; the CLI prints it as one line.
+
+    A DataLoader worker's exception comes back as ``type(exc)(traceback text)``; the original one-line message
+    is taken back out of that text, so an error raised in a worker reads the same as in the main process.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and "\n" in args[0]:
+            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+            original = [line[len(prefix) :] for line in args[0].splitlines() if line.startswith(prefix)]
+            if original and args[0].startswith("Caught "):
+                args = (original[-1],)
+        super().__init__(*args)
 
 
 class ConfigError(BisslError, ValueError):
