@@ -122,7 +122,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
     backbone_path = resolve_backbone_file(cfg.pretrained)
     head_path = backbone_path.parent / PRETEXT_HEAD_FILE
     seed_everything(cfg.seed)
-    backbone, spec = load_backbone(backbone_path)
+    backbone, spec = load_backbone(backbone_path, cfg.plugins)
     head_file = read_head_file(head_path, "pretext")
     if cfg.pretext is not None and cfg.pretext.name.lower() != str(head_file["name"]).lower():
         raise ConfigError(
@@ -286,11 +286,12 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
         export_backbone(out / BACKBONE_FILE, backbone, spec)
         export_backbone(out / UPPER_BACKBONE_FILE, trainer.upper_backbone, spec)
         export_head(
-            out / PRETEXT_HEAD_FILE, pretext, kind="pretext", name=head_file["name"], params=head_file["params"]
-        )
+            out / PRETEXT_HEAD_FILE, pretext, kind="pretext", name=head_file["name"], params=head_file["params"],
+            plugins=[*head_file["plugins"], *cfg.plugins],
+        )  # fmt: skip
         export_head(
             out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
-            params=cfg.downstream.model_dump(mode="json"),
+            params=cfg.downstream.model_dump(mode="json"), plugins=cfg.plugins,
         )  # fmt: skip
     metrics: dict[str, float] = {}
     for name, model in (("theta", backbone), ("phi", trainer.upper_backbone)):

@@ -126,7 +126,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     device = init_from_env(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
-    backbone, spec = load_backbone(backbone_file)
+    backbone, spec = load_backbone(backbone_file, cfg.plugins)
     splits = DOWNSTREAM_TASKS.get(cfg.downstream.task).splits(cfg.downstream)
     data = cfg.downstream.data
     info = splits["train"].info

@@ -92,7 +92,7 @@ def finetune(
     precision = resolve_precision(cfg.precision, device)
     out, has_state = on_main(lambda: prepare_run_dir(cfg.out_dir, cfg, resume=resume))
     seed_everything(cfg.seed)
-    backbone, spec = load_backbone(resolve_backbone_file(cfg.backbone))
+    backbone, spec = load_backbone(resolve_backbone_file(cfg.backbone), cfg.plugins)
     task, splits = build_task(cfg.downstream)
     train_set = splits["train"]
     check_batch_size(len(train_set), cfg.batch_size, cfg.downstream.data.name, "batch_size")
@@ -218,7 +218,7 @@ def finetune(
         export_backbone(out / BACKBONE_FILE, backbone, spec)
         export_head(
             out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
-            params=config_dict["downstream"],
+            params=config_dict["downstream"], plugins=cfg.plugins,
         )  # fmt: skip
         write_summary(out, summary)
     barrier()

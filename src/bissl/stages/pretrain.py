@@ -73,12 +73,17 @@ class PretrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def build_backbone_from_config(cfg: BackboneConfig, in_channels: int) -> tuple[nn.Module, dict[str, Any]]:
+def build_backbone_from_config(
+    cfg: BackboneConfig, in_channels: int, image_size: int | None = None, plugins: list[str] | tuple[str, ...] = ()
+) -> tuple[nn.Module, dict[str, Any]]:
     """The configured backbone (optionally initialised from local weights) and its rebuild spec."""
-    backbone = build_backbone(cfg.name, in_channels=in_channels, small_images=cfg.small_images, **cfg.kwargs)
+    backbone = build_backbone(
+        cfg.name, in_channels=in_channels, small_images=cfg.small_images, image_size=image_size, **cfg.kwargs
+    )
     if cfg.weights is not None:
         load_backbone_weights(backbone, cfg.weights)
-    return backbone, backbone_spec(cfg.name, in_channels, cfg.small_images, cfg.kwargs)
+    spec = backbone_spec(cfg.name, in_channels, cfg.small_images, cfg.kwargs, image_size=image_size, plugins=plugins)
+    return backbone, spec
 
 
 def distributed_pretext_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,7 +141,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | Non
     monitor = monitor_sets(cfg)
 
     seed_everything(cfg.seed)
-    backbone, spec = build_backbone_from_config(cfg.backbone, info.channels)
+    backbone, spec = build_backbone_from_config(cfg.backbone, info.channels, cfg.data.image_size, cfg.plugins)
     backbone.to(device)
     use_channels_last(backbone, cfg.channels_last)
     method = build_pretext_from_config(cfg, backbone).to(device)
@@ -239,7 +244,10 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, until_step: int | Non
 
     if is_main():
         export_backbone(out / BACKBONE_FILE, backbone, spec)
-        export_head(out / PRETEXT_HEAD_FILE, method, kind="pretext", name=cfg.pretext.name, params=cfg.pretext.params)
+        export_head(
+            out / PRETEXT_HEAD_FILE, method, kind="pretext", name=cfg.pretext.name, params=cfg.pretext.params,
+            plugins=cfg.plugins,
+        )  # fmt: skip
     metrics = final_metrics(cfg, backbone, monitor, device, info.channels)
     logger.log(step, "final", metrics)
     logger.close()
@@ -268,7 +276,7 @@ def final_metrics(
     if monitor is None:
         return {}
     seed_everything(cfg.seed)  # the same initial weights the run started from
-    random_init, _ = build_backbone_from_config(cfg.backbone, channels)
+    random_init, _ = build_backbone_from_config(cfg.backbone, channels, cfg.data.image_size)
     metrics: dict[str, float] = {}
     for label, model in (("", backbone), ("random_init_", random_init.to(device))):
         scores = monitor_scores(cfg, model, monitor, device, "test", probe_epochs=cfg.monitor.linear_probe_epochs)
