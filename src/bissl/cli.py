@@ -184,7 +184,8 @@ def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
         flags = [*config.load_config(cls, args.config).quick, *flags]
     cfg = config.load_config(cls, args.config, [*flags, *args.overrides])
     if args.plugin:
-        cfg = config.build_config(cls, {**cfg.model_dump(mode="json"), "plugins": merge_plugins(cfg.plugins, args.plugin)})
+        plugins = merge_plugins(cfg.plugins, args.plugin)
+        cfg = config.build_config(cls, {**cfg.model_dump(mode="json"), "plugins": plugins})
     validate_names(cfg)
     return cfg
 
