@@ -1,7 +1,9 @@
 """The ``bissl`` command line: one verb per stage; each parses a config plus overrides and calls one function.
 
 Every verb takes ``--config`` (a YAML path or a shipped config name), dotted ``key=value`` overrides and a
-few flags that are shorthands for overrides. Errors on bad input are one line on stderr (exit code 2).
+few flags that are shorthands for overrides. Plug-ins (``--plugin MODULE``, repeatable, and the ``bissl.plugins``
+entry points of installed packages) are imported before the config is read; ``--plugin`` ones are added to the
+config's ``plugins``, so the run folder records them. Errors on bad input are one line on stderr (exit code 2).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from bissl import __version__
 from bissl.utils.errors import BisslError, RunTerminated
+from bissl.utils.plugins import import_plugins, load_entry_point_plugins, merge_plugins
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
             "--overwrite", action="store_true", help="replace the earlier run's files in --out-dir (never others)"
         )
         sub.add_argument(
+            "--plugin", action="append", default=[], metavar="MODULE",
+            help="import a module (name or .py file) that registers backbones, pretext methods or tasks; repeatable",
+        )  # fmt: skip
+        sub.add_argument(
             "--threads", type=_positive_int, metavar="N",
             help="torch CPU threads (default: torch's, one per core); 1 where other jobs share the cores",
         )  # fmt: skip
@@ -165,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
-    """The verb's config: file, then ``quick`` preset (pipeline), then flags, then explicit overrides."""
+    """The verb's config: file, then ``quick`` preset (pipeline), then flags, then explicit overrides; the
+    ``--plugin`` modules are added to its ``plugins``."""
     from bissl import config
     from bissl.engine.names import validate_names
 
@@ -178,6 +186,9 @@ def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
     if getattr(args, "quick", False):
         flags = [*config.load_config(cls, args.config).quick, *flags]
     cfg = config.load_config(cls, args.config, [*flags, *args.overrides])
+    if args.plugin:
+        plugins = merge_plugins(cfg.plugins, args.plugin)
+        cfg = config.build_config(cls, {**cfg.model_dump(mode="json"), "plugins": plugins})
     validate_names(cfg)
     return cfg
 
@@ -193,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        load_entry_point_plugins()
+        import_plugins(args.plugin)
         verb.run(load_verb_config(verb, args), args)
     except RunTerminated as exc:
         print(f"bissl {args.verb}: {exc}", file=sys.stderr)

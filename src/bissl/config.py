@@ -10,14 +10,17 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bissl.utils.errors import ConfigError
+from bissl.utils.plugins import merge_plugins
 
 Device = Literal["auto", "cpu", "cuda"]
+#: modules (or .py files, recorded as absolute paths) imported before a config's names are checked: bissl.utils.plugins
+Plugins = Annotated[list[str], AfterValidator(lambda refs: merge_plugins(refs))]
 
 
 class NestedValidationError(ValueError):
@@ -113,6 +116,7 @@ class PretrainConfig(StrictModel):
 
     seed: int = 0
     out_dir: str = "runs/pretrain"
+    plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
     epochs: int = Field(30, gt=0)
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: at the end of every epoch only
@@ -192,6 +196,7 @@ class AlignConfig(StrictModel):
 
     seed: int = 0
     out_dir: str = "runs/align"
+    plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
     pretrained: str = "runs/pretrain_digits"  # a pretrain run folder or its backbone.pt
     pretext: PretextSection | None = None  # None: the method and heads saved by pretraining
@@ -237,6 +242,7 @@ class FinetuneConfig(StrictModel):
 
     seed: int = 0
     out_dir: str = "runs/finetune"
+    plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
     backbone: str = "runs/align_digits"  # a run folder or its backbone.pt
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
@@ -262,6 +268,7 @@ class EvaluateConfig(StrictModel):
 
     seed: int = 0
     out_dir: str = "runs/evaluate"
+    plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
     backbone: str = "runs/pretrain_digits"  # a run folder or its backbone.pt
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
@@ -319,6 +326,7 @@ class PipelineConfig(StrictModel):
     """
 
     out_dir: str = "runs/pipeline_digits"
+    plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     pretrained: str | None = None  # use this pretrain run folder / backbone.pt instead of pretraining
@@ -332,6 +340,16 @@ class PipelineConfig(StrictModel):
     embedding: bool = True
     embedding_max_points: int = Field(1000, ge=10)
     quick: list[str] = Field(default_factory=list)  # dotted overrides applied by `bissl pipeline --quick`
+
+    @model_validator(mode="after")
+    def _stages_inherit_plugins(self) -> PipelineConfig:
+        """Every stage config imports the study's ``plugins`` too (before its own)."""
+        for name in ("pretrain", "align", "finetune"):
+            stage = getattr(self, name)
+            merged = merge_plugins(self.plugins, stage.plugins)
+            if merged != stage.plugins:  # a copy: a stage config the caller passed in stays as it was
+                setattr(self, name, stage.model_copy(update={"plugins": merged}))
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

@@ -119,7 +119,8 @@ def mfac_trainer(window: int, block_size: int | None) -> BiSSLTrainer:
         lam=0.01, damping=0.5, solver=SolverSpec("mfac"), mfac_window=window, mfac_block_size=block_size
     )
     return BiSSLTrainer(
-        backbone=ConvBackbone().double(), pretext=Rotation(4).double(), task=TinyClassify(), head=nn.Linear(4, 3).double(),
+        backbone=ConvBackbone().double(), pretext=Rotation(4).double(), task=TinyClassify(),
+        head=nn.Linear(4, 3).double(),
         settings=settings, make_lower_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
         make_upper_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
     )  # fmt: skip

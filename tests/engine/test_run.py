@@ -29,7 +29,7 @@ def test_finished_run_without_checkpoints_is_not_overwritten(tiny_pretrain_overr
     before = (result.out_dir / "backbone.pt").read_bytes()
     for path in (result.out_dir / "checkpoints").iterdir():
         path.unlink()
-    with pytest.raises(ConfigError, match="holds a finished run .*--overwrite"):
+    with pytest.raises(ConfigError, match=r"holds a finished run .*--overwrite"):
         pretrain(cfg)
     assert (result.out_dir / "backbone.pt").read_bytes() == before
     assert pretrain(cfg, overwrite=True).finished
@@ -47,9 +47,11 @@ def test_a_users_own_files_are_never_overwritten(tmp_path, tiny_pretrain_overrid
 def test_a_folder_is_locked_while_a_run_writes_to_it(tmp_path):
     cfg = PretrainConfig(out_dir=str(tmp_path / "run"))
     with open_run_dir(cfg.out_dir, cfg, resume=False, overwrite=False):
-        with pytest.raises(RunLocked, match="another run is writing to .*; wait for it"):
-            with open_run_dir(cfg.out_dir, cfg, resume=True, overwrite=False):
-                pass
+        with (
+            pytest.raises(RunLocked, match=r"another run is writing to .*; wait for it"),
+            open_run_dir(cfg.out_dir, cfg, resume=True, overwrite=False),
+        ):
+            pass
         with (tmp_path / "run" / LOCK_FILE).open() as handle, pytest.raises(BlockingIOError):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open_run_dir(cfg.out_dir, cfg, resume=True, overwrite=False) as has_state:  # released at exit

@@ -92,3 +92,22 @@ def test_as_backbone_checks_the_output_shape() -> None:
     assert as_backbone(module, 3, example_input=torch.rand(2, 1, 2, 2)) is module
     with pytest.raises(ConfigError, match=r"\[2, 5\]"):
         as_backbone(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), 5, example_input=torch.rand(2, 1, 2, 2))
+
+
+def test_builders_receive_image_size_only_when_they_accept_it() -> None:
+    seen: dict[str, object] = {}
+
+    def sized(*, in_channels: int, small_images: bool, image_size: int) -> nn.Module:
+        seen["sized"] = image_size
+        return as_backbone(nn.Flatten(), feature_dim=in_channels * image_size**2)
+
+    def open_kwargs(*, in_channels: int, small_images: bool, **kwargs: object) -> nn.Module:
+        seen["open"] = kwargs
+        return as_backbone(nn.Flatten(), feature_dim=1)
+
+    for name, builder in (("test_sized", sized), ("test_open", open_kwargs)):
+        BACKBONES.register(name, overwrite=True)(builder)
+    assert build_backbone("test_sized", in_channels=1, image_size=8).feature_dim == 64
+    build_backbone("test_open", in_channels=1, image_size=8)
+    assert seen == {"sized": 8, "open": {"image_size": 8}}
+    assert build_backbone("small_cnn", in_channels=1, image_size=8, width=4).feature_dim == 16  # no image_size param

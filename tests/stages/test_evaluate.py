@@ -41,7 +41,7 @@ def test_evaluate_reports_knn_probe_and_embedding(tmp_path, pretrained):
     assert result.embedding_path == result.out_dir / "embedding.png"
     assert result.embedding_path.read_bytes().startswith(b"\x89PNG") and (result.out_dir / "config.yaml").is_file()
 
-    with pytest.raises(ConfigError, match="holds a finished run .* pass --overwrite"):
+    with pytest.raises(ConfigError, match=r"holds a finished run .* pass --overwrite"):
         evaluate(_cfg(tmp_path / "eval", pretrained / "backbone.pt", "embedding=false"))
     again = evaluate(_cfg(tmp_path / "eval", pretrained / "backbone.pt", "embedding=false"), overwrite=True)
     assert again.metrics == result.metrics  # reproducible from the seed

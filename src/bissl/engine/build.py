@@ -27,12 +27,18 @@ def data_kwargs(cfg: DataConfig) -> dict[str, Any]:
     return {"root": cfg.root, "image_size": cfg.image_size, "download": cfg.download}
 
 
-def build_backbone_from_config(cfg: BackboneConfig, in_channels: int) -> tuple[nn.Module, dict[str, Any]]:
-    """The configured backbone (optionally initialised from local weights) and its rebuild spec."""
-    backbone = build_backbone(cfg.name, in_channels=in_channels, small_images=cfg.small_images, **cfg.kwargs)
+def build_backbone_from_config(
+    cfg: BackboneConfig, in_channels: int, image_size: int | None = None, plugins: Sequence[str] = ()
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The configured backbone (optionally initialised from local weights) and its rebuild spec (which records
+    ``image_size`` and the plug-ins a later stage must import to rebuild it)."""
+    backbone = build_backbone(
+        cfg.name, in_channels=in_channels, small_images=cfg.small_images, image_size=image_size, **cfg.kwargs
+    )
     if cfg.weights is not None:
         load_backbone_weights(backbone, cfg.weights)
-    return backbone, backbone_spec(cfg.name, in_channels, cfg.small_images, cfg.kwargs)
+    spec = backbone_spec(cfg.name, in_channels, cfg.small_images, cfg.kwargs, image_size=image_size, plugins=plugins)
+    return backbone, spec
 
 
 def distributed_pretext_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,10 +4,14 @@ Every file is written atomically (temp file + rename) and loads with ``torch.loa
 only tensors, numbers, strings, lists and dicts are stored.
 
 * ``backbone.pt``: ``{"format": "bissl.backbone/v1", "backbone": spec, "feature_dim": int, "state_dict": ...}``
-  where ``spec = {"name", "in_channels", "small_images", "kwargs"}`` rebuilds the module with
-  :func:`bissl.models.build_backbone`. Written by ``pretrain`` and by ``align`` (its lower backbone theta).
-* ``*_head.pt``: ``{"format": "bissl.head/v1", "kind", "name", "params", "state_dict"}``.
+  where ``spec = {"name", "in_channels", "small_images", "kwargs", "image_size", "plugins"}`` rebuilds the module
+  with :func:`bissl.models.build_backbone`. Written by ``pretrain`` and by ``align`` (its lower backbone theta).
+* ``*_head.pt``: ``{"format": "bissl.head/v1", "kind", "name", "params", "plugins", "state_dict"}``.
 * ``checkpoints/last.pt``: everything needed to continue a run bit-exactly, plus the config it ran with.
+
+``plugins`` lists the plug-ins of the runs that made the file (:mod:`bissl.utils.plugins`); a stage loading a file
+whose backbone, pretext method or task is not registered imports them first (:func:`require_registered`), so a run
+made with a plug-in loads in a new process without ``--plugin``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from torch import nn
 from bissl.models.weights import BACKBONE_FORMAT
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.io import load_torch, save_torch
+from bissl.utils.plugins import PluginImportError, import_plugins, merge_plugins
+from bissl.utils.registry import Registry
 
 HEAD_FORMAT = "bissl.head/v1"
 STATE_FORMAT = "bissl.state/v1"
@@ -29,8 +35,42 @@ PRETEXT_HEAD_FILE = "pretext_head.pt"
 DOWNSTREAM_HEAD_FILE = "downstream_head.pt"
 
 
-def backbone_spec(name: str, in_channels: int, small_images: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in_channels": in_channels, "small_images": small_images, "kwargs": dict(kwargs)}
+def backbone_spec(
+    name: str,
+    in_channels: int,
+    small_images: bool,
+    kwargs: dict[str, Any],
+    *,
+    image_size: int | None = None,
+    plugins: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """What :func:`load_backbone` needs to rebuild a backbone, and the plug-ins that may register it."""
+    return {
+        "name": name,
+        "in_channels": in_channels,
+        "small_images": small_images,
+        "kwargs": dict(kwargs),
+        "image_size": image_size,
+        "plugins": merge_plugins(plugins),
+    }
+
+
+def require_registered(registry: Registry[Any], name: str, path: str | Path, plugins: list[str]) -> None:
+    """Make sure ``name`` is registered, importing the plug-ins ``path`` records if it is not (one-line errors)."""
+    if name in registry:
+        return
+    try:
+        import_plugins(plugins)
+    except PluginImportError as exc:
+        raise ConfigError(
+            f"unknown {registry.kind} {name!r}: {path} was written with plug-ins {plugins}; make {exc.ref!r} "
+            f"importable (pip install / PYTHONPATH) or pass --plugin MODULE_OR_FILE ({exc.reason})"
+        ) from exc
+    if name not in registry:
+        recorded = f"its plug-ins {plugins} do not register it" if plugins else "it records no plug-ins"
+        raise ConfigError(
+            f"unknown {registry.kind} {name!r}: {path} needs it but {recorded}; pass --plugin MODULE that does"
+        )
 
 
 def export_backbone(path: str | Path, backbone: nn.Module, spec: dict[str, Any]) -> None:
@@ -62,27 +102,44 @@ def read_backbone_file(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the backbone stored in a bissl backbone file; returns ``(module, spec)``."""
-    from bissl.models import build_backbone
+def load_backbone(path: str | Path, plugins: list[str] | tuple[str, ...] = ()) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the backbone stored in a bissl backbone file (importing its recorded plug-ins if its name is not
+    registered); returns ``(module, spec)``, the spec's ``plugins`` extended by ``plugins`` (the loading run's)."""
+    from bissl.models import BACKBONES, build_backbone
     from bissl.models.weights import load_backbone_weights
 
     payload = read_backbone_file(path)
-    spec = payload["backbone"]
+    stored = payload["backbone"]
+    spec = backbone_spec(
+        stored["name"], stored["in_channels"], stored["small_images"], stored["kwargs"],
+        image_size=stored.get("image_size"), plugins=merge_plugins(stored.get("plugins", ()), plugins),
+    )  # fmt: skip
+    require_registered(BACKBONES, spec["name"], path, stored.get("plugins", []))
     backbone = build_backbone(
-        spec["name"], in_channels=spec["in_channels"], small_images=spec["small_images"], **spec["kwargs"]
-    )
+        spec["name"], in_channels=spec["in_channels"], small_images=spec["small_images"],
+        image_size=spec["image_size"], **spec["kwargs"],
+    )  # fmt: skip
     load_backbone_weights(backbone, payload["state_dict"])
     return backbone, spec
 
 
-def export_head(path: str | Path, head: nn.Module, *, kind: str, name: str, params: dict[str, Any]) -> None:
+def export_head(
+    path: str | Path,
+    head: nn.Module,
+    *,
+    kind: str,
+    name: str,
+    params: dict[str, Any],
+    plugins: list[str] | tuple[str, ...] = (),
+) -> None:
+    """Write a head file: the head's weights, the registered ``name`` it belongs to and the run's plug-ins."""
     save_torch(
         {
             "format": HEAD_FORMAT,
             "kind": kind,
             "name": name,
             "params": params,
+            "plugins": merge_plugins(plugins),
             "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
         },
         path,
@@ -90,9 +147,17 @@ def export_head(path: str | Path, head: nn.Module, *, kind: str, name: str, para
 
 
 def read_head_file(path: str | Path, kind: str) -> dict[str, Any]:
+    """A ``kind`` (``pretext`` or ``downstream``) head file, its method or task registered (recorded plug-ins
+    imported if need be) and ``plugins`` set (``[]`` for files written before plug-ins were recorded)."""
+    from bissl.downstream import DOWNSTREAM_TASKS
+    from bissl.pretext import PRETEXT_METHODS
+
     payload = load_torch(path)
     if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT or payload.get("kind") != kind:
         raise CheckpointError(f"{path} is not a bissl {kind} head file; pass the file the earlier stage wrote")
+    payload.setdefault("plugins", [])
+    registry = PRETEXT_METHODS if kind == "pretext" else DOWNSTREAM_TASKS
+    require_registered(registry, str(payload["name"]), path, payload["plugins"])
     return payload
 
 

@@ -1,8 +1,9 @@
 """Registry names in a config, validated against the registries before any work starts.
 
 ``bissl.config`` sits below every registry (it imports none), so names are checked here, one layer up: each
-stage calls :func:`validate_names` first, and the CLI calls it right after loading a config, once the
-``--plugin`` modules have registered their entries. A bad name is one :class:`ConfigError` naming the dotted key
+stage calls :func:`validate_names` first, and the CLI calls it right after loading a config. It imports the
+config's ``plugins`` first, since they register the names it checks (the CLI has already imported ``--plugin``
+modules and the ``bissl.plugins`` entry points). A bad name is one :class:`ConfigError` naming the dotted key
 and the registered choices; a pretext method's or downstream task's ``params`` are validated by its own ``Config``.
 """
 
@@ -31,6 +32,7 @@ from bissl.engine.optim import OPTIMIZERS
 from bissl.models import BACKBONES
 from bissl.pretext import PRETEXT_METHODS
 from bissl.utils.errors import ConfigError
+from bissl.utils.plugins import import_plugins
 from bissl.utils.registry import Registry
 
 #: (config section, field) -> the registries one of which its value must name
@@ -58,7 +60,9 @@ def _sections(node: Any, path: str) -> Iterator[tuple[str, BaseModel]]:
 
 
 def validate_names(config: BaseModel) -> None:
-    """Raise :class:`ConfigError` for the first registry name in ``config`` that nothing registered."""
+    """Import the config's plug-ins, then raise :class:`ConfigError` for the first registry name in ``config`` that
+    nothing registered."""
+    import_plugins(getattr(config, "plugins", ()))
     for path, section in _sections(config, ""):
         for cls, field, registries in NAMED_FIELDS:
             value = getattr(section, field) if isinstance(section, cls) else None
@@ -70,7 +74,10 @@ def validate_names(config: BaseModel) -> None:
             key = f"{path}.{field}" if path else field
             names = ", ".join(sorted(name for registry in choices for name in registry))
             kinds = " or ".join(registry.kind for registry in choices)
-            raise ConfigError(f"bad config value for {key!r}: unknown {kinds} {value!r}; choose one of: {names}")
+            raise ConfigError(
+                f"bad config value for {key!r}: unknown {kinds} {value!r}; choose one of: {names} "
+                "(or a plug-in's: --plugin MODULE, or plugins: [MODULE])"
+            )
         if isinstance(section, PretextSection):
             _check_params(PRETEXT_METHODS.get(section.name).Config, section.params, path)
         if isinstance(section, DownstreamConfig):

@@ -5,7 +5,10 @@ attribute ``feature_dim = D``. Built-ins register a builder ``(in_channels, smal
 in :data:`BACKBONES`; a user's module plugs in through :func:`as_backbone` or by registering its builder::
 
     @BACKBONES.register("my_net")
-    def my_net(*, in_channels: int, small_images: bool, width: int = 64) -> nn.Module: ...
+    def my_net(*, in_channels: int, small_images: bool, image_size: int, width: int = 64) -> nn.Module: ...
+
+A builder that declares ``image_size`` (or takes ``**kwargs``) also receives the side of the square input images
+(the run's ``data.image_size``); one that does not is called without it.
 """
 
 from __future__ import annotations
@@ -24,9 +27,14 @@ BackboneBuilder = Callable[..., nn.Module]
 BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
 
 
-def build_backbone(name: str, *, in_channels: int, small_images: bool = True, **kwargs: Any) -> nn.Module:
-    """Build the registered backbone ``name``; extra ``kwargs`` go to its builder (e.g. ``width`` of small_cnn)."""
+def build_backbone(
+    name: str, *, in_channels: int, small_images: bool = True, image_size: int | None = None, **kwargs: Any
+) -> nn.Module:
+    """Build the registered backbone ``name``; extra ``kwargs`` go to its builder (e.g. ``width`` of small_cnn),
+    ``image_size`` too when the builder accepts it."""
     builder = BACKBONES.get(name)
+    if image_size is not None and _accepts(builder, "image_size"):
+        kwargs = {**kwargs, "image_size": image_size}
     try:
         inspect.signature(builder).bind(in_channels=in_channels, small_images=small_images, **kwargs)
     except TypeError as exc:
@@ -34,6 +42,12 @@ def build_backbone(name: str, *, in_channels: int, small_images: bool = True, **
     module = builder(in_channels=in_channels, small_images=small_images, **kwargs)
     feature_dim_of(module)
     return module
+
+
+def _accepts(builder: BackboneBuilder, keyword: str) -> bool:
+    """Whether ``builder`` takes the keyword argument ``keyword`` (by name or through ``**kwargs``)."""
+    params = inspect.signature(builder).parameters
+    return keyword in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def feature_dim_of(module: nn.Module) -> int:

@@ -247,7 +247,12 @@ class AlignSetup:
             lambda out: export_backbone(out / BACKBONE_FILE, t.lower_backbone, self.spec),
             lambda out: export_backbone(out / UPPER_BACKBONE_FILE, t.upper_backbone, self.spec),
             lambda out: export_head(
-                out / PRETEXT_HEAD_FILE, t.pretext, kind="pretext", name=f["name"], params=f["params"]
+                out / PRETEXT_HEAD_FILE,
+                t.pretext,
+                kind="pretext",
+                name=f["name"],
+                params=f["params"],
+                plugins=[*f.get("plugins", []), *cfg.plugins],
             ),
             lambda out: export_head(
                 out / DOWNSTREAM_HEAD_FILE,
@@ -255,6 +260,7 @@ class AlignSetup:
                 kind="downstream",
                 name=cfg.downstream.task,
                 params=cfg.downstream.model_dump(mode="json"),
+                plugins=cfg.plugins,
             ),
         ]
 
@@ -263,7 +269,7 @@ def _set_up(cfg: AlignConfig, run: Run) -> AlignSetup:
     """Load the pretrained backbone and pretext heads, build the task, the streams and the trainer."""
     backbone_path = resolve_backbone_file(cfg.pretrained)
     seed_everything(cfg.seed)
-    backbone, spec = load_backbone(backbone_path)
+    backbone, spec = load_backbone(backbone_path, cfg.plugins)
     pretext_file = read_head_file(backbone_path.parent / PRETEXT_HEAD_FILE, "pretext")
     pretext = build_pretext_on(pretext_file["name"], _pretext_params(cfg, pretext_file, backbone_path), backbone)
     pretext.load_state_dict(pretext_file["state_dict"])

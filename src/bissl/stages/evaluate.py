@@ -54,7 +54,7 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
         require_plotting()
     with Run.start("evaluate", cfg, overwrite=overwrite) as run:
         seed_everything(cfg.seed)
-        backbone, spec = load_backbone(backbone_file)
+        backbone, spec = load_backbone(backbone_file, cfg.plugins)
         splits = DOWNSTREAM_TASKS.get(cfg.downstream.task).splits(cfg.downstream)
         data, info = cfg.downstream.data, splits["train"].info
         if info.num_classes == 0:

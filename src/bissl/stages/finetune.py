@@ -69,7 +69,7 @@ def finetune(
     """
     with Run.start("finetune", cfg, resume=resume, overwrite=overwrite) as run:
         seed_everything(cfg.seed)
-        backbone, spec = load_backbone(resolve_backbone_file(cfg.backbone))
+        backbone, spec = load_backbone(resolve_backbone_file(cfg.backbone), cfg.plugins)
         task, splits = build_task(cfg.downstream)
         check_batch_size(len(splits["train"]), cfg.batch_size, cfg.downstream.data.name, "batch_size")
         plan = BatchPlan.create(
@@ -145,6 +145,6 @@ def finetune(
              "backbone_init": str(resolve_backbone_file(cfg.backbone))},
             [lambda out: export_backbone(out / BACKBONE_FILE, backbone, spec),
              lambda out: export_head(out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
-                                     params=run.config_dict["downstream"])],
+                                     params=run.config_dict["downstream"], plugins=cfg.plugins)],
         )  # fmt: skip
     return FinetuneResult(run.out, epoch, finished=True, best_epoch=best["epoch"], metrics=metrics)

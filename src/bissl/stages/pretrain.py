@@ -85,7 +85,9 @@ def pretrain(
         )  # fmt: skip
         monitor = monitor_sets(cfg)
         seed_everything(cfg.seed)
-        backbone, spec = build_backbone_from_config(cfg.backbone, train_set.info.channels)
+        backbone, spec = build_backbone_from_config(
+            cfg.backbone, train_set.info.channels, cfg.data.image_size, cfg.plugins
+        )
         use_channels_last(backbone.to(run.device), cfg.channels_last)
         method = build_pretext_on(cfg.pretext.name, cfg.pretext.params, backbone).to(run.device)
         augment = view_augmentation(cfg.pretext, method, cfg.data, train_set.info)
@@ -143,7 +145,7 @@ def pretrain(
              "pretext_head": str(out / PRETEXT_HEAD_FILE)},
             [lambda out: export_backbone(out / BACKBONE_FILE, backbone, spec),
              lambda out: export_head(out / PRETEXT_HEAD_FILE, method, kind="pretext", name=cfg.pretext.name,
-                                     params=cfg.pretext.params)],
+                                     params=cfg.pretext.params, plugins=cfg.plugins)],
         )  # fmt: skip
     return PretrainResult(out, out / BACKBONE_FILE, out / PRETEXT_HEAD_FILE, step, finished=True, metrics=metrics)
 
@@ -169,7 +171,7 @@ def final_metrics(
     if monitor is None:
         return {}
     seed_everything(cfg.seed)  # the same initial weights the run started from
-    random_init, _ = build_backbone_from_config(cfg.backbone, channels)
+    random_init, _ = build_backbone_from_config(cfg.backbone, channels, cfg.data.image_size)
     metrics: dict[str, float] = {}
     for label, model in (("", backbone), ("random_init_", random_init.to(device))):
         scores = monitor_scores(cfg, model, monitor, device, "test", probe_epochs=cfg.monitor.linear_probe_epochs)

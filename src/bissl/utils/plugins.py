@@ -1,0 +1,106 @@
+"""Plug-ins: modules that register a user's backbones, pretext methods, downstream tasks or datasets on import.
+
+A plug-in is a module name importable from ``sys.path`` (``my_pkg.mlp``) or the path of a ``.py`` file
+(``examples/mlp_backbone.py``). Three roads import them, all before a config's names are checked:
+``bissl VERB --plugin MODULE``, a config's ``plugins: [...]``, and the ``bissl.plugins`` entry-point group of
+installed packages (imported at CLI start). Files record path plug-ins as absolute paths (:func:`plugin_ref`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Iterable
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
+
+from bissl.utils.errors import ConfigError
+
+ENTRY_POINT_GROUP = "bissl.plugins"
+
+
+class PluginImportError(ConfigError):
+    """A plug-in could not be imported: ``reason`` says why, the message adds the fix."""
+
+    def __init__(self, ref: str, reason: str, fix: str) -> None:
+        super().__init__(f"{reason}; {fix}")
+        self.ref = ref
+        self.reason = reason
+
+
+def is_path(ref: str) -> bool:
+    """Whether a plug-in reference names a ``.py`` file rather than a module."""
+    return ref.endswith(".py") or "/" in ref or "\\" in ref
+
+
+def plugin_ref(ref: str) -> str:
+    """The reference as it is recorded: a module name as given, a file as its absolute path."""
+    return str(Path(ref).expanduser().resolve()) if is_path(ref) else ref
+
+
+def merge_plugins(*groups: Iterable[str]) -> list[str]:
+    """The plug-in references of every group in order, each once."""
+    return list(dict.fromkeys(plugin_ref(ref) for group in groups for ref in group))
+
+
+def _import_file(path: Path) -> ModuleType:
+    """The module of a ``.py`` file, imported once: as ``<stem>`` (also when imported by that name before) unless
+    another module holds that name, else under a name made from its path."""
+    alias = f"_bissl_plugin_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    for name in (path.stem, alias):
+        module = sys.modules.get(name)
+        if module is not None and Path(getattr(module, "__file__", None) or "").resolve() == path:
+            return module
+    name = alias if path.stem in sys.modules else path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def import_plugin(ref: str) -> ModuleType:
+    """Import one plug-in (module name or ``.py`` path); any failure is one :class:`PluginImportError` naming it."""
+    path = Path(plugin_ref(ref)) if is_path(ref) else None
+    if path is not None and not path.is_file():
+        raise PluginImportError(ref, f"plug-in file {ref!r} not found (looked at {path})", "check the path")
+    try:
+        return importlib.import_module(ref) if path is None else _import_file(path)
+    except ModuleNotFoundError as exc:
+        if exc.name and (ref == exc.name or ref.startswith(f"{exc.name}.")):
+            fix = "make it importable (pip install it, or add its folder to PYTHONPATH) or pass its .py file"
+            raise PluginImportError(ref, f"cannot import plug-in {ref!r} (no module named {exc.name!r})", fix) from None
+        raise PluginImportError(ref, f"plug-in {ref!r} failed to import ({exc})", "install what it needs") from exc
+    except Exception as exc:
+        reason = f"plug-in {ref!r} failed to import ({type(exc).__name__}: {exc})"
+        raise PluginImportError(ref, reason, "fix the plug-in") from exc
+
+
+def import_plugins(refs: Iterable[str]) -> list[ModuleType]:
+    """Import every plug-in in ``refs`` (each at most once per process: Python caches modules)."""
+    return [import_plugin(ref) for ref in refs]
+
+
+def load_entry_point_plugins() -> list[str]:
+    """Import the modules installed packages declare in the ``bissl.plugins`` entry-point group; their names."""
+    loaded = []
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as exc:
+            dist = entry.dist.name if entry.dist else "an installed package"
+            raise ConfigError(
+                f"entry point {entry.name!r} ({entry.value}) of {dist} in group {ENTRY_POINT_GROUP!r} failed to "
+                f"import ({type(exc).__name__}: {exc}); fix or uninstall that package"
+            ) from None
+        loaded.append(entry.value)
+    return loaded
