@@ -127,3 +127,14 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_a_message(tmp_path, tiny_pre
     assert "terminated (SIGTERM)" in stderr and "--resume" in stderr and "Traceback" not in stderr
     step = load_torch(out / "checkpoints" / "last.pt")["step"]
     assert step > 0 and not (out / "summary.json").exists()
+
+
+def test_torn_temporary_files_of_a_killed_run_are_removed_at_start(tmp_path):
+    cfg = PretrainConfig(out_dir=str(tmp_path / "run"))
+    with open_run_dir(cfg.out_dir, cfg, resume=False, overwrite=False):
+        pass
+    torn = tmp_path / "run" / "checkpoints" / ".last.pt.abc123.tmp"
+    torn.parent.mkdir()
+    torn.write_bytes(b"half a checkpoint")
+    with open_run_dir(cfg.out_dir, cfg, resume=True, overwrite=False):
+        assert not torn.exists()

@@ -48,7 +48,7 @@ from bissl.engine.runtime import (
 )
 from bissl.engine.step import resolve_precision
 from bissl.utils.errors import BisslError, ConfigError, RunTerminated
-from bissl.utils.io import atomic_write
+from bissl.utils.io import atomic_write, remove_stale_temp_files
 
 log = logging.getLogger("bissl.run")
 
@@ -118,6 +118,7 @@ def open_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool, overwr
             if not run_folder:  # leave a refused folder as it was
                 (out / LOCK_FILE).unlink(missing_ok=True)
             raise
+        remove_stale_temp_files(out, older_than_s=0)  # torn writes of a killed run (the folder is ours: locked)
         atomic_write(out / CONFIG_FILE, lambda f: f.write(to_yaml(config)), mode="w")
         yield has_state
 
