@@ -133,7 +133,7 @@ def test_torn_temporary_files_of_a_killed_run_are_removed_at_start(tmp_path):
     cfg = PretrainConfig(out_dir=str(tmp_path / "run"))
     with open_run_dir(cfg.out_dir, cfg, resume=False, overwrite=False):
         pass
-    torn = tmp_path / "run" / "checkpoints" / ".last.pt.abc123.tmp"
+    torn = tmp_path / "run" / "checkpoints" / ".last.pt.abcd1234.tmp"
     torn.parent.mkdir()
     torn.write_bytes(b"half a checkpoint")
     with open_run_dir(cfg.out_dir, cfg, resume=True, overwrite=False):
