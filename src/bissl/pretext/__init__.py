@@ -1,9 +1,10 @@
-"""Pretext (self-supervised) methods: the interface, the registry, shared heads, SimCLR and BYOL."""
+"""Pretext (self-supervised) methods: the interface, the registry, shared heads and the methods."""
 
 from bissl.pretext.base import PRETEXT_METHODS, PretextConfig, PretextMethod, build_pretext
 from bissl.pretext.byol import BYOL, BYOLConfig, byol_loss, cosine_momentum
 from bissl.pretext.heads import MLPHead, ProjectorConfig, prediction_head, projection_head
 from bissl.pretext.simclr import SimCLR, SimCLRConfig, nt_xent_loss
+from bissl.pretext.vicreg import VICReg, VICRegConfig, off_diagonal, vicreg_loss
 
 __all__ = [
     "BYOL",
@@ -15,10 +16,14 @@ __all__ = [
     "ProjectorConfig",
     "SimCLR",
     "SimCLRConfig",
+    "VICReg",
+    "VICRegConfig",
     "build_pretext",
     "byol_loss",
     "cosine_momentum",
     "nt_xent_loss",
+    "off_diagonal",
     "prediction_head",
     "projection_head",
+    "vicreg_loss",
 ]
