@@ -1,5 +1,6 @@
 """Pretext (self-supervised) methods: the interface, the registry, shared heads and the methods."""
 
+from bissl.pretext.barlow_twins import BarlowTwins, BarlowTwinsConfig, barlow_twins_loss, batch_standardize
 from bissl.pretext.base import PRETEXT_METHODS, PretextConfig, PretextMethod, build_pretext
 from bissl.pretext.byol import BYOL, BYOLConfig, byol_loss, cosine_momentum
 from bissl.pretext.heads import MLPHead, ProjectorConfig, prediction_head, projection_head
@@ -10,6 +11,8 @@ __all__ = [
     "BYOL",
     "PRETEXT_METHODS",
     "BYOLConfig",
+    "BarlowTwins",
+    "BarlowTwinsConfig",
     "MLPHead",
     "PretextConfig",
     "PretextMethod",
@@ -18,6 +21,8 @@ __all__ = [
     "SimCLRConfig",
     "VICReg",
     "VICRegConfig",
+    "barlow_twins_loss",
+    "batch_standardize",
     "build_pretext",
     "byol_loss",
     "cosine_momentum",

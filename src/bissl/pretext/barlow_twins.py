@@ -1,0 +1,70 @@
+"""Barlow Twins (Zbontar et al., 2021): drive the cross-correlation of two views' embeddings to the identity.
+
+Defaults follow the paper and its reference code (``facebookresearch/barlowtwins``, ``main.py``:
+``--lambd 0.0051 --projector 8192-8192-8192``). The projector defaults to ``[512, 128]`` (the CPU size SimCLR
+uses); the paper's is ``[8192, 8192, 8192]``. Like the reference, it has ``Linear -> BN -> ReLU`` hidden layers
+and a plain last ``Linear`` (ours keeps its bias; the reference drops it, and the normalisation below cancels it).
+
+The reference normalises with ``BatchNorm1d(affine=False)`` in train mode; here the same batch statistics
+(biased variance, ``eps = 1e-5``) are computed directly, so there are no running statistics to keep. Every term
+is differentiable, so the Hessian BiSSL takes is exact. Not done yet: the reference's cross-rank sum of ``c``
+(it needs a twice-differentiable all-reduce); one process uses its local batch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import NonNegativeFloat, PositiveFloat
+from torch import Tensor, nn
+
+from bissl.pretext.base import PRETEXT_METHODS, PretextMethod
+from bissl.pretext.heads import ProjectorConfig, projection_head
+from bissl.pretext.vicreg import off_diagonal
+
+
+def batch_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
+    """``(z - mean_b z) / sqrt(Var_b z + eps)`` per column, the biased variance (BatchNorm1d's train mode)."""
+    centred = z - z.mean(dim=0)
+    return centred / torch.sqrt(centred.pow(2).mean(dim=0) + eps)
+
+
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, eps: float = 1e-5) -> Tensor:
+    """Barlow Twins of embeddings ``z1, z2`` of shape ``[B, D]`` (``B >= 2``)::
+
+    c = standardize(z1)^T standardize(z2) / B
+    loss = sum_i (c_ii - 1)^2 + lambd sum_{i != j} c_ij^2
+    """
+    batch = z1.shape[0]
+    if batch < 2:
+        raise ValueError(f"Barlow Twins needs a batch of at least 2 (statistics over the batch), got {batch}")
+    c = batch_standardize(z1, eps).T @ batch_standardize(z2, eps) / batch
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    return on_diag + lambd * off_diagonal(c).pow(2).sum()
+
+
+class BarlowTwinsConfig(ProjectorConfig):
+    lambd: NonNegativeFloat = 0.0051  # weight of the off-diagonal (redundancy reduction) term
+    eps: PositiveFloat = 1e-5  # of the batch normalisation, as BatchNorm1d's default
+
+
+@PRETEXT_METHODS.register("barlow_twins")
+class BarlowTwins(PretextMethod):
+    """``loss = barlow_twins_loss(g(f(x1)), g(f(x2)))``, backbone ``f``, projector ``g``; each view is its own batch.
+
+    Views: the BYOL augmentation (asymmetric blur and solarisation), as in the paper.
+    """
+
+    Config = BarlowTwinsConfig
+    augmentation = "byol"
+    config: BarlowTwinsConfig
+
+    def __init__(self, feature_dim: int, config: BarlowTwinsConfig | None = None) -> None:
+        super().__init__(feature_dim, config)
+        self.projector = projection_head(feature_dim, self.config.projector_dims, last_bn=False)
+
+    def loss(self, backbone: nn.Module, views: Sequence[Tensor]) -> Tensor:
+        self.check_views(views)
+        z1, z2 = (self.projector(backbone(view)) for view in views)
+        return barlow_twins_loss(z1, z2, self.config.lambd, self.config.eps)
