@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,18 +24,29 @@ def _set(params: Sequence[Tensor], flat: Tensor) -> None:
             p.copy_(chunk.view_as(p))
 
 
-def _grad_at(method: PretextMethod, backbone: nn.Module, views: Sequence[Tensor], flat: Tensor) -> Tensor:
+def _grad_at(method: PretextMethod, backbone: nn.Module, loss: Callable[[], Tensor], flat: Tensor) -> Tensor:
     params = list(backbone.parameters())
     _set(params, flat)
     with preserve_buffers(nn.ModuleList([backbone, method])):
-        grads = torch.autograd.grad(method.loss(backbone, views), params)
+        grads = torch.autograd.grad(loss(), params)
     return torch.cat([g.reshape(-1) for g in grads])
 
 
 def assert_hvp_matches_finite_differences(
-    method: PretextMethod, backbone: nn.Module, views: Sequence[Tensor], *, hvp_method: str, eps: float = 1e-6
+    method: PretextMethod,
+    backbone: nn.Module,
+    views: Sequence[Tensor],
+    *,
+    hvp_method: str,
+    eps: float = 1e-6,
+    fd_loss: Callable[[], Tensor] | None = None,
 ) -> None:
-    """``H v`` of ``method.loss`` w.r.t. the backbone's parameters equals ``(g(w + eps v) - g(w - eps v)) / 2 eps``."""
+    """``H v`` of ``method.loss`` w.r.t. the backbone's parameters equals ``(g(w + eps v) - g(w - eps v)) / 2 eps``.
+
+    ``g`` is the gradient of ``fd_loss`` (default ``method.loss``): methods with stop-gradient targets that depend
+    on the backbone pass the loss with those targets frozen at their current values.
+    """
+    loss = fd_loss if fd_loss is not None else (lambda: method.loss(backbone, views))
     params = list(backbone.parameters())
     op = HessianOperator(
         lambda: method.loss(backbone, views),
@@ -49,8 +60,8 @@ def assert_hvp_matches_finite_differences(
     vs = [torch.randn(op.numel, dtype=torch.float64, generator=generator) for _ in range(2)]
     hvs = [op.matvec(v) for v in vs]  # before the finite differences write into the parameters
     for v, hv in zip(vs, hvs, strict=True):
-        plus = _grad_at(method, backbone, views, w0 + eps * v)
-        minus = _grad_at(method, backbone, views, w0 - eps * v)
+        plus = _grad_at(method, backbone, loss, w0 + eps * v)
+        minus = _grad_at(method, backbone, loss, w0 - eps * v)
         _set(params, w0)
         fd = (plus - minus) / (2 * eps)
         assert hv.norm() > 0

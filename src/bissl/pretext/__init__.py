@@ -5,6 +5,7 @@ from bissl.pretext.base import PRETEXT_METHODS, PretextConfig, PretextMethod, bu
 from bissl.pretext.byol import BYOL, BYOLConfig, byol_loss, cosine_momentum
 from bissl.pretext.heads import MLPHead, ProjectorConfig, prediction_head, projection_head
 from bissl.pretext.simclr import SimCLR, SimCLRConfig, nt_xent_loss
+from bissl.pretext.simsiam import SimSiam, SimSiamConfig, simsiam_loss
 from bissl.pretext.vicreg import VICReg, VICRegConfig, off_diagonal, vicreg_loss
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "ProjectorConfig",
     "SimCLR",
     "SimCLRConfig",
+    "SimSiam",
+    "SimSiamConfig",
     "VICReg",
     "VICRegConfig",
     "barlow_twins_loss",
@@ -30,5 +33,6 @@ __all__ = [
     "off_diagonal",
     "prediction_head",
     "projection_head",
+    "simsiam_loss",
     "vicreg_loss",
 ]

@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+from pretext_checks import assert_hvp_matches_finite_differences, tiny_backbone
+from torch import nn
+
+from bissl.bilevel.hvp import HVP_METHODS
+from bissl.pretext import PRETEXT_METHODS, SimSiam, build_pretext, simsiam_loss
+from bissl.utils.errors import ConfigError
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def test_simsiam_loss_matches_hand_computation() -> None:
+    p1 = torch.tensor([[1.0, 0.0], [0.3, -0.2], [0.5, 0.5]], dtype=torch.float64)
+    p2 = torch.tensor([[0.0, 1.0], [-1.0, 2.0], [0.1, 0.4]], dtype=torch.float64)
+    z1 = torch.tensor([[2.0, 1.0], [0.7, 0.1], [-0.3, 0.8]], dtype=torch.float64)
+    z2 = torch.tensor([[1.0, 0.0], [-0.2, 0.9], [0.6, -0.6]], dtype=torch.float64)
+    c1 = sum(_cos(p1[i].tolist(), z2[i].tolist()) for i in range(3)) / 3
+    c2 = sum(_cos(p2[i].tolist(), z1[i].tolist()) for i in range(3)) / 3
+    assert simsiam_loss(p1, p2, z1, z2).item() == pytest.approx(-(c1 + c2) / 2, rel=1e-12)
+    # the targets are under a stop-gradient
+    z1.requires_grad_(True)
+    p1.requires_grad_(True)
+    simsiam_loss(p1, p2, z1, z2).backward()
+    assert z1.grad is None and p1.grad is not None
+
+
+def _method() -> tuple[SimSiam, nn.Module]:
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    method = build_pretext("simsiam", 6, {"projector_dims": [8, 5], "predictor_dims": [3, 5]})
+    assert isinstance(method, SimSiam)
+    return method.double().train(), backbone
+
+
+def test_simsiam_gradient_treats_targets_as_constants() -> None:
+    method, backbone = _method()
+    views = [torch.randn(6, 3, 2, 2, dtype=torch.float64) for _ in range(2)]
+    params = list(backbone.parameters())
+    got = torch.autograd.grad(method.loss(backbone, views), params)
+    z1, z2 = (method.projector(backbone(v)) for v in views)
+    p1, p2 = method.predictor(z1), method.predictor(z2)
+    expected_loss = (
+        -(
+            nn.functional.cosine_similarity(p1, z2.detach()).mean()
+            + nn.functional.cosine_similarity(p2, z1.detach()).mean()
+        )
+        / 2
+    )
+    expected = torch.autograd.grad(expected_loss, params)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_simsiam_forward_changes_no_parameter_and_in_eval_mode_no_buffer() -> None:
+    method, backbone = _method()
+    views = [torch.randn(6, 3, 2, 2, dtype=torch.float64) for _ in range(2)]
+    modules = nn.ModuleList([backbone, method])
+    params = {n: p.detach().clone() for n, p in modules.named_parameters()}
+    method.loss(backbone, views)
+    assert all(torch.equal(p, params[n]) for n, p in modules.named_parameters())
+    modules.eval()
+    state = {k: v.clone() for k, v in modules.state_dict().items()}
+    method.loss(backbone, views)
+    method.on_step_end(backbone, step=1, total_steps=10)  # no target network: nothing to move
+    assert all(torch.equal(v, state[k]) for k, v in modules.state_dict().items())
+
+
+def test_simsiam_is_registered_and_validated() -> None:
+    method = build_pretext("simsiam", 6, {})
+    assert isinstance(method, SimSiam) and PRETEXT_METHODS.get("simsiam") is SimSiam
+    assert method.augmentation == "simclr" and method.config.predictor_dims == [32, 128]
+    with pytest.raises(ConfigError, match=r"predictor_dims must end with .* 128"):
+        build_pretext("simsiam", 6, {"predictor_dims": [64, 32]})
+
+
+@pytest.mark.parametrize("hvp_method", HVP_METHODS)
+def test_simsiam_hvp_matches_finite_differences_at_fixed_targets(hvp_method: str) -> None:
+    method, backbone = _method()
+    views = [torch.randn(6, 3, 2, 2, dtype=torch.float64) for _ in range(2)]
+    with torch.no_grad():
+        z1, z2 = (method.projector(backbone(v)).clone() for v in views)  # the targets at the current parameters
+
+    def fixed_targets() -> torch.Tensor:
+        p1, p2 = (method.predictor(method.projector(backbone(v))) for v in views)
+        return simsiam_loss(p1, p2, z1, z2)
+
+    assert_hvp_matches_finite_differences(method, backbone, views, hvp_method=hvp_method, fd_loss=fixed_targets)
+    # the Jacobian of SimSiam's actual update (targets moving with the parameters) is a different matrix
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_hvp_matches_finite_differences(method, backbone, views, hvp_method=hvp_method)
