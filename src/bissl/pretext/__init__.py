@@ -4,6 +4,7 @@ from bissl.pretext.barlow_twins import BarlowTwins, BarlowTwinsConfig, barlow_tw
 from bissl.pretext.base import PRETEXT_METHODS, PretextConfig, PretextMethod, build_pretext
 from bissl.pretext.byol import BYOL, BYOLConfig, byol_loss, cosine_momentum
 from bissl.pretext.heads import MLPHead, ProjectorConfig, prediction_head, projection_head
+from bissl.pretext.mocov3 import MoCoV3, MoCoV3Config, moco_contrastive_loss
 from bissl.pretext.simclr import SimCLR, SimCLRConfig, nt_xent_loss
 from bissl.pretext.simsiam import SimSiam, SimSiamConfig, simsiam_loss
 from bissl.pretext.vicreg import VICReg, VICRegConfig, off_diagonal, vicreg_loss
@@ -15,6 +16,8 @@ __all__ = [
     "BarlowTwins",
     "BarlowTwinsConfig",
     "MLPHead",
+    "MoCoV3",
+    "MoCoV3Config",
     "PretextConfig",
     "PretextMethod",
     "ProjectorConfig",
@@ -29,6 +32,7 @@ __all__ = [
     "build_pretext",
     "byol_loss",
     "cosine_momentum",
+    "moco_contrastive_loss",
     "nt_xent_loss",
     "off_diagonal",
     "prediction_head",
