@@ -68,8 +68,7 @@ class RunRecord:
     wall_time_s: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
-        return {**record, "finetune_dir": str(self.finetune_dir)}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
 
 
 @dataclass
