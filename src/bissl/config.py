@@ -180,7 +180,7 @@ class BilevelConfig(StrictModel):
 
     cycles: int = Field(500, gt=0)
     n_lower: int = Field(20, gt=0)
-    n_upper: int = Field(8, ge=0)  # 0: the pretext-only control (no upper level, phi stays pretrained)
+    n_upper: int = Field(8, ge=0)  # 0: the pretext-only control: lower steps pulled to a phi that stays pretrained
     lam: float = Field(1e-3, gt=0)
     damping: float = Field(10.0, ge=0)
     gamma: float = Field(1.0, ge=0)  # weight of the plain L_D(phi, omega) term
@@ -314,6 +314,22 @@ class ArmSpec(StrictModel):
     align: dict[str, Any] = Field(default_factory=dict)
 
 
+class SearchSpec(StrictModel):
+    """A study's fine-tuning search: ``trials`` settings of ``optim.lr`` / ``optim.weight_decay`` (log-uniform in
+    the ranges) per arm and task, scored on validation, the same budget and candidates for every arm; ``trials: 0``
+    fine-tunes every arm with the study's fixed settings."""
+
+    trials: int = Field(0, ge=0)
+    sampler: Literal["random", "tpe"] = "random"
+    pruner: Literal["median", "none"] = "none"
+    lr_range: tuple[float, float] = (1e-3, 0.3)
+    weight_decay_range: tuple[float, float] = (1e-5, 1e-2)
+
+    def hpo(self) -> HPOConfig:
+        """The search as a fine-tuning stage's ``hpo`` section (no final runs: the study runs its seeds)."""
+        return HPOConfig(final_seeds=[], **self.model_dump())
+
+
 def _default_arms() -> list[ArmSpec]:
     return [ArmSpec(name="conventional"), ArmSpec(name="bissl", bissl=True)]
 
@@ -328,12 +344,14 @@ class PipelineConfig(StrictModel):
     out_dir: str = "runs/pipeline_digits"
     plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     pretrained: str | None = None  # use this pretrain run folder / backbone.pt instead of pretraining
     data: DataSource = Field(default_factory=DataSource)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    evaluate: EvaluateConfig = Field(default_factory=lambda: EvaluateConfig(embedding=False))  # frozen probes
     tasks: list[TaskSpec] = Field(default_factory=lambda: [TaskSpec(name="digits")], min_length=1)
     arms: list[ArmSpec] = Field(default_factory=_default_arms, min_length=1)
     baseline: str = "conventional"
@@ -372,6 +390,10 @@ class PipelineConfig(StrictModel):
 
     def arm_names(self) -> list[str]:
         return [arm.name for arm in self.arms]
+
+    def is_control(self, arm: ArmSpec) -> bool:
+        """Whether ``arm`` is the same-compute control: BiSSL's lower level with no upper level (``n_upper: 0``)."""
+        return arm.bissl and all(self.arm_align(arm, task).bilevel.n_upper == 0 for task in self.tasks)
 
     def arm_align(self, arm: ArmSpec, task: TaskSpec) -> AlignConfig:
         """The study's align settings with ``task``'s, then ``arm``'s overrides applied (validated)."""

@@ -8,7 +8,9 @@ import re
 
 import pytest
 
+from bissl.bilevel.trainer import BilevelSettings
 from bissl.cli import main
+from bissl.utils.errors import ConfigError
 
 # --quick, made smaller still for CI (every number of the preset is kept but the per-cycle step counts).
 FAST = [
@@ -23,6 +25,23 @@ FAST = [
     "align.log.tensorboard=false",
     "finetune.log.tensorboard=false",
 ]
+TASK = "digits_5shot"
+
+
+def _trainer_runs_without_upper_level() -> bool:
+    try:
+        BilevelSettings(n_upper=0)
+    except ConfigError:
+        return False
+    return True
+
+
+# The same-compute control arm (bilevel.n_upper: 0) needs a trainer that runs lower steps only; until that lands,
+# the study runs without it.
+ARMS = {"conventional", "bissl", "pretext_only"}
+if not _trainer_runs_without_upper_level():
+    ARMS -= {"pretext_only"}
+    FAST.append("arms=[{name: conventional}, {name: bissl, bissl: true}]")
 
 
 def _numbers(obj):
@@ -47,41 +66,53 @@ def quick_study(tmp_path_factory):
 
 def test_quick_pipeline_writes_a_complete_report(quick_study, capsys):
     results = json.loads((quick_study / "results.json").read_text())
-    assert {r["arm"] for r in results["runs"]} == {"conventional", "bissl"}
+    assert {r["arm"] for r in results["runs"]} == ARMS
     assert sorted({r["seed"] for r in results["runs"]}) == [0, 1]
     assert all(r["align_dir"] for r in results["runs"] if r["arm"] == "bissl")
     assert all(math.isfinite(x) for x in _numbers(results["runs"]))
     assert all(math.isfinite(x) for x in _numbers(results["analysis"]))
     assert results["environment"]["torch"] and results["stage_wall_time_s"]["pretrain"] > 0
-    comparison = results["analysis"]["digits"]["comparisons"]["bissl"]["test_top1"]
+    analysis = results["analysis"][TASK]
+    comparison = analysis["comparisons"]["bissl"]["after"]["top1"]
     assert comparison["ci_low"] <= comparison["mean_diff"] <= comparison["ci_high"]
+    assert all(0 <= r["frozen"]["linear_probe_test"] <= 1 and "knn_test" in r["frozen"] for r in results["runs"])
+    searched = results["search"][TASK]
+    assert set(searched) == ARMS and all(len(s["trials"]) == 2 for s in searched.values())
+    for r in results["runs"]:  # every seed fine-tunes with its arm's best setting
+        assert r["optim"] == pytest.approx(searched[r["arm"]]["best_params"])
 
     report = (quick_study / "report.md").read_text()
-    for heading in ("# BiSSL study report", "## Test accuracy", "## Paired differences", "## Did BiSSL help"):
+    for heading in ("# BiSSL study report", "## Verdicts", "**Before fine-tuning**", "**After fine-tuning**"):
         assert heading in report
-    row = re.search(r"\| digits \| bissl \| ([\d.]+) ± ([\d.]+) \|", report)
+    row = re.search(r"\| bissl \| [\d.e-]+ \| [\d.e-]+ \| ([\d.]+) ± ([\d.]+) \|", report)
     assert row and all(math.isfinite(float(x)) for x in row.groups())
     assert "nan" not in report.lower()
-    for png in ("accuracy.png", "curves.png", "alignment_digits.png"):
+    for png in ("headline.png", "curves.png", f"alignment_{TASK}.png"):
         assert (quick_study / png).stat().st_size > 1000, png
 
 
 def test_rerun_resumes_from_finished_stages(quick_study, capsys):
-    before = (quick_study / "digits" / "bissl" / "seed0" / "align" / "summary.json").stat().st_mtime_ns
+    before = (quick_study / TASK / "bissl" / "seed0" / "align" / "summary.json").stat().st_mtime_ns
     assert main(["pipeline", "--quick", "--out-dir", str(quick_study), *FAST]) == 0
-    after = (quick_study / "digits" / "bissl" / "seed0" / "align" / "summary.json").stat().st_mtime_ns
+    after = (quick_study / TASK / "bissl" / "seed0" / "align" / "summary.json").stat().st_mtime_ns
     assert before == after  # reused, not re-run
     assert "report:" in capsys.readouterr().out
 
 
-def test_changed_config_is_not_mixed_with_old_results(quick_study, capsys):
-    assert main(["pipeline", "--quick", "--out-dir", str(quick_study), *FAST, "finetune.optim.lr=0.5"]) == 2
+@pytest.mark.parametrize(
+    ("override", "diff"),
+    [("evaluate.knn_k=5", "knn_k: 20 -> 5"), ("finetune.epochs=4", "epochs: 3 -> 4"), ("align.bilevel.lam=0.5", "lam")],
+)
+def test_changed_config_is_refused_and_leaves_the_study_as_it_was(quick_study, capsys, override, diff):
+    files = {name: (quick_study / name).read_bytes() for name in ("config.yaml", "results.json", "report.md")}
+    assert main(["pipeline", "--quick", "--out-dir", str(quick_study), *FAST, override]) == 2
     err = capsys.readouterr().err
-    assert "another config (optim.lr: 0.02 -> 0.5)" in err and err.count("\n") == 1
+    assert "another config" in err and diff in err and err.count("\n") == 1
+    assert files == {name: (quick_study / name).read_bytes() for name in files}  # config.yaml still matches them
 
 
 def test_interrupted_stage_resumes_and_corruption_is_named(quick_study, capsys):
-    finetune_dir = quick_study / "digits" / "conventional" / "seed1" / "finetune"
+    finetune_dir = quick_study / TASK / "conventional" / "seed1" / "finetune"
     (finetune_dir / "summary.json").unlink()  # as if killed after its last checkpoint
     assert main(["pipeline", "--quick", "--out-dir", str(quick_study), *FAST]) == 0
     assert (finetune_dir / "summary.json").is_file()

@@ -1,194 +1,191 @@
-"""The study's analysis (mean +- std per arm, paired comparisons), its plots and ``report.md``."""
+"""``report.md``: the analysis (:mod:`bissl.pipeline.analysis`) as tables, verdicts, warnings and plots."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bissl.config import PipelineConfig
-from bissl.engine.logger import read_metrics
-from bissl.pipeline.stats import paired_comparison, summarize
+from bissl.config import PipelineConfig, TaskSpec
+from bissl.downstream.base import Metric
+from bissl.pipeline.analysis import ALPHA, FROZEN, KINDS, analyse, arm_kind, task_metrics
+from bissl.pipeline.plots import plot_alignment, plot_curves, plot_headline
 from bissl.utils.io import atomic_write
-from bissl.utils.plotting import new_figure, save_png
 
-HEADLINE_METRICS = ("test_top1", "test_mean_per_class")
 REPORT_FILE = "report.md"
 
 
-def analyse(cfg: PipelineConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per task: each arm's mean/std of the headline metrics and wall time, and each arm vs the baseline."""
-    analysis: dict[str, Any] = {}
-    for task in cfg.tasks:
-        by_arm = {arm: sorted((r for r in runs if r["task"] == task.name and r["arm"] == arm), key=lambda r: r["seed"])
-                  for arm in cfg.arm_names()}  # fmt: skip
-        arms = {}
-        for arm, arm_runs in by_arm.items():
-            arms[arm] = {m: vars(summarize([r["metrics"][m] for r in arm_runs])) for m in HEADLINE_METRICS}
-            arms[arm]["wall_time_s"] = vars(summarize([sum(r["wall_time_s"].values()) for r in arm_runs]))
-        comparisons = {}
-        for arm in cfg.arm_names():
-            if arm == cfg.baseline:
-                continue
-            comparisons[arm] = {}
-            for metric in HEADLINE_METRICS:
-                values = [r["metrics"][metric] for r in by_arm[arm]]
-                base = [r["metrics"][metric] for r in by_arm[cfg.baseline]]
-                result = paired_comparison(values, base)
-                comparisons[arm][metric] = {**result.as_dict(), "verdict": result.verdict(arm, cfg.baseline, metric)}
-        analysis[task.name] = {"arms": arms, "comparisons": comparisons}
-    return analysis
+def _mean_std(metric: Metric, summary: dict[str, float] | None) -> str:
+    return "n/a" if summary is None else f"{metric.show(summary['mean'])} ± {metric.show(summary['std'])}"
 
 
-def _fmt(summary: dict[str, float]) -> str:
-    return f"{100 * summary['mean']:.2f} ± {100 * summary['std']:.2f}"
-
-
-def _ci(c: dict[str, Any]) -> str:
-    if c["ci_low"] is None:
+def _diff(metric: Metric, c: dict[str, Any] | None) -> str:
+    """Paired difference with its 95 % CI, in display units."""
+    if c is None:
         return "n/a"
-    return f"[{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}]"
+    ci = "" if c["ci_low"] is None else f" [{c['ci_low'] * metric.scale:+.2f}, {c['ci_high'] * metric.scale:+.2f}]"
+    return f"{c['mean_diff'] * metric.scale:+.2f}{ci}"
 
 
-def headline_table(cfg: PipelineConfig, analysis: dict[str, Any]) -> str:
-    """Markdown table: task, arm, test top-1 and mean per-class accuracy (mean ± std, %), seeds, time."""
-    lines = [
-        "| task | arm | test top-1 (%) | test mean per-class (%) | seeds | wall time / seed (s) |",
-        "|---|---|---|---|---|---|",
+def _p(c: dict[str, Any] | None, key: str = "p_value") -> str:
+    return "n/a" if c is None or c.get(key) is None else f"{c[key]:.3g}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def after_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> list[str]:
+    """Every declared test metric per arm (mean ± std), the fine-tuning lr / weight decay, seeds, time."""
+    metrics = task_metrics(task)
+    rows = []
+    for arm, s in result["arms"].items():
+        optim = s["optim"]
+        rows.append([arm, f"{optim['lr']:.3g}", f"{optim['weight_decay']:.3g}",
+                     *(_mean_std(m, s["after"][m.key]) for m in metrics),
+                     str(s["wall_time_s"]["n"]), f"{s['wall_time_s']['mean']:.0f}"])  # fmt: skip
+    return _table(["arm", "lr", "weight decay", *(f"test {m.header()}" for m in metrics), "seeds", "time / seed (s)"],
+                  rows)  # fmt: skip
+
+
+def before_table(cfg: PipelineConfig, result: dict[str, Any]) -> list[str]:
+    """Frozen kNN and linear probe of each arm's starting backbone, and their paired difference to the baseline."""
+    rows = []
+    for arm, s in result["arms"].items():
+        c = result["comparisons"].get(arm, {}).get("before", {})
+        cells = [_mean_std(m, s["before"][m.key]) for m in FROZEN]
+        if arm == cfg.baseline:
+            cells += ["baseline"] * (2 * len(FROZEN))
+        else:
+            for m in FROZEN:
+                cells += [_diff(m, c.get(m.key)), _p(c.get(m.key))]
+        rows.append([arm, *cells])
+    header = ["arm", *(m.header() for m in FROZEN)]
+    for m in FROZEN:
+        header += [f"Δ {m.name} vs {cfg.baseline} (points, 95% CI)", "p"]
+    return _table(header, rows)
+
+
+def comparison_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> list[str]:
+    """Paired differences against the baseline on the headline metric, raw and Holm-adjusted p, verdict."""
+    metric = task_metrics(task)[0]
+    rows = [
+        [arm, _diff(metric, c["after"][metric.key]), _p(c["after"][metric.key]),
+         _p(c["after"][metric.key], "p_holm"), c["after"][metric.key]["verdict"]]
+        for arm, c in result["comparisons"].items()
+    ]  # fmt: skip
+    unit = f" ({metric.unit})" if metric.unit else ""
+    header = [f"arm − {cfg.baseline}", f"Δ test {metric.name}{unit}, 95% CI", "p (paired t)", "p (Holm)", "verdict"]
+    return _table(header, rows)
+
+
+def coupling_lines(result: dict[str, Any]) -> list[str]:
+    """The alignment's coupling diagnostics (mean ± std over seeds) per arm that reported them."""
+    rows = [
+        [arm, key, f"{v['mean']:.4g} ± {v['std']:.2g}"]
+        for arm, s in result["arms"].items()
+        for key, v in s["coupling"].items()
     ]
-    for task in cfg.tasks:
-        for arm, s in analysis[task.name]["arms"].items():
-            lines.append(
-                f"| {task.name} | {arm} | {_fmt(s['test_top1'])} | {_fmt(s['test_mean_per_class'])} | "
-                f"{s['test_top1']['n']} | {s['wall_time_s']['mean']:.0f} |"
-            )
-    return "\n".join(lines)
+    if not rows:
+        return []
+    return ["", "Coupling of theta and phi during alignment (`align/summary.json`):", "", *_table(
+        ["arm", "diagnostic", "mean ± std"], rows)]  # fmt: skip
 
 
-def comparison_table(cfg: PipelineConfig, analysis: dict[str, Any]) -> str:
-    lines = [
-        f"| task | arm − {cfg.baseline} | Δ top-1 (points) | 95% CI | p (paired t) |",
-        "|---|---|---|---|---|",
+def task_section(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> list[str]:
+    """One task: after / before fine-tuning, comparisons, warnings, coupling."""
+    headline = task_metrics(task)[0]
+    before = (
+        before_table(cfg, result)
+        if result["labelled"]
+        else ["n/a: the task's data has no class labels, so there is no frozen kNN or linear probe."]
+    )
+    return [
+        f"## {task.name} (headline: test {headline.header()})",
+        "",
+        "**Before fine-tuning**: the frozen backbone each arm starts fine-tuning from, test split (kNN and a linear "
+        "probe on the task's training split; mean ± std over seeds).",
+        "",
+        *before,
+        "",
+        "**After fine-tuning**: test metrics of the model selected on validation (mean ± std over seeds).",
+        "",
+        *after_table(cfg, task, result),
+        "",
+        "**Against the baseline** (paired over seeds):",
+        "",
+        *comparison_table(cfg, task, result),
+        *[f"\n> **WARNING** {w}" for w in result["warnings"]],
+        *coupling_lines(result),
+        "",
     ]
-    for task in cfg.tasks:
-        for arm, metrics in analysis[task.name]["comparisons"].items():
-            c = metrics["test_top1"]
-            p = "n/a" if c["p_value"] is None else f"{c['p_value']:.3g}"
-            lines.append(f"| {task.name} | {arm} | {100 * c['mean_diff']:+.2f} | {_ci(c)} | {p} |")
-    return "\n".join(lines)
 
 
-def plot_accuracy(cfg: PipelineConfig, runs: list[dict[str, Any]], path: Path) -> Path:
-    """Test top-1 per arm and task: the mean as a bar, every seed as a dot."""
-    fig = new_figure((3.2 * len(cfg.tasks) + 1, 3.6))
-    for i, task in enumerate(cfg.tasks):
-        ax = fig.add_subplot(1, len(cfg.tasks), i + 1)
-        for j, arm in enumerate(cfg.arm_names()):
-            values = [100 * r["metrics"]["test_top1"] for r in runs if r["task"] == task.name and r["arm"] == arm]
-            ax.bar(j, np.mean(values), color=f"C{j}", alpha=0.5, yerr=np.std(values, ddof=1) if len(values) > 1 else 0)
-            ax.scatter(np.full(len(values), j), values, color=f"C{j}", s=14, zorder=3)
-        ax.set_xticks(range(len(cfg.arms)), cfg.arm_names(), rotation=20, fontsize=8)
-        ax.set_title(task.name, fontsize=9)
-        ax.set_ylabel("test top-1 (%)" if i == 0 else "")
-        ax.margins(y=0.3)
-        low = min(100 * r["metrics"]["test_top1"] for r in runs if r["task"] == task.name)
-        ax.set_ylim(bottom=max(0.0, low - 10))
-    return save_png(fig, path)
+def protocol_lines(cfg: PipelineConfig) -> list[str]:
+    """Arms (with their kind), seeds and how fine-tuning settings were chosen."""
+    arms = [f"- `{arm.name}`: {KINDS[arm_kind(cfg, arm)]}" + (" (baseline)" if arm.name == cfg.baseline else "")
+            for arm in cfg.arms]  # fmt: skip
+    if cfg.search.trials:
+        settings = (
+            f"Each arm's fine-tuning lr / weight decay was searched per task on validation ({cfg.search.trials} "
+            f"{cfg.search.sampler} trials, lr in {list(cfg.search.lr_range)}, weight decay in "
+            f"{list(cfg.search.weight_decay_range)}, first seed's starting backbone; same budget for every arm); "
+            "every seed then fine-tuned with its arm's best setting (tables below, `results.json` → `search`)."
+        )
+    else:
+        settings = "Every arm fine-tunes with the same fixed lr / weight decay (no search: `search.trials: 0`)."
+    return [
+        f"Seeds: {cfg.seeds}; tasks: {', '.join(t.name for t in cfg.tasks)}. Arms:",
+        "",
+        *arms,
+        "",
+        settings,
+        f"Verdicts test at the {ALPHA:.0%} level; with several arms the headline p-values are Holm-adjusted over "
+        "the arms' comparisons with the baseline, per task.",
+    ]
 
 
-def plot_curves(cfg: PipelineConfig, runs: list[dict[str, Any]], path: Path) -> Path:
-    """Fine-tuning curves (validation top-1 and training loss per epoch), mean over seeds, per task and arm."""
-    fig = new_figure((3.4 * len(cfg.tasks) + 1, 6.0))
-    for i, task in enumerate(cfg.tasks):
-        curves: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
-        for r in runs:
-            if r["task"] != task.name:
-                continue
-            records = read_metrics(Path(r["finetune_dir"]) / "metrics.jsonl", "epoch")
-            for key in ("val_top1", "train_loss"):
-                curves[r["arm"]][key].append([rec[key] for rec in records if key in rec])
-        for row, key in enumerate(("val_top1", "train_loss")):
-            ax = fig.add_subplot(2, len(cfg.tasks), row * len(cfg.tasks) + i + 1)
-            for j, arm in enumerate(cfg.arm_names()):
-                series = curves[arm][key]
-                length = min(len(s) for s in series)
-                mean = np.mean([s[:length] for s in series], axis=0)
-                ax.plot(np.arange(1, length + 1), mean, color=f"C{j}", label=arm)
-            ax.set_title(f"{task.name}: {key}", fontsize=9)
-            ax.set_xlabel("epoch" if row == 1 else "")
-            if i == 0 and row == 0:
-                ax.legend(fontsize=7)
-    return save_png(fig, path)
+def verdict_lines(cfg: PipelineConfig, analysis: dict[str, Any]) -> list[str]:
+    """Each comparison's verdict on its task's headline metric, then every warning of the study."""
+    lines = [
+        f"- **{t.name}**: {c['after'][analysis[t.name]['headline']]['verdict']}"
+        for t in cfg.tasks
+        for c in analysis[t.name]["comparisons"].values()
+    ]
+    warnings = [f"> **WARNING** {w}" for t in cfg.tasks for w in analysis[t.name]["warnings"]]
+    return [*lines, *([""] if warnings else []), *warnings]
 
 
-def plot_alignment(
-    cfg: PipelineConfig, task_index: int, runs: list[dict[str, Any]], pretrained: Path, path: Path
-) -> Path:
-    """t-SNE of test features of the backbone each arm fine-tunes from (first seed): the alignment picture."""
-    from bissl.dist import resolve_device
-    from bissl.downstream.base import DOWNSTREAM_TASKS
-    from bissl.engine.checkpoint import load_backbone
-    from bissl.eval.embedding import embed_2d, plot_embeddings_grid
-    from bissl.eval.frozen import dataset_features
-
-    task = cfg.tasks[task_index]
-    test = DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)["test"]
-    device = resolve_device(cfg.device)
-    panels = []
-    for arm in cfg.arm_names():
-        run = next(r for r in runs if r["task"] == task.name and r["arm"] == arm and r["seed"] == cfg.seeds[0])
-        source = Path(run["align_dir"]) if run["align_dir"] else pretrained
-        backbone, _ = load_backbone(source / "backbone.pt")
-        features, labels = dataset_features(backbone.to(device), test, device=device)
-        points, kept = embed_2d(features, labels, seed=cfg.seeds[0], max_points=cfg.embedding_max_points)
-        panels.append((f"{arm}: before fine-tuning", points, kept))
-    return plot_embeddings_grid(panels, path, class_names=test.info.classes or None, title=f"{task.name} (test split)")
+def write_plots(cfg: PipelineConfig, results: dict[str, Any], pretrained: Path) -> dict[str, Path]:
+    out, runs = Path(cfg.out_dir), results["runs"]
+    plots = {"headline": plot_headline(cfg, runs, out / "headline.png")}
+    plots["curves"] = plot_curves(cfg, runs, out / "curves.png")
+    if cfg.embedding:
+        for i, task in enumerate(cfg.tasks):
+            if results["analysis"][task.name]["labelled"]:
+                path = out / f"alignment_{task.name}.png"
+                plots[f"alignment_{task.name}"] = plot_alignment(cfg, i, runs, pretrained, path)
+    return plots
 
 
 def write_report(cfg: PipelineConfig, results: dict[str, Any], pretrained: Path) -> Path:
     """Add the analysis to ``results`` and write the plots and ``report.md``; returns the report's path."""
     out = Path(cfg.out_dir)
-    runs = results["runs"]
-    analysis = analyse(cfg, runs)
-    results["analysis"] = analysis
-    plots = {
-        "accuracy": plot_accuracy(cfg, runs, out / "accuracy.png"),
-        "curves": plot_curves(cfg, runs, out / "curves.png"),
-    }
-    if cfg.embedding:
-        for i, task in enumerate(cfg.tasks):
-            plots[f"alignment_{task.name}"] = plot_alignment(
-                cfg, i, runs, pretrained, out / f"alignment_{task.name}.png"
-            )
+    results["analysis"] = analysis = analyse(cfg, results["runs"])
+    plots = write_plots(cfg, results, pretrained)
     results["plots"] = {k: str(v) for k, v in plots.items()}
-    verdicts = [
-        f"- **{task.name}**: {c['test_top1']['verdict']}"
-        for task in cfg.tasks
-        for c in analysis[task.name]["comparisons"].values()
-    ]
     pre_time = results["stage_wall_time_s"].get("pretrain")
+    env = results["environment"]
     text = "\n".join(
         [
             "# BiSSL study report",
             "",
-            f"Arms: {', '.join(cfg.arm_names())} (baseline: {cfg.baseline}); seeds: {cfg.seeds}; "
-            f"tasks: {', '.join(t.name for t in cfg.tasks)}. Every arm fine-tunes with the same settings and budget; "
-            "BiSSL arms fine-tune the lower backbone theta of the alignment stage.",
+            *protocol_lines(cfg),
             "",
-            "## Test accuracy (mean ± std over seeds, model selected on validation)",
+            "## Verdicts (headline metric of each task)",
             "",
-            headline_table(cfg, analysis),
+            *verdict_lines(cfg, analysis),
             "",
-            "## Paired differences against the baseline (same seeds)",
-            "",
-            comparison_table(cfg, analysis),
-            "",
-            "## Did BiSSL help on this data?",
-            "",
-            *verdicts,
-            "",
+            *[line for t in cfg.tasks for line in task_section(cfg, t, analysis[t.name])],
             "## Plots",
             "",
             *[f"- {name}: ![{name}]({Path(p).name})" for name, p in plots.items()],
@@ -197,8 +194,7 @@ def write_report(cfg: PipelineConfig, results: dict[str, Any], pretrained: Path)
             "",
             f"- pretrained backbone: `{pretrained}`" + (f" (pretraining took {pre_time:.0f} s)" if pre_time else ""),
             f"- every number, config, version and wall time: `{out / 'results.json'}`",
-            f"- torch {results['environment']['torch']}, python {results['environment']['python']}, "
-            f"{results['environment']['threads']} threads, CUDA: {results['environment']['cuda']}",
+            f"- torch {env['torch']}, python {env['python']}, {env['threads']} threads, CUDA: {env['cuda']}",
             "",
         ]
     )

@@ -3,6 +3,8 @@
 Every arm of a study is run with the same seeds, so arms are compared seed by seed: the paired
 difference ``d_s = acc_arm(s) - acc_baseline(s)`` has a t-based 95% confidence interval and a paired
 t-test p-value (scipy). With fewer than two seeds the interval and p-value are undefined (``None``).
+When a report compares several arms with the baseline, :func:`holm` adjusts the p-values of those comparisons
+for multiplicity (Holm's step-down method, which controls the family-wise error rate).
 """
 
 from __future__ import annotations
@@ -26,18 +28,6 @@ class PairedComparison:
     ci_high: float | None
     p_value: float | None
     n: int
-
-    def verdict(self, arm: str, baseline: str, metric: str) -> str:
-        """One honest sentence: did ``arm`` beat ``baseline`` at the 5% level on this data?"""
-        points = 100 * self.mean_diff
-        if self.ci_low is None or self.ci_high is None:
-            return f"{arm} vs {baseline}: {points:+.2f} points {metric} from {self.n} seed(s); too few seeds to test"
-        ci = f"95% CI [{100 * self.ci_low:+.2f}, {100 * self.ci_high:+.2f}], paired t-test p = {self.p_value:.3g}"
-        if self.ci_low > 0:
-            return f"{arm} improved {metric} over {baseline} by {points:.2f} points ({ci})."
-        if self.ci_high < 0:
-            return f"{arm} reduced {metric} relative to {baseline} by {-points:.2f} points ({ci})."
-        return f"{arm} and {baseline} do not differ significantly in {metric}: {points:+.2f} points ({ci})."
 
     def as_dict(self) -> dict[str, float | int | None]:
         return asdict(self)
@@ -66,3 +56,17 @@ def paired_comparison(arm: Sequence[float], baseline: Sequence[float], confidenc
     half = stats.t.ppf(0.5 + confidence / 2, summary.n - 1) * summary.std / math.sqrt(summary.n)
     p_value = float(stats.ttest_rel(arm, baseline).pvalue)
     return PairedComparison(summary.mean, summary.mean - half, summary.mean + half, p_value, summary.n)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-adjusted p-values, in the input order (``None`` stays ``None`` and is not counted as a test).
+
+    With the ``m`` defined p-values sorted ascending, ``p_(i)`` becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``.
+    """
+    defined = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(defined):
+        running = max(running, min(1.0, (len(defined) - rank) * p))
+        adjusted[i] = running
+    return adjusted

@@ -1,9 +1,15 @@
-"""``bissl pipeline``: one study. Pretrain once -> (align ->) fine-tune for every task x arm x seed -> report.
+"""``bissl pipeline``: one study. Pretrain once, then for every task x arm x seed: (align ->) score the starting
+backbone frozen (kNN, linear probe) -> fine-tune; then the report.
+
+With ``search.trials > 0`` each arm's fine-tuning lr / weight decay is searched on validation once per task, on the
+first seed's starting backbone, with the same budget (and, with the random sampler, the same candidates) for every
+arm; every seed of that arm then fine-tunes with its best setting.
 
 Stages meet only through their run folders. A stage whose ``summary.json`` exists is finished and is
 skipped, provided its folder was made with the same config (a changed config is an error, never mixed
 with old results); an unfinished stage resumes from its checkpoint. So an interrupted study continues
-where it stopped when the same command is run again.
+where it stopped when the same command is run again. The study's ``config.yaml`` is written when the folder is
+new and again with ``results.json`` and ``report.md``, never by a run that was refused or failed.
 """
 
 from __future__ import annotations
@@ -13,17 +19,30 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from bissl.config import AlignConfig, ArmSpec, FinetuneConfig, PipelineConfig, PretrainConfig, TaskSpec, to_yaml
+from bissl.config import (
+    AlignConfig,
+    ArmSpec,
+    EvaluateConfig,
+    FinetuneConfig,
+    PipelineConfig,
+    PretrainConfig,
+    TaskSpec,
+    to_yaml,
+)
+from bissl.downstream.base import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import resolve_backbone_file
 from bissl.engine.names import validate_names
 from bissl.engine.runtime import SUMMARY_FILE, environment, require_same_config
 from bissl.stages.align import align
+from bissl.stages.evaluate import evaluate
 from bissl.stages.finetune import finetune
+from bissl.stages.hpo import search
 from bissl.stages.pretrain import pretrain
 from bissl.utils.io import atomic_write, save_json
 
@@ -34,16 +53,22 @@ RESULTS_FILE = "results.json"
 
 @dataclass
 class RunRecord:
-    """One fine-tuning run of a study (and the alignment before it, for BiSSL arms)."""
+    """One run of a study: (alignment ->) frozen scores of the starting backbone -> fine-tuning."""
 
     task: str
     arm: str
     seed: int
     finetune_dir: Path
-    align_dir: Path | None
-    metrics: dict[str, float] = field(default_factory=dict)
+    align_dir: Path | None = None
+    optim: dict[str, float] = field(default_factory=dict)  # the lr / weight decay this run fine-tuned with
+    metrics: dict[str, float] = field(default_factory=dict)  # fine-tuning's (val_*, test_*)
+    frozen: dict[str, float] = field(default_factory=dict)  # starting backbone's knn_* / linear_probe_*
     align_metrics: dict[str, float] = field(default_factory=dict)
+    coupling: dict[str, Any] = field(default_factory=dict)  # the align stage's coupling diagnostics, if it has them
     wall_time_s: dict[str, float] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
 
 
 @dataclass
@@ -54,7 +79,7 @@ class StudyResult:
     report_path: Path
 
 
-def run_stage(cfg: BaseModel, runner: Callable[..., Any], label: str) -> dict[str, Any]:
+def run_stage(cfg: BaseModel, runner: Callable[[Any], Any], label: str) -> dict[str, Any]:
     """Run one stage to completion (or reuse its finished folder) and return its summary."""
     out = Path(cfg.out_dir)  # type: ignore[attr-defined]
     summary = out / SUMMARY_FILE
@@ -63,7 +88,7 @@ def run_stage(cfg: BaseModel, runner: Callable[..., Any], label: str) -> dict[st
         log.info("%s: finished earlier, reusing %s", label, out)
     else:
         log.info("%s: running in %s", label, out)
-        runner(cfg, resume=True)
+        runner(cfg)
     return json.loads(summary.read_text())
 
 
@@ -86,8 +111,12 @@ def pretrain_config(cfg: PipelineConfig) -> PretrainConfig:
     return with_data_source(cfg, stage, ("data",))  # type: ignore[return-value]
 
 
+def arm_dir(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec) -> Path:
+    return Path(cfg.out_dir) / task.name / arm.name
+
+
 def run_dir(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int) -> Path:
-    return Path(cfg.out_dir) / task.name / arm.name / f"seed{seed}"
+    return arm_dir(cfg, task, arm) / f"seed{seed}"
 
 
 def _run_fields(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, stage: str) -> dict[str, Any]:
@@ -107,9 +136,86 @@ def align_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, p
     )  # type: ignore[return-value]
 
 
-def finetune_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, backbone: Path) -> FinetuneConfig:
-    update = {**_run_fields(cfg, task, arm, seed, "finetune"), "backbone": str(backbone)}
-    return with_data_source(cfg, cfg.task_finetune(task).model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
+def evaluate_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, backbone: Path) -> EvaluateConfig:
+    """Frozen kNN / linear probe of the backbone a run starts fine-tuning from (the report draws the t-SNE)."""
+    update = {**_run_fields(cfg, task, arm, seed, "evaluate"), "backbone": str(backbone), "embedding": False}
+    return with_data_source(cfg, cfg.evaluate.model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
+
+
+def finetune_config(
+    cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, backbone: Path, optim: dict[str, float]
+) -> FinetuneConfig:
+    """Fine-tuning of one run, with ``optim`` (e.g. the searched lr / weight decay) set on the task's settings."""
+    stage = cfg.task_finetune(task)
+    update = {
+        **_run_fields(cfg, task, arm, seed, "finetune"),
+        "backbone": str(backbone),
+        "optim": stage.optim.model_copy(update=optim),
+    }
+    return with_data_source(cfg, stage.model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
+
+
+def has_class_labels(task: TaskSpec) -> bool:
+    """Whether the task's data has single-label classes (what frozen kNN and linear probes need)."""
+    info = DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)["test"].info
+    return info.num_classes > 0 and not info.multi_label
+
+
+def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone: Path) -> dict[str, Any]:
+    """Search ``arm``'s fine-tuning lr / weight decay on validation, from the first seed's starting backbone."""
+    start = time.perf_counter()
+    stage = finetune_config(cfg, task, arm, cfg.seeds[0], backbone, {})
+    stage = stage.model_copy(update={"out_dir": str(arm_dir(cfg, task, arm) / "search")})
+    result = search(stage, cfg.search.hpo())
+    log.info("%s/%s: best of %d trials %s (val %s %.4f)", task.name, arm.name, cfg.search.trials,
+             result.best_params, result.metric, result.best_value)  # fmt: skip
+    return {
+        "best_params": result.best_params,
+        "best_val": result.best_value,
+        "metric": f"val_{result.metric}",
+        "trials": [{"params": t["params"], "value": t["value"], "state": t["state"]} for t in result.trials],
+        "wall_time_s": time.perf_counter() - start,  # this call only: ~0 when the search finished earlier
+    }
+
+
+def start_backbone(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, record: RunRecord, pretrained: Path) -> Path:
+    """The backbone ``record``'s run fine-tunes from: the pretrained one, or theta of its alignment (run here)."""
+    if not arm.bissl:
+        return pretrained
+    align_cfg = align_config(cfg, task, arm, record.seed, pretrained)
+    summary = run_stage(align_cfg, partial(align, resume=True), f"{task.name}/{arm.name}/seed{record.seed}: align")
+    record.align_dir = Path(align_cfg.out_dir)
+    record.align_metrics = summary["metrics"]
+    record.coupling = summary.get("coupling", {})
+    record.wall_time_s["align"] = summary["wall_time_s"]
+    return record.align_dir
+
+
+def run_arm(
+    cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, pretrained: Path, labelled: bool
+) -> tuple[list[RunRecord], dict[str, Any] | None]:
+    """Every seed of one arm on one task (and, with ``search.trials``, its search first); the runs and the search."""
+    records, searched = [], None
+    for seed in cfg.seeds:
+        label = f"{task.name}/{arm.name}/seed{seed}"
+        record = RunRecord(task.name, arm.name, seed, run_dir(cfg, task, arm, seed) / "finetune")
+        backbone = start_backbone(cfg, task, arm, record, pretrained)
+        if labelled:
+            summary = run_stage(evaluate_config(cfg, task, arm, seed, backbone), evaluate, f"{label}: frozen scores")
+            record.frozen = summary["metrics"]
+        if cfg.search.trials > 0 and searched is None:
+            searched = search_settings(cfg, task, arm, backbone)
+        finetune_cfg = finetune_config(cfg, task, arm, seed, backbone, searched["best_params"] if searched else {})
+        summary = run_stage(finetune_cfg, partial(finetune, resume=True), f"{label}: finetune")
+        record.optim = {"lr": finetune_cfg.optim.lr, "weight_decay": finetune_cfg.optim.weight_decay}
+        record.metrics = summary["metrics"]
+        record.wall_time_s["finetune"] = summary["wall_time_s"]
+        records.append(record)
+    return records, searched
+
+
+def write_config(cfg: PipelineConfig) -> None:
+    atomic_write(Path(cfg.out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), mode="w")
 
 
 def run_study(cfg: PipelineConfig) -> StudyResult:
@@ -123,33 +229,25 @@ def run_study(cfg: PipelineConfig) -> StudyResult:
             validate_names(cfg.arm_align(arm, task))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.yaml", lambda f: f.write(to_yaml(cfg)), mode="w")
+    if not (out / "config.yaml").is_file():
+        write_config(cfg)
     stage_times: dict[str, float] = {}
     if cfg.pretrained is not None:
         pretrained = resolve_backbone_file(cfg.pretrained).parent
     else:
-        summary = run_stage(pretrain_config(cfg), pretrain, "pretrain")
+        summary = run_stage(pretrain_config(cfg), partial(pretrain, resume=True), "pretrain")
         pretrained = Path(summary["backbone"]).parent
         stage_times["pretrain"] = summary["wall_time_s"]
 
     records: list[RunRecord] = []
+    searches: dict[str, dict[str, Any]] = {}
     for task in cfg.tasks:
-        for seed in cfg.seeds:
-            for arm in cfg.arms:
-                label = f"{task.name}/{arm.name}/seed{seed}"
-                record = RunRecord(task.name, arm.name, seed, run_dir(cfg, task, arm, seed) / "finetune", None)
-                backbone = pretrained
-                if arm.bissl:
-                    align_cfg = align_config(cfg, task, arm, seed, pretrained)
-                    summary = run_stage(align_cfg, align, f"{label}: align")
-                    record.align_dir = Path(align_cfg.out_dir)
-                    record.align_metrics = summary["metrics"]
-                    record.wall_time_s["align"] = summary["wall_time_s"]
-                    backbone = record.align_dir
-                summary = run_stage(finetune_config(cfg, task, arm, seed, backbone), finetune, f"{label}: finetune")
-                record.metrics = summary["metrics"]
-                record.wall_time_s["finetune"] = summary["wall_time_s"]
-                records.append(record)
+        labelled = has_class_labels(task)
+        for arm in cfg.arms:
+            arm_records, searched = run_arm(cfg, task, arm, pretrained, labelled)
+            records += arm_records
+            if searched is not None:
+                searches.setdefault(task.name, {})[arm.name] = searched
 
     results = {
         "config": cfg.model_dump(mode="json"),
@@ -157,21 +255,11 @@ def run_study(cfg: PipelineConfig) -> StudyResult:
         "seeds": cfg.seeds,
         "pretrained": str(pretrained),
         "stage_wall_time_s": stage_times,
-        "runs": [
-            {
-                "task": r.task,
-                "arm": r.arm,
-                "seed": r.seed,
-                "finetune_dir": str(r.finetune_dir),
-                "align_dir": str(r.align_dir) if r.align_dir else None,
-                "metrics": r.metrics,
-                "align_metrics": r.align_metrics,
-                "wall_time_s": r.wall_time_s,
-            }
-            for r in records
-        ],
+        "search": searches,
+        "runs": [r.as_json() for r in records],
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     report_path = write_report(cfg, results, pretrained)
     save_json(results, out / RESULTS_FILE)
+    write_config(cfg)
     return StudyResult(out, records, out / RESULTS_FILE, report_path)

@@ -1,0 +1,156 @@
+"""What a study found, in the terms of each task's declared metrics (the first is the headline).
+
+Per task and arm: mean ± std over seeds of every declared test metric after fine-tuning, and of the frozen kNN
+and linear-probe accuracy of the backbone the arm starts fine-tuning from (before fine-tuning); paired
+differences against the baseline arm (Holm-adjusted over the arms on the headline metric); warnings where an arm
+fine-tunes below its own starting backbone's linear probe; the alignment's coupling diagnostics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from bissl.config import ArmSpec, PipelineConfig, TaskSpec
+from bissl.downstream.base import DOWNSTREAM_TASKS, Metric
+from bissl.pipeline.stats import holm, paired_comparison, summarize
+
+ALPHA = 0.05
+#: frozen-feature accuracies of a run's starting backbone on the test split (``bissl.stages.evaluate``'s keys)
+FROZEN = (
+    Metric("knn_test", label="kNN top-1", unit="%", scale=100.0),
+    Metric("linear_probe_test", label="linear probe top-1", unit="%", scale=100.0),
+)
+#: headline metrics that measure what the linear probe measures (top-1 accuracy), so the two may be compared
+PROBE_COMPARABLE = ("top1",)
+KINDS = {
+    "pretrained": "fine-tunes the pretrained backbone",
+    "bissl": "fine-tunes BiSSL's theta",
+    "control": "control: as many pretext steps with the proximal term, no upper level (n_upper = 0)",
+}
+
+Run = Mapping[str, Any]
+
+
+def task_metrics(task: TaskSpec) -> tuple[Metric, ...]:
+    """The task's declared metrics; the first is the headline (an error names a task that declares none)."""
+    cls = DOWNSTREAM_TASKS.get(task.downstream.task)
+    cls.primary()
+    return cls.metrics
+
+
+def arm_kind(cfg: PipelineConfig, arm: ArmSpec) -> str:
+    """``pretrained``, ``bissl`` or ``control`` (a BiSSL arm without upper level)."""
+    if not arm.bissl:
+        return "pretrained"
+    return "control" if cfg.is_control(arm) else "bissl"
+
+
+def arm_runs(runs: list[Run], task: str, arm: str) -> list[Run]:
+    """The runs of one arm on one task, by seed."""
+    return sorted((r for r in runs if r["task"] == task and r["arm"] == arm), key=lambda r: r["seed"])
+
+
+def verdict(comparison: Mapping[str, Any], arm: str, baseline: str, metric: Metric) -> str:
+    """One sentence: is ``arm`` better or worse than ``baseline`` on ``metric`` at the 5 % level (Holm-adjusted
+    when several arms are compared), in the metric's own direction?"""
+    diff = f"{comparison['mean_diff'] * metric.scale:+.2f}{' ' + metric.unit if metric.unit else ''} {metric.name}"
+    p = comparison.get("p_holm", comparison["p_value"])
+    if p is None:
+        return f"{arm} vs {baseline}: {diff} from {comparison['n']} seed(s); too few seeds to test"
+    which = "Holm-adjusted p" if "p_holm" in comparison else "p"
+    if p >= ALPHA:
+        return f"{arm} and {baseline} do not differ significantly: {diff} ({which} = {p:.3g})."
+    better = metric.better(comparison["mean_diff"], 0.0)
+    return f"{arm} is {'better' if better else 'worse'} than {baseline}: {diff} ({which} = {p:.3g})."
+
+
+def _summary(runs: list[Run], field: str, key: str) -> dict[str, float] | None:
+    values = [r[field][key] for r in runs if key in r[field]]
+    return vars(summarize(values)) if len(values) == len(runs) and runs else None
+
+
+def _compare(runs: list[Run], base: list[Run], field: str, key: str) -> dict[str, Any] | None:
+    if not all(key in r[field] for r in (*runs, *base)):
+        return None
+    return paired_comparison([r[field][key] for r in runs], [r[field][key] for r in base]).as_dict()
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """The numeric leaves of a nested dict, with dotted keys."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            yield f"{prefix}{key}", float(value)
+
+
+def coupling(runs: list[Run]) -> dict[str, dict[str, float]]:
+    """Mean ± std over seeds of every numeric coupling diagnostic of the arm's alignments (empty without any)."""
+    per_key: dict[str, list[float]] = {}
+    for r in runs:
+        for key, value in flatten(r.get("coupling") or {}):
+            per_key.setdefault(key, []).append(value)
+    return {key: vars(summarize(values)) for key, values in per_key.items()}
+
+
+def probe_warnings(task: TaskSpec, arms: Mapping[str, Any], headline: Metric) -> list[str]:
+    """Arms whose fine-tuned headline is below their own starting backbone's linear probe (top-1 tasks only)."""
+    if headline.key not in PROBE_COMPARABLE:
+        return []
+    warnings = []
+    for arm, s in arms.items():
+        after, probe = s["after"][headline.key], s["before"]["linear_probe_test"]
+        if after is not None and probe is not None and after["mean"] < probe["mean"]:
+            warnings.append(
+                f"{task.name}/{arm}: fine-tuned test {headline.name} {headline.show(after['mean'])} {headline.unit} is "
+                f"below the linear probe of its own starting backbone ({headline.show(probe['mean'])} "
+                f"{headline.unit}): fine-tuning lost what the frozen features held; its lr, augmentation or epochs "
+                "are suspect, and so is any comparison with this arm."
+            )
+    return warnings
+
+
+def analyse_task(cfg: PipelineConfig, task: TaskSpec, runs: list[Run]) -> dict[str, Any]:
+    """Summaries, comparisons, Holm adjustment, verdicts, warnings and coupling of one task."""
+    metrics = task_metrics(task)
+    headline = metrics[0]
+    by_arm = {arm.name: arm_runs(runs, task.name, arm.name) for arm in cfg.arms}
+    arms = {
+        arm.name: {
+            "kind": arm_kind(cfg, arm),
+            "after": {m.key: _summary(by_arm[arm.name], "metrics", f"test_{m.key}") for m in metrics},
+            "before": {m.key: _summary(by_arm[arm.name], "frozen", m.key) for m in FROZEN},
+            "wall_time_s": vars(summarize([sum(r["wall_time_s"].values()) for r in by_arm[arm.name]])),
+            "optim": by_arm[arm.name][0]["optim"],
+            "coupling": coupling(by_arm[arm.name]),
+        }
+        for arm in cfg.arms
+    }
+    base = by_arm[cfg.baseline]
+    others = [a for a in cfg.arm_names() if a != cfg.baseline]
+    comparisons = {
+        arm: {
+            "after": {m.key: _compare(by_arm[arm], base, "metrics", f"test_{m.key}") for m in metrics},
+            "before": {m.key: _compare(by_arm[arm], base, "frozen", m.key) for m in FROZEN},
+        }
+        for arm in others
+    }
+    headline_comparisons = [comparisons[arm]["after"][headline.key] for arm in others]
+    if len(others) > 1:
+        for c, p in zip(headline_comparisons, holm([c["p_value"] for c in headline_comparisons]), strict=True):
+            c["p_holm"] = p
+    for arm, c in zip(others, headline_comparisons, strict=True):
+        c["verdict"] = verdict(c, arm, cfg.baseline, headline)
+    return {
+        "headline": headline.key,
+        "labelled": any(r["frozen"] for r in runs if r["task"] == task.name),
+        "arms": arms,
+        "comparisons": comparisons,
+        "warnings": probe_warnings(task, arms, headline),
+    }
+
+
+def analyse(cfg: PipelineConfig, runs: list[Run]) -> dict[str, Any]:
+    """:func:`analyse_task` of every task of the study."""
+    return {task.name: analyse_task(cfg, task, runs) for task in cfg.tasks}

@@ -1,0 +1,105 @@
+"""The study's analysis and report come from the task's declared metrics: a lower-is-better user task, the
+frozen-probe warning of a top-1 task, Holm over arms, the control arm's label."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from bissl.config import PipelineConfig
+from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask, Metric
+from bissl.pipeline.analysis import analyse
+from bissl.pipeline.report import write_report
+
+
+@DOWNSTREAM_TASKS.register("toy_mae", overwrite=True)
+class ToyRegression(DownstreamTask):
+    """A user's regression task: predict the label as a number, scored by its mean absolute error (lower is better)."""
+
+    metrics = (Metric("mae", higher_is_better=False, label="MAE", unit="px"), Metric("r2", label="R²"))
+
+    @classmethod
+    def from_config(cls, cfg, splits):
+        return cls()
+
+    def build_head(self, feature_dim):
+        return nn.Linear(feature_dim, 1)
+
+    def prepare(self, batch, device, generator):
+        return batch[0].to(device), batch[1].float().to(device)
+
+    def loss(self, backbone, head, batch):
+        return nn.functional.mse_loss(head(backbone(batch[0])).squeeze(1), batch[1])
+
+    def predict(self, backbone, head, dataset, device):
+        return torch.zeros(len(dataset)), torch.zeros(len(dataset))
+
+    def score(self, predictions):
+        return {"mae": float((predictions[0] - predictions[1]).abs().mean()), "r2": 0.0}
+
+
+ARMS = [
+    {"name": "conventional"},
+    {"name": "bissl", "bissl": True},
+    {"name": "pretext_only", "bissl": True, "align": {"bilevel": {"n_upper": 0}}},
+]
+ENVIRONMENT = {"torch": "x", "python": "y", "threads": 1, "cuda": None}
+
+
+def _study(tmp_path, task: str, values: dict[str, list[dict[str, float]]], frozen=None) -> tuple[PipelineConfig, dict]:
+    """A finished study of 3 seeds with the given per-arm test metrics (and frozen scores), and its metric logs."""
+    cfg = PipelineConfig(
+        out_dir=str(tmp_path), seeds=[0, 1, 2], arms=ARMS, embedding=False,
+        tasks=[{"name": "t", "downstream": {"task": task}}],
+    )  # fmt: skip
+    runs = []
+    for arm, per_seed in values.items():
+        for seed, metrics in enumerate(per_seed):
+            folder = tmp_path / arm / f"seed{seed}"
+            folder.mkdir(parents=True)
+            key = next(iter(metrics))
+            lines = [{"tag": "epoch", "step": e, f"val_{key}": metrics[key], "train_loss": 1.0 / e} for e in (1, 2)]
+            (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+            runs.append({
+                "task": "t", "arm": arm, "seed": seed, "finetune_dir": str(folder), "align_dir": None,
+                "optim": {"lr": 0.01, "weight_decay": 1e-4}, "metrics": {f"test_{k}": v for k, v in metrics.items()},
+                "frozen": (frozen or {}).get(arm, [{}] * 3)[seed], "coupling": {}, "wall_time_s": {"finetune": 1.0},
+            })  # fmt: skip
+    results = {"runs": runs, "environment": ENVIRONMENT, "stage_wall_time_s": {}}
+    return cfg, results
+
+
+def test_lower_is_better_task_gets_a_correct_report(tmp_path):
+    mae = {
+        "conventional": [{"mae": 2.0, "r2": 0.5}, {"mae": 2.2, "r2": 0.5}, {"mae": 2.1, "r2": 0.5}],
+        "bissl": [{"mae": 1.5, "r2": 0.6}, {"mae": 1.6, "r2": 0.6}, {"mae": 1.55, "r2": 0.6}],  # lower: better
+        "pretext_only": [{"mae": 3.0, "r2": 0.4}, {"mae": 3.3, "r2": 0.4}, {"mae": 3.1, "r2": 0.4}],  # worse
+    }
+    cfg, results = _study(tmp_path, "toy_mae", mae)
+    report = write_report(cfg, results, tmp_path / "pretrain").read_text()
+    analysis = results["analysis"]["t"]
+    assert analysis["headline"] == "mae" and not analysis["labelled"] and analysis["warnings"] == []
+    bissl, control = (analysis["comparisons"][a]["after"]["mae"] for a in ("bissl", "pretext_only"))
+    assert bissl["mean_diff"] == pytest.approx(-0.55) and "bissl is better than conventional" in bissl["verdict"]
+    assert "pretext_only is worse than conventional" in control["verdict"]
+    assert bissl["p_holm"] >= bissl["p_value"] and "Holm-adjusted p" in bissl["verdict"]
+    assert "test MAE (px) ↓" in report and "test R² ↑" in report and "| bissl | 0.01 | 0.0001 | 1.55 ± 0.05" in report
+    assert "n/a: the task's data has no class labels" in report
+    assert "`pretext_only`: control:" in report and "top-1" not in report
+    assert (tmp_path / "headline.png").stat().st_size > 1000 and (tmp_path / "curves.png").is_file()
+
+
+def test_finetuning_below_the_linear_probe_is_flagged(tmp_path):
+    top1 = {a["name"]: [{"top1": v, "mean_per_class": v, "loss": 0.3} for v in (0.90, 0.91, 0.92)] for a in ARMS}
+    frozen = {a: [{"knn_test": 0.9, "linear_probe_test": p} for p in probes]
+              for a, probes in (("conventional", (0.95, 0.95, 0.95)), ("bissl", (0.80, 0.81, 0.79)),
+                                ("pretext_only", (0.85, 0.85, 0.86)))}  # fmt: skip
+    cfg, results = _study(tmp_path, "classification", top1, frozen)
+    analysis = analyse(cfg, results["runs"])["t"]
+    assert [w.split(":")[0] for w in analysis["warnings"]] == ["t/conventional"]
+    before = analysis["comparisons"]["bissl"]["before"]["linear_probe_test"]
+    assert before["mean_diff"] == pytest.approx(-0.15) and before["p_value"] < 0.05
+    assert analysis["arms"]["pretext_only"]["kind"] == "control" and analysis["arms"]["bissl"]["kind"] == "bissl"
