@@ -8,9 +8,7 @@ import re
 
 import pytest
 
-from bissl.bilevel.trainer import BilevelSettings
 from bissl.cli import main
-from bissl.utils.errors import ConfigError
 
 # --quick, made smaller still for CI (every number of the preset is kept but the per-cycle step counts).
 FAST = [
@@ -28,20 +26,7 @@ FAST = [
 TASK = "digits_5shot"
 
 
-def _trainer_runs_without_upper_level() -> bool:
-    try:
-        BilevelSettings(n_upper=0)
-    except ConfigError:
-        return False
-    return True
-
-
-# The same-compute control arm (bilevel.n_upper: 0) needs a trainer that runs lower steps only; until that lands,
-# the study runs without it.
 ARMS = {"conventional", "bissl", "pretext_only"}
-if not _trainer_runs_without_upper_level():
-    ARMS -= {"pretext_only"}
-    FAST.append("arms=[{name: conventional}, {name: bissl, bissl: true}]")
 
 
 def _numbers(obj):
