@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bissl.bilevel.coupling import CouplingMonitor
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
 from bissl.config import AlignConfig, OptimConfig
 from bissl.data import build_dataset
@@ -187,6 +188,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
         make_upper_optimizer=_optimizer_factory(cfg.upper.optim), sync=sync,
         forward_context=lambda: autocast(precision, device),
     )  # fmt: skip
+    coupling = CouplingMonitor(trainer.theta, lam=b.lam)  # theta0: the pretrained backbone, also when resuming
     total_lower, total_upper = b.cycles * b.n_lower, b.cycles * b.n_upper
     trainer.lower_scheduler = cosine_with_warmup(
         trainer.lower_optimizer, 0, total_lower, min_lr_ratio=cfg.lower.optim.min_lr_ratio
@@ -273,6 +275,8 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
         if cycle % cfg.log.every_steps == 0 or cycle == stop:
             sums["lower/lr"] = trainer.lower_optimizer.param_groups[0]["lr"]
             sums["upper/lr"] = trainer.upper_optimizer.param_groups[0]["lr"]
+            stats = coupling.stats(trainer, lower_grad_norm=sums["lower/grad_norm"])
+            sums.update({f"coupling/{key}": value for key, value in stats.items()})
             logger.log(cycle, "cycle", dict(sums))
         if cycle % cfg.checkpoint_every_cycles == 0 or cycle == stop:
             checkpoint()
@@ -297,6 +301,8 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
         for split in ("val", "test"):
             for key, value in evaluate_split(task, model, head, splits[split], device, precision).items():
                 metrics[f"{name}_{split}_{key}"] = value
+    final_coupling = coupling.stats(trainer)
+    log.info("coupling of theta and phi: %s", ", ".join(f"{k}={v:.4g}" for k, v in final_coupling.items()))
     logger.log(cycle, "final", metrics)
     logger.close()
     summary = {
@@ -305,6 +311,7 @@ def align(cfg: AlignConfig, *, resume: bool = False, until_cycle: int | None = N
         "processes": world(),
         "wall_time_s": time.perf_counter() - start_time,
         "metrics": metrics,
+        "coupling": final_coupling,
         "backbone": str(out / BACKBONE_FILE),
         "pretrained": str(backbone_path),
     }
