@@ -9,7 +9,7 @@ and the frozen kNN / linear probe of theta and of phi on the task's test split (
 :func:`~bissl.stages.evaluate.frozen_scores`; the k-shot train split is the memory bank / probe training set).
 The pretrained backbone theta0 is scored the same way (the ``pretrained`` row).
 
-    python benchmarks/coupling_sweep.py --threads 1 [--pretrained DIR] [--lams 1e-3,1e-2,1e-1,1] [--cycles 4,8]
+    python benchmarks/coupling_sweep.py --threads 1 [--pretrained DIR] [--lams 1e-3,1e-2,1e-1,1] [--cycles 4,12]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--pretrained", type=Path, help="a pretrain run folder (default: pretrain one here)")
     parser.add_argument("--pretrain-epochs", type=int, default=5)
     parser.add_argument("--lams", default="1e-3,1e-2,1e-1,1")
-    parser.add_argument("--cycles", default="4,8")
+    parser.add_argument("--cycles", default="4,12")
     parser.add_argument("--few-shot", type=int, default=100, help="labelled training images per class")
     parser.add_argument("--solver-iters", type=int, default=2, help="CG iterations (NOTES: 0.5%% off at 2)")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/coupling_sweep"))
@@ -71,7 +71,8 @@ def main() -> None:
     downstream["few_shot"] = args.few_shot
     base = {**study["align"], "pretrained": str(pretrained), "downstream": downstream, "device": "cpu"}
     base["log"] = {**base.get("log", {}), "progress": False, "tensorboard": False}
-    base["bilevel"] = {**base["bilevel"], "solver": {"name": "cg", "iters": args.solver_iters}}
+    solver = {"name": "cg", "iters": args.solver_iters, "tol": None}  # a fixed iteration count
+    base["bilevel"] = {**base["bilevel"], "solver": solver, "head_warmup_epochs": 20}  # as the study's k-shot tasks
     build_dataset("fashion_mnist", "train", image_size=16)  # fail early if the data is missing
 
     def config(lam: float, cycles: int) -> AlignConfig:
