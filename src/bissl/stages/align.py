@@ -2,7 +2,8 @@
 
 Files written under ``out_dir``: ``backbone.pt`` (the lower backbone theta, in the format ``pretrain``
 writes, to initialise fine-tuning), ``upper_backbone.pt`` (phi), ``pretext_head.pt``,
-``downstream_head.pt``, ``checkpoints/last.pt``, ``metrics.jsonl|csv``, ``tb/`` and ``summary.json``.
+``downstream_head.pt``, ``checkpoints/last.pt``, ``metrics.jsonl|csv``, ``tb/`` and ``summary.json``. Every logged
+cycle and the summary carry ``coupling/*``: how far theta followed phi from the pretrained backbone (docs/coupling.md).
 Every batch and view is drawn from generators seeded by ``(seed, stream, counter)``, so ``--resume``
 continues exactly.
 
