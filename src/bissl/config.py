@@ -147,7 +147,7 @@ class DownstreamConfig(StrictModel):
     few_shot: int | None = Field(None, gt=0)  # k labelled training images per class
     classes: list[int] | None = None  # keep only these classes (relabelled 0..n-1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # classification's cross-entropy
-    augment: bool = True  # the task's training augmentation (classification: random resized crop + flip)
+    augment: bool = True  # the task's training augmentation (classification: crop + flip as the dataset declares)
 
 
 class LevelConfig(StrictModel):

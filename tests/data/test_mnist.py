@@ -64,6 +64,7 @@ def test_torchvision_layout_gzipped_via_root(tmp_path: Path) -> None:
         image, label = built[split][0]
         assert image.shape == (1, 28, 28) and image.min() >= 0 and image.max() <= 1 and isinstance(label, int)
         assert built[split].info.name == "mnist" and built[split].info.num_classes == 10
+        assert not built[split].info.mirror_invariant  # fine-tuning never mirrors a digit
     test_images, test_labels = arrays["t10k"]
     assert torch.equal(built["test"].images[:, 0], torch.from_numpy(test_images))
     assert built["test"].targets == test_labels.tolist()
@@ -79,6 +80,7 @@ def test_flat_plain_files_via_env_var_and_resize(tmp_path: Path, monkeypatch: py
     dataset = build_dataset("fashion_mnist", "train", image_size=16, seed=3)
     assert dataset.images.shape == (110, 1, 16, 16)
     assert dataset.info.classes[0] == "T-shirt/top" and dataset.info.std[0] > 0
+    assert dataset.info.mirror_invariant  # a mirrored garment or shoe keeps its class
     again = build_dataset("fashion_mnist", "train", image_size=16, seed=3)
     other = build_dataset("fashion_mnist", "train", image_size=16, seed=4)
     assert torch.equal(again.images, dataset.images) and not torch.equal(other.images, dataset.images)

@@ -1,3 +1,5 @@
+import json
+import math
 import shutil
 
 import pytest
@@ -32,6 +34,11 @@ def test_align_runs_logs_and_exports_theta_in_pretrain_format(tiny_align_overrid
     for name in ("upper_backbone.pt", "pretext_head.pt", "downstream_head.pt", "summary.json"):
         assert (result.out_dir / name).is_file(), name
     assert 0.0 <= result.metrics["theta_test_top1"] <= 1.0
+    for key in ("theta_shift", "phi_shift", "cosine", "gap", "proximal_share"):  # per logged cycle
+        assert all(math.isfinite(r[f"coupling/{key}"]) for r in cycles), key
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    assert summary["coupling"]["theta_shift"] == pytest.approx(cycles[-1]["coupling/theta_shift"])
+    assert -1.0 <= summary["coupling"]["cosine"] <= 1.0
 
 
 def test_align_resume_is_exact(tmp_path, tiny_align_overrides):

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bissl.data.base import DatasetInfo
 from bissl.utils.errors import ConfigError
 from bissl.utils.registry import Registry
 
@@ -359,10 +360,26 @@ def supervised_view(
 ) -> ViewPipeline:
     """Fine-tuning: one view, random resized crop with area in (0.5, 1) and flip .5; no colour, blur or solarize.
 
-    (0.5, 1) is the crop the paper's fine-tuning code meant (it passed the range as the aspect ratio).
+    (0.5, 1) is the crop the paper's fine-tuning code meant (it passed the range as the aspect ratio). Classification
+    overrides crop and flip with what its dataset declares (:func:`finetune_view_settings`).
     """
     view = {"crop_scale": (0.5, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
     return make_pipeline([view], image_size=image_size, channels=channels, mean=mean, std=std, overrides=overrides)
+
+
+def finetune_crop_scale(image_size: int) -> tuple[float, float]:
+    """Fine-tuning crop area range: (0.8, 1) up to 16 px, where a (0.5, 1) crop cuts whole strokes or parts out of
+    the object; (0.5, 1) above, the crop the paper's fine-tuning code meant (it passed the range as aspect ratio)."""
+    return (0.8, 1.0) if image_size <= 16 else (0.5, 1.0)
+
+
+def finetune_view_settings(info: DatasetInfo, image_size: int) -> dict[str, Any]:
+    """The ``supervised`` view's overrides a dataset declares (:class:`~bissl.data.base.DatasetInfo`): flip
+    probability 0.5 if ``mirror_invariant`` else 0; ``finetune_crop_scale``, default :func:`finetune_crop_scale`."""
+    return {
+        "flip_p": 0.5 if info.mirror_invariant else 0.0,
+        "crop_scale": info.finetune_crop_scale or finetune_crop_scale(image_size),
+    }
 
 
 def build_view_augmentation(

@@ -24,7 +24,15 @@ UNLABELLED = -1
 
 @dataclass
 class DatasetInfo:
-    """Static facts about a dataset that models and tasks need."""
+    """Static facts about a dataset that models and tasks need, and how its fine-tuning augmentation may move it.
+
+    Fine-tuning (classification) trains on a random resized crop with area fraction ``~ U(finetune_crop_scale)``,
+    mirrored with probability 0.5 when ``mirror_invariant`` (:func:`bissl.data.augment.finetune_view_settings`).
+    A dataset whose mirror images can change the label (digits, letters, text) declares ``mirror_invariant=False``;
+    ``finetune_crop_scale=None`` takes a range sized to the image (:func:`bissl.data.augment.finetune_crop_scale`).
+    A user's dataset declares both the same way, e.g.
+    ``DatasetInfo("glyphs", num_classes=26, channels=1, mirror_invariant=False, finetune_crop_scale=(0.9, 1.0))``.
+    """
 
     name: str
     num_classes: int  # 0 for unlabelled data
@@ -33,6 +41,8 @@ class DatasetInfo:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.25,)
     multi_label: bool = False  # VOC07: targets are multi-hot vectors
+    mirror_invariant: bool = True  # a horizontal mirror keeps every label: fine-tuning flips with p = 0.5
+    finetune_crop_scale: tuple[float, float] | None = None  # crop area fraction; None: sized to the image
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int | torch.Tensor]]):

@@ -32,7 +32,8 @@ def build_digits(
     parts = stratified_split(targets, fraction_sizes(len(targets), DIGITS_FRACTIONS), seed)
     mean, std = channel_stats(images[parts[0]])
     info = DatasetInfo(
-        name="digits", num_classes=10, channels=1, classes=[str(d) for d in range(10)], mean=mean, std=std
-    )
+        name="digits", num_classes=10, channels=1, classes=[str(d) for d in range(10)], mean=mean, std=std,
+        mirror_invariant=False,  # a mirrored 2, 3, 7 or 9 is no digit (or another one)
+    )  # fmt: skip
     index = torch.tensor(parts[_PART[split]], dtype=torch.long)
     return TensorImageDataset(images[index], targets[index], info)

@@ -51,16 +51,17 @@ class IdxSource:
     classes: tuple[str, ...]
     system_dirs: tuple[str, ...] = ()
     install_hint: str = ""
+    mirror_invariant: bool = True  # DatasetInfo.mirror_invariant
 
 
-MNIST = IdxSource("mnist", "MNIST", tuple(str(d) for d in range(10)))
+MNIST = IdxSource("mnist", "MNIST", tuple(str(d) for d in range(10)), mirror_invariant=False)  # mirrored digits
 FASHION_MNIST = IdxSource(
     "fashion_mnist",
     "FashionMNIST",
     ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
     system_dirs=("/usr/share/datasets/fashion-mnist",),
     install_hint="apt-get install dataset-fashion-mnist",
-)
+)  # mirror invariant: a mirrored shirt, trouser, bag or shoe is one of the same class
 
 
 def default_data_root() -> Path:
@@ -168,8 +169,9 @@ def load_idx_dataset(
     if len(labels) and int(labels.max()) >= len(source.classes):
         raise DataError(f"labels in {directory} exceed the {len(source.classes)} classes of {source.name!r}")
     info = DatasetInfo(
-        name=source.name, num_classes=len(source.classes), channels=1, classes=list(source.classes), mean=mean, std=std
-    )
+        name=source.name, num_classes=len(source.classes), channels=1, classes=list(source.classes), mean=mean, std=std,
+        mirror_invariant=source.mirror_invariant,
+    )  # fmt: skip
     return TensorImageDataset(resize_uint8(images.unsqueeze(1), image_size), labels.long(), info)
 
 

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from bissl.config import DownstreamConfig
-from bissl.data.augment import build_view_augmentation, normalize
+from bissl.data.augment import build_view_augmentation, finetune_view_settings, normalize
 from bissl.data.base import ImageDataset
 from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask, Metric, Splits, evaluating
 from bissl.utils.errors import ConfigError
@@ -27,7 +27,8 @@ class ClassificationTask(DownstreamTask):
     """``L_D = CE(head(backbone(x)), y)`` with optional label smoothing; a linear head on the features.
 
     ``train_augment(images, generator)`` returns augmented, normalised images; without it training
-    batches are only normalised.
+    batches are only normalised. :meth:`from_config` builds it from the dataset's declaration (``DatasetInfo``'s
+    ``mirror_invariant`` and ``finetune_crop_scale``): a random resized crop, flipped only where mirroring keeps labels.
     """
 
     metrics = (
@@ -63,8 +64,9 @@ class ClassificationTask(DownstreamTask):
         augment = None
         if cfg.augment:
             views = build_view_augmentation(
-                "supervised", image_size=cfg.data.image_size, channels=info.channels, mean=info.mean, std=info.std
-            )
+                "supervised", image_size=cfg.data.image_size, channels=info.channels, mean=info.mean, std=info.std,
+                **finetune_view_settings(info, cfg.data.image_size),  # flips and crop: as the dataset declares
+            )  # fmt: skip
             augment = lambda images, generator: views(images, generator)[0]  # noqa: E731 - one supervised view
         return cls(
             info.num_classes, mean=info.mean, std=info.std, train_augment=augment, label_smoothing=cfg.label_smoothing

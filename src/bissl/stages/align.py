@@ -2,7 +2,8 @@
 
 Files written under ``out_dir``: ``backbone.pt`` (the lower backbone theta, in the format ``pretrain``
 writes, to initialise fine-tuning), ``upper_backbone.pt`` (phi), ``pretext_head.pt``,
-``downstream_head.pt``, ``checkpoints/last.pt``, ``metrics.jsonl|csv``, ``tb/`` and ``summary.json``.
+``downstream_head.pt``, ``checkpoints/last.pt``, ``metrics.jsonl|csv``, ``tb/`` and ``summary.json``. Every logged
+cycle and the summary carry ``coupling/*``: how far theta followed phi from the pretrained backbone (docs/coupling.md).
 Every batch and view is drawn from generators seeded by ``(seed, stream, counter)``, so ``--resume``
 continues exactly.
 
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bissl.bilevel.coupling import CouplingMonitor
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
 from bissl.config import AlignConfig
 from bissl.data import build_dataset
@@ -91,6 +93,7 @@ def align(
     with Run.start("align", cfg, resume=resume, overwrite=overwrite) as run:
         setup = _set_up(cfg, run)
         trainer, task, splits = setup.trainer, setup.task, setup.splits
+        coupling = CouplingMonitor(trainer.theta, lam=cfg.bilevel.lam)  # theta0: pretrained, also when resuming
         saved = run.resume(trainer=trainer)
         cycle = int(saved.get("cycle", 0))
         setup.lower_stream.position = int(saved.get("lower_position", 0))
@@ -141,7 +144,8 @@ def align(
                     "lower/lr": trainer.lower_optimizer.param_groups[0]["lr"],
                     "upper/lr": trainer.upper_optimizer.param_groups[0]["lr"],
                 }
-                run.log(cycle, "cycle", {**sums, **lrs})
+                stats = coupling.stats(trainer, lower_grad_norm=sums["lower/grad_norm"])
+                run.log(cycle, "cycle", {**sums, **lrs, **{f"coupling/{k}": v for k, v in stats.items()}})
             due = cycle % cfg.checkpoint_every_cycles == 0 or cycle == b.cycles or cycle == until_cycle
             run.checkpoint(due=due, log_step=cycle, **setup.counters(cycle))
         bar.close()
@@ -154,11 +158,14 @@ def align(
             for k, v in score(model, split).items()
         }
         run.log(cycle, "final", metrics)
+        final_coupling = coupling.stats(trainer)
+        log.info("coupling of theta and phi: %s", ", ".join(f"{k}={v:.4g}" for k, v in final_coupling.items()))
         run.finish(
             {
                 "cycles": cycle,
                 "processes": world(),
                 "metrics": metrics,
+                "coupling": final_coupling,
                 "backbone": str(run.out / BACKBONE_FILE),
                 "pretrained": str(setup.backbone_path),
             },

@@ -1,0 +1,55 @@
+"""Classification's fine-tuning augmentation follows what the dataset declares (DatasetInfo)."""
+
+from __future__ import annotations
+
+import torch
+
+from bissl.config import DataConfig, DownstreamConfig
+from bissl.data import build_dataset
+from bissl.data.augment import finetune_crop_scale, finetune_view_settings
+from bissl.data.base import DatasetInfo, TensorImageDataset
+from bissl.downstream.classification import ClassificationTask
+
+SIZE = 16
+
+
+def _left_bright(n: int) -> torch.Tensor:
+    """``n`` images whose left half is white, right half black: a crop of area >= 0.8 keeps more mass on the left
+    (the crop centre moves at most ~12 % of the side), a mirror puts it on the right."""
+    images = torch.zeros(n, 1, SIZE, SIZE, dtype=torch.uint8)
+    images[..., : SIZE // 2] = 255
+    return images
+
+
+def _flipped_fraction(task: ClassificationTask, n: int = 400) -> float:
+    images = _left_bright(n).float() / 255
+    assert task.train_augment is not None
+    out = task.train_augment(images, torch.Generator().manual_seed(0))
+    left, right = out[..., : SIZE // 2].mean(dim=(1, 2, 3)), out[..., SIZE // 2 :].mean(dim=(1, 2, 3))
+    return float((right > left).float().mean())
+
+
+def _task(info: DatasetInfo, name: str = "digits") -> ClassificationTask:
+    train = TensorImageDataset(_left_bright(4), [0, 1, 0, 1], info)
+    cfg = DownstreamConfig(data=DataConfig(name=name, image_size=SIZE))
+    return ClassificationTask.from_config(cfg, {"train": train, "val": train, "test": train})
+
+
+def test_digits_fine_tuning_never_flips() -> None:
+    digits = build_dataset("digits", "train", image_size=SIZE)
+    assert not digits.info.mirror_invariant
+    assert finetune_view_settings(digits.info, SIZE) == {"flip_p": 0.0, "crop_scale": (0.8, 1.0)}
+    assert _flipped_fraction(_task(digits.info)) == 0.0
+
+
+def test_users_declaration_is_honoured() -> None:
+    mirrored = DatasetInfo("user_set", num_classes=2, channels=1, finetune_crop_scale=(0.9, 1.0))
+    assert finetune_view_settings(mirrored, SIZE) == {"flip_p": 0.5, "crop_scale": (0.9, 1.0)}
+    assert 0.4 < _flipped_fraction(_task(mirrored, "user_set")) < 0.6  # flips at p = 0.5
+    glyphs = DatasetInfo("user_set", num_classes=2, channels=1, mirror_invariant=False)
+    assert _flipped_fraction(_task(glyphs, "user_set")) == 0.0
+
+
+def test_crop_scale_sized_to_the_image() -> None:
+    assert finetune_crop_scale(8) == finetune_crop_scale(16) == (0.8, 1.0)
+    assert finetune_crop_scale(96) == (0.5, 1.0)
