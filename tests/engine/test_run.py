@@ -3,6 +3,7 @@ divergence beyond NaN names the step and the setting."""
 
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,3 +139,28 @@ def test_torn_temporary_files_of_a_killed_run_are_removed_at_start(tmp_path):
     torn.write_bytes(b"half a checkpoint")
     with open_run_dir(cfg.out_dir, cfg, resume=True, overwrite=False):
         assert not torn.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"), reason="needs root and chattr")
+def test_immutable_out_dir_is_one_line(tmp_path):
+    out = tmp_path / "immutable"
+    out.mkdir()
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("this file system does not support the immutable attribute")
+    try:
+        cfg = PretrainConfig(out_dir=str(out))
+        with (
+            pytest.raises(ConfigError, match="cannot write to out_dir"),
+            open_run_dir(out, cfg, resume=False, overwrite=False),
+        ):
+            pass
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+
+
+def test_a_non_finite_upper_step_names_the_cycle_and_the_settings():
+    from bissl.stages.align import _naming_the_step
+
+    message = r"a Hessian-vector product is NaN.*cycle 3, upper step 7.*upper.optim.lr"
+    with pytest.raises(NonFiniteError, match=message), _naming_the_step(3, 7):
+        raise NonFiniteError("a Hessian-vector product is NaN/inf")

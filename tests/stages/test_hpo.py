@@ -272,3 +272,18 @@ def test_bad_setups_are_one_line_errors(make_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(BisslError, match=r"^hyper-parameter search needs optuna; pip install 'bissl\[hpo\]'$"):
         search(make_cfg("hpo.trials=1"))
+
+
+def test_a_lower_is_better_primary_metric_is_minimised(make_cfg, monkeypatch):
+    """The study's direction and best trial follow the task's primary metric (here a user task's loss-like metric)."""
+    from bissl.downstream import DOWNSTREAM_TASKS, ClassificationTask, Metric
+
+    @DOWNSTREAM_TASKS.register("test_lower_is_better", overwrite=True)
+    class LowerIsBetter(ClassificationTask):
+        metrics = (Metric("loss", higher_is_better=False), *ClassificationTask.metrics)
+
+    cfg = make_cfg("hpo.trials=3", "hpo.final_seeds=[]", "downstream.task=test_lower_is_better", "hpo.pruner=none")
+    assert open_study(cfg).direction == optuna.study.StudyDirection.MINIMIZE
+    found = search(cfg)
+    values = [t["value"] for t in found.trials if t["state"] == "COMPLETE"]
+    assert found.metric == "loss" and found.best_value == min(values)
