@@ -250,6 +250,10 @@ class FinetuneConfig(StrictModel):
     batch_size: int = Field(64, gt=0)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=0.01, weight_decay=1e-4))
     eval_every_epochs: int = Field(1, gt=0)
+    # LP-FT: epochs of training the head alone on the frozen backbone first; the probe is epoch 0's candidate for
+    # model selection (0: the head starts fresh)
+    head_warmup_epochs: int = Field(0, ge=0)
+    head_warmup_lr: float = Field(0.05, gt=0)
     log: LogConfig = Field(default_factory=LogConfig)
     hpo: HPOConfig = Field(default_factory=HPOConfig)
     precision: Precision = "fp32"  # bf16: autocast on CUDA (fp32 with a warning elsewhere)

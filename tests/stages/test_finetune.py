@@ -90,3 +90,17 @@ def test_cli_runs_plain_finetuning_and_search_with_final_seeds(pretrained, tmp_p
     assert "best trial: " in out and "no final runs" in out and "0 of 2 trials finished" not in out
     assert main([*args, "--backbone", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "x")]) == 2
     assert "bissl finetune: error: checkpoint" in capsys.readouterr().err
+
+
+def test_probe_first_makes_the_probe_a_candidate(pretrained, tmp_path):
+    """LP-FT: the head is trained on the frozen backbone first and that probe is epoch 0's candidate, so the selected
+    model is never worse on validation than the probe; the run resumes exactly after it."""
+    extra = ("head_warmup_epochs=5", "optim.lr=2.0", "optim.weight_decay=0", "epochs=2")
+    result = finetune(_cfg(pretrained, tmp_path / "ft", *extra))
+    probe = read_metrics(result.out_dir / "metrics.jsonl", "head_warmup")[0]
+    epochs = read_metrics(result.out_dir / "metrics.jsonl", "epoch")
+    assert result.metrics["val_top1"] >= probe["val_top1"]
+    assert (result.best_epoch == 0) == all(e["val_top1"] <= probe["val_top1"] for e in epochs)
+    half = _cfg(pretrained, tmp_path / "half", *extra)
+    finetune(half, until_epoch=1)
+    assert finetune(half, resume=True).metrics == result.metrics

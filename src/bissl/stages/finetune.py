@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from bissl.config import FinetuneConfig
+from bissl.data.base import ImageDataset
 from bissl.dist import require_in_sync, world, wrap_ddp
-from bissl.downstream.base import build_task
+from bissl.downstream.base import DownstreamTask, build_task
 from bissl.engine.build import build_optimization
 from bissl.engine.checkpoint import (
     BACKBONE_FILE,
@@ -35,6 +37,7 @@ from bissl.engine.checkpoint import (
 )
 from bissl.engine.evaluation import evaluate_split
 from bissl.engine.guard import DivergenceGuard
+from bissl.engine.head_warmup import warm_up_head
 from bissl.engine.run import Run
 from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream, steps_per_epoch
@@ -102,6 +105,9 @@ def finetune(
         def prepare(rows: Any, generator: torch.Generator) -> Any:
             return task.prepare(rows, run.device, generator)
 
+        if not run.has_state and cfg.head_warmup_epochs > 0:
+            best = _probe_first(cfg, run, task, backbone, head, splits, plan, score)
+            run.checkpoint(log_step=0, epoch=0, best=best, augment_shards=plan.augment_shards)
         bar = run.progress(cfg.epochs, epoch, "epoch")
         while epoch < min(cfg.epochs, until_epoch or cfg.epochs):
             backbone.train()
@@ -148,3 +154,28 @@ def finetune(
                                      params=run.config_dict["downstream"], plugins=cfg.plugins)],
         )  # fmt: skip
     return FinetuneResult(run.out, epoch, finished=True, best_epoch=best["epoch"], metrics=metrics)
+
+
+def _probe_first(
+    cfg: FinetuneConfig,
+    run: Run,
+    task: DownstreamTask,
+    backbone: nn.Module,
+    head: nn.Module,
+    splits: dict[str, ImageDataset],
+    plan: BatchPlan,
+    score: Callable[[str], dict[str, float]],
+) -> dict[str, Any]:
+    """Linear probe, then fine-tune (LP-FT): the head is first trained on the frozen backbone for
+    ``head_warmup_epochs``, and that probe is epoch 0's candidate for model selection, so a fine-tune whose later
+    epochs lose what the frozen features held keeps the probe instead (few-shot fine-tuning often does)."""
+    ranks = {"rank": plan.rank, "world_size": plan.world_size}
+    stream = BatchStream(splits["train"], cfg.batch_size, seed=derive_seed(cfg.seed, "warmup"), **ranks)
+    loss = warm_up_head(
+        task, backbone, head, stream, steps=cfg.head_warmup_epochs * stream.per_epoch, lr=cfg.head_warmup_lr,
+        device=run.device, seed=cfg.seed, plan=plan, precision=run.precision,
+    )  # fmt: skip
+    val = score("val")
+    run.log(0, "head_warmup", {"loss": loss, **{f"val_{k}": v for k, v in val.items()}})
+    snapshot = {"backbone": copy.deepcopy(backbone.state_dict()), "head": copy.deepcopy(head.state_dict())}
+    return {"score": val[task.primary().key], "epoch": 0, **snapshot}
