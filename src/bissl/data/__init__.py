@@ -8,6 +8,7 @@ Every dataset is built by name through one registry: ``build_dataset(name, split
 """
 
 from bissl.data import (  # noqa: F401 - importing registers the datasets
+    detection_sets,
     detection_synthetic,
     digits,
     folders,
