@@ -65,6 +65,9 @@ def test_synthetic_is_deterministic_per_seed_split_and_index(synthetic) -> None:
         assert torch.equal(image, again[index][0]) and torch.equal(target["boxes"], again[index][1]["boxes"])
         assert torch.equal(image, short[index][0])  # an image does not depend on the split's size
         assert not torch.equal(image, other_seed[index][0]) and not torch.equal(image, other_split[index][0])
+    part = synthetic.subset([4, 0])
+    assert len(part) == 2 == len(part.targets) and torch.equal(part[0][0], synthetic[4][0])
+    assert torch.equal(part[1][1]["boxes"], synthetic[0][1]["boxes"])
     # the test split is the same for every run seed
     tests = [build_dataset("synthetic_detection", "test", image_size=SIZE, seed=s) for s in (0, 7)]
     assert torch.equal(tests[0][0][0], tests[1][0][0])
