@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def test_synthetic_is_deterministic_per_seed_split_and_index(synthetic) -> None:
         assert torch.equal(image, again[index][0]) and torch.equal(target["boxes"], again[index][1]["boxes"])
         assert torch.equal(image, short[index][0])  # an image does not depend on the split's size
         assert not torch.equal(image, other_seed[index][0]) and not torch.equal(image, other_split[index][0])
+    assert torch.equal(pickle.loads(pickle.dumps(synthetic))[2][0], synthetic[2][0])  # as DataLoader workers see it
     part = synthetic.subset([4, 0])
     assert len(part) == 2 == len(part.targets) and torch.equal(part[0][0], synthetic[4][0])
     assert torch.equal(part[1][1]["boxes"], synthetic[0][1]["boxes"])
@@ -247,6 +249,19 @@ def test_coco_detection_reads_given_splits(tmp_path) -> None:
     parts = {s: build_dataset("coco_detection", s, root=str(tmp_path), image_size=20) for s in ("train", "val", "test")}
     assert {s: len(d) for s, d in parts.items()} == {"train": 5, "val": 5, "test": 5}
     assert all(Path(p).name.startswith("val_") for p in parts["val"].images.paths)
+
+
+def test_coco_detection_carves_only_the_missing_split(tmp_path) -> None:
+    fake_coco(tmp_path, splits=("train", "val"), count=9)  # 10 images a file; test carved from train (10 %)
+    parts = {s: build_dataset("coco_detection", s, root=str(tmp_path), image_size=20) for s in ("train", "val", "test")}
+    assert {s: len(d) for s, d in parts.items()} == {"train": 9, "val": 10, "test": 1}
+    names = {s: {Path(p).name for p in d.images.paths} for s, d in parts.items()}
+    assert all(n.startswith("train_") for n in names["train"] | names["test"])
+    copied = pickle.loads(pickle.dumps(parts["train"]))  # DataLoader workers get pickled copies
+    loader = torch.utils.data.DataLoader(copied, batch_size=4, collate_fn=copied.collate)
+    images, targets = next(iter(loader))
+    assert images.shape == (4, 3, 20, 20) and len(targets) == 4
+    assert all(torch.equal(t["boxes"], parts["train"][i][1]["boxes"]) for i, t in enumerate(targets))
 
 
 def test_coco_detection_offline_errors(tmp_path) -> None:
