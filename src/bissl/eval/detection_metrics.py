@@ -61,51 +61,43 @@ def voc07_ap50(predictions: Detections, targets: Detections, num_classes: int) -
     Returns ``{"mean": float, "per_class": list[float] (NaN for skipped classes), "num_evaluated": int}``.
     """
     _check(predictions, targets)
+    positives = np.zeros(num_classes, dtype=np.int64)
+    all_scores, all_labels, all_outcomes = [], [], []  # per image; outcome 1: TP, 0: FP, -1: ignored (difficult)
+    for pred, target in zip(predictions, targets, strict=True):
+        gt_labels = _array(target["labels"], np.int64, (-1,))
+        difficult = _array(target.get("difficult"), bool, (-1,))
+        difficult = difficult if len(difficult) else np.zeros(len(gt_labels), dtype=bool)
+        counted = gt_labels[~difficult]
+        positives += np.bincount(counted[(counted >= 0) & (counted < num_classes)], minlength=num_classes)
+        labels, confidence = _array(pred["labels"], np.int64, (-1,)), _array(pred["scores"], np.float64, (-1,))
+        outcome = np.zeros(len(labels), dtype=np.int8)  # FP unless matched below
+        if len(labels) and len(gt_labels):
+            overlaps = box_iou(_array(pred["boxes"], np.float64, (-1, 4)), _array(target["boxes"], np.float64, (-1, 4)))
+            overlaps[labels[:, None] != gt_labels[None, :]] = -1.0  # a box matches ground truth of its class only
+            best, best_iou = overlaps.argmax(axis=1), overlaps.max(axis=1)
+            matched = np.zeros(len(gt_labels), dtype=bool)
+            order = np.argsort(-confidence, kind="stable")
+            for k in order[best_iou[order] > VOC_IOU].tolist():  # in score order: earlier ones match first
+                j = best[k]
+                if difficult[j]:
+                    outcome[k] = -1
+                elif not matched[j]:
+                    outcome[k], matched[j] = 1, True
+        all_scores.append(confidence)
+        all_labels.append(labels)
+        all_outcomes.append(outcome)
+    scores_cat = np.concatenate(all_scores) if all_scores else np.zeros(0)
+    labels_cat = np.concatenate(all_labels) if all_labels else np.zeros(0, dtype=np.int64)
+    outcomes_cat = np.concatenate(all_outcomes) if all_outcomes else np.zeros(0, dtype=np.int8)
     per_class: list[float] = []
     for cls in range(num_classes):
-        scores, image_of, det_boxes = [], [], []
-        gt: list[tuple[np.ndarray, np.ndarray]] = []
-        positives = 0
-        for image, (pred, target) in enumerate(zip(predictions, targets, strict=True)):
-            labels = _array(target["labels"], np.int64, (-1,))
-            boxes = _array(target["boxes"], np.float64, (-1, 4))
-            difficult = _array(target.get("difficult"), bool, (-1,))
-            if len(difficult) == 0:
-                difficult = np.zeros(len(labels), dtype=bool)
-            keep = labels == cls
-            gt.append((boxes[keep], difficult[keep]))
-            positives += int((~difficult[keep]).sum())
-            plabels = _array(pred["labels"], np.int64, (-1,))
-            mine = plabels == cls
-            scores.append(_array(pred["scores"], np.float64, (-1,))[mine])
-            det_boxes.append(_array(pred["boxes"], np.float64, (-1, 4))[mine])
-            image_of.append(np.full(int(mine.sum()), image))
-        if positives == 0:
+        if positives[cls] == 0:
             per_class.append(math.nan)
             continue
-        all_scores, all_images, all_boxes = np.concatenate(scores), np.concatenate(image_of), np.concatenate(det_boxes)
-        order = np.argsort(-all_scores, kind="stable")
-        matched = [np.zeros(len(g[0]), dtype=bool) for g in gt]
-        tp, fp = np.zeros(len(order)), np.zeros(len(order))
-        for rank, det in enumerate(order):
-            image = int(all_images[det])
-            gt_boxes, gt_difficult = gt[image]
-            if len(gt_boxes) == 0:
-                fp[rank] = 1
-                continue
-            overlaps = box_iou(all_boxes[det : det + 1], gt_boxes)[0]
-            best = int(overlaps.argmax())
-            if overlaps[best] > VOC_IOU:
-                if gt_difficult[best]:
-                    continue
-                if not matched[image][best]:
-                    tp[rank], matched[image][best] = 1, True
-                else:
-                    fp[rank] = 1
-            else:
-                fp[rank] = 1
-        tp_sum, fp_sum = np.cumsum(tp), np.cumsum(fp)
-        recall = tp_sum / positives
+        mine = labels_cat == cls
+        outcome = outcomes_cat[mine][np.argsort(-scores_cat[mine], kind="stable")]  # all images, by score
+        tp_sum, fp_sum = np.cumsum(outcome == 1), np.cumsum(outcome == 0)
+        recall = tp_sum / positives[cls]
         precision = tp_sum / np.maximum(tp_sum + fp_sum, np.finfo(np.float64).eps)
         ap = 0.0
         for point in VOC_RECALL_POINTS:
