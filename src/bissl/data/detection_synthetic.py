@@ -130,7 +130,7 @@ class SyntheticDetection(ImageDataset):
         self.image_size = image_size
         self.num_classes = num_classes
         self.max_objects = max_objects
-        # one entry per object: (class, glyph, x, y, height, width, colour); boxes/labels as tensors per image
+        # one entry per object: (class, glyph, x, y, height, width, tight box); boxes/labels as tensors per image
         self.layouts = [self._layout(index) for index in range(size)]
         self.boxes = [torch.tensor([o[-1] for o in layout], dtype=torch.float32) for layout in self.layouts]
         self.labels = [torch.tensor([o[0] for o in layout], dtype=torch.int64) for layout in self.layouts]
