@@ -2,14 +2,23 @@
 
 Every dataset is built by name through one registry: ``build_dataset(name, split, image_size=...)`` looks up
 ``DATASETS``; importing this package registers the built-in datasets (``digits``, ``mnist``,
-``fashion_mnist``, and the paper's datasets and image folders). Users add their own with
+``fashion_mnist``, the paper's datasets and image folders, and the detection sets ``synthetic_detection``,
+``voc_detection``, ``coco_detection``). Users add their own with
 ``@DATASETS.register("name")`` and the same keyword arguments.
 """
 
-from bissl.data import digits, folders, mnist, paper_sets  # noqa: F401 - importing registers the datasets
+from bissl.data import (  # noqa: F401 - importing registers the datasets
+    detection_sets,
+    detection_synthetic,
+    digits,
+    folders,
+    mnist,
+    paper_sets,
+)
 from bissl.data.augment import AUGMENTATIONS, ViewConfig, ViewPipeline, build_view_augmentation, normalize
 from bissl.data.base import DATASETS, SPLITS, DatasetInfo, ImageDataset, TensorImageDataset
 from bissl.data.build import build_dataset
+from bissl.data.detection import collate_detection, hflip_detection
 from bissl.data.splits import stratified_split
 from bissl.data.subsets import class_subset, few_shot
 
@@ -25,7 +34,9 @@ __all__ = [
     "build_dataset",
     "build_view_augmentation",
     "class_subset",
+    "collate_detection",
     "few_shot",
+    "hflip_detection",
     "normalize",
     "stratified_split",
 ]

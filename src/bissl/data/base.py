@@ -43,6 +43,10 @@ class DatasetInfo:
     multi_label: bool = False  # VOC07: targets are multi-hot vectors
     mirror_invariant: bool = True  # a horizontal mirror keeps every label: fine-tuning flips with p = 0.5
     finetune_crop_scale: tuple[float, float] | None = None  # crop area fraction; None: sized to the image
+    # what an item's target is: "classification" (an int label, or a multi-hot tensor when multi_label) or
+    # "detection" (a dict of boxes, labels, difficult: bissl.data.detection); code that needs class labels per image
+    # (kNN, linear probes, few-shot subsets) may skip a dataset that is not "classification"
+    kind: str = "classification"
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, int | torch.Tensor]]):

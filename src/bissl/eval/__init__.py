@@ -1,7 +1,17 @@
-"""Evaluation of frozen backbones: feature extraction, weighted kNN and linear probes."""
+"""Evaluation of frozen backbones (feature extraction, weighted kNN, linear probes) and detection metrics."""
 
+from bissl.eval.detection_metrics import coco_map, detection_metrics, voc07_ap50
 from bissl.eval.features import extract_features
 from bissl.eval.knn import knn_accuracy, knn_predict
 from bissl.eval.linear_probe import fit_linear_classifier, linear_probe
 
-__all__ = ["extract_features", "fit_linear_classifier", "knn_accuracy", "knn_predict", "linear_probe"]
+__all__ = [
+    "coco_map",
+    "detection_metrics",
+    "extract_features",
+    "fit_linear_classifier",
+    "knn_accuracy",
+    "knn_predict",
+    "linear_probe",
+    "voc07_ap50",
+]
