@@ -160,8 +160,21 @@ class BilevelSettings:
 CycleOperator = LinearOperator | InverseOperator
 
 
+def copy_trainable(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose frozen parameters (``requires_grad=False``, e.g. a LoRA backbone's base) are
+    the original's tensors, shared, not copied: phi then differs from theta by its trainable parameters only (its
+    own LoRA adapters) and the frozen base is held once in memory. Buffers are copied."""
+    memo = {id(p): p for p in module.parameters() if not p.requires_grad}
+    return copy.deepcopy(module, memo)
+
+
 class BiSSLTrainer:
     """Holds theta (``lower_backbone``), phi (``upper_backbone``), psi (``pretext``) and omega (``head``).
+
+    theta and phi are the backbones' parameters that require gradients: all of them, or, for a backbone with LoRA
+    adapters on a frozen base (:mod:`bissl.models.lora`), the adapters only; then the proximal term, the Hessian
+    operator and the M-FAC window cover the adapters only, and phi (by default a copy of ``backbone``,
+    :func:`copy_trainable`) shares theta's frozen base tensors.
 
     ``lower_optimizer`` must cover theta and psi; ``upper_optimizer`` phi and omega. Schedulers are
     optional and stepped once per step of their level. ``sync``: how ranks are combined under data parallelism
@@ -187,7 +200,7 @@ class BiSSLTrainer:
         self.sync = sync
         self.forward_context = forward_context
         self.lower_backbone = backbone
-        self.upper_backbone = upper_backbone if upper_backbone is not None else copy.deepcopy(backbone)
+        self.upper_backbone = upper_backbone if upper_backbone is not None else copy_trainable(backbone)
         self.pretext = pretext
         self._lower_modules = nn.ModuleList([backbone, pretext])
         self.task = task
