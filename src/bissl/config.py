@@ -174,6 +174,8 @@ class SolverConfig(StrictModel):
     hessian_fraction: float = Field(1.0, gt=0, le=1)  # H on this fraction of the cycle's pretext batch
     mfac_window: int = Field(20, gt=0)  # name=mfac: Fisher of the last m lower-level pretext gradients
     mfac_block_size: int | None = Field(None, gt=0)  # name=mfac: None, one block per parameter tensor
+    # name=mfac: the window's storage: fp32 | bf16 | fp16 (half the memory) | cpu (host memory); maths in fp32
+    mfac_storage: Literal["fp32", "bf16", "fp16", "cpu"] = "fp32"
     recycle_vectors: int = Field(16, gt=0)  # name=recycled_cg: directions kept (2 parameter-sized vectors each)
 
 

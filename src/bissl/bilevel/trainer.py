@@ -130,6 +130,7 @@ class BilevelSettings:
     hessian_fraction: float = _BILEVEL.solver.hessian_fraction  # H on the first ceil(fraction * B) samples
     mfac_window: int = _BILEVEL.solver.mfac_window  # an inverse from INVERSES: the last m lower-level gradients
     mfac_block_size: int | None = _BILEVEL.solver.mfac_block_size  # its blocks; None: one per parameter tensor
+    mfac_storage: str = _BILEVEL.solver.mfac_storage  # the window's storage: fp32 | bf16 | fp16 | cpu
     lower_grad_clip: float | None = _BILEVEL.lower_grad_clip
     upper_grad_clip: float | None = _BILEVEL.upper_grad_clip
 
@@ -152,7 +153,8 @@ class BilevelSettings:
             n_lower=cfg.n_lower, n_upper=cfg.n_upper, lam=cfg.lam, damping=cfg.damping, gamma=cfg.gamma,
             solver=SolverSpec.from_config(cfg.solver), hvp=cfg.solver.hvp,
             hessian_fraction=cfg.solver.hessian_fraction, mfac_window=cfg.solver.mfac_window,
-            mfac_block_size=cfg.solver.mfac_block_size, lower_grad_clip=cfg.lower_grad_clip,
+            mfac_block_size=cfg.solver.mfac_block_size, mfac_storage=cfg.solver.mfac_storage,
+            lower_grad_clip=cfg.lower_grad_clip,
             upper_grad_clip=cfg.upper_grad_clip,
         )  # fmt: skip
 
@@ -217,7 +219,9 @@ class BiSSLTrainer:
         self.upper_steps = 0
         self._last_solution: tuple[Tensor, ...] | None = None
         self._cycle: CycleOperator | None = None
-        self._window = GradientWindow(settings.mfac_window) if settings.solver.name in INVERSES else None
+        self._window = (
+            GradientWindow(settings.mfac_window, settings.mfac_storage) if settings.solver.name in INVERSES else None
+        )
 
     # ----------------------------------------------------------------------------------- lower level
     def proximal_term(self) -> Tensor:
