@@ -76,8 +76,9 @@ def make_trainer(args: argparse.Namespace, case: str, device: torch.device) -> B
     settings = BilevelSettings(n_lower=args.n_lower, n_upper=args.n_upper, lam=1e-3, damping=10.0, solver=spec,
                                mfac_window=args.n_lower, mfac_storage=storage)  # fmt: skip
     sgd = lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9)  # noqa: E731
-    return BiSSLTrainer(backbone=vit, pretext=mae.to(device), task=task, head=task.build_head(vit.feature_dim).to(device),
-                        settings=settings, make_lower_optimizer=sgd, make_upper_optimizer=sgd)  # fmt: skip
+    head = task.build_head(vit.feature_dim).to(device)
+    return BiSSLTrainer(backbone=vit, pretext=mae.to(device), task=task, head=head, settings=settings,
+                        make_lower_optimizer=sgd, make_upper_optimizer=sgd)  # fmt: skip
 
 
 def sync(device: torch.device) -> None:
@@ -134,7 +135,8 @@ def main() -> None:
         for case in CASES:
             row = run_case(args, case, device)
             print(f"repeat {repeat} {case:10s} cycle {row['cycle_s']:7.2f} s  upper {row['upper_s']:7.2f} s  "
-                  f"peak {row['upper_peak_mb']:8.1f} MB  hvps/solve {row['hvps_per_solve']:.0f}", flush=True)  # fmt: skip
+                  f"peak {row['upper_peak_mb']:8.1f} MB  hvps/solve {row['hvps_per_solve']:.0f}",
+                  flush=True)  # fmt: skip
             keep = best.get(case)
             best[case] = row if keep is None else {
                 **row, **{k: min(row[k], keep[k]) for k in ("cycle_s", "upper_s", "upper_peak_mb")}
