@@ -57,6 +57,8 @@ class BackboneConfig(StrictModel):
     small_images: bool = True
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: str | None = None
+    # LoRA adapters {r, alpha, dropout, targets} on the (frozen) backbone: bissl.models.lora; None: none
+    lora: dict[str, Any] | None = None
 
 
 class PretextSection(StrictModel):
@@ -172,6 +174,8 @@ class SolverConfig(StrictModel):
     hessian_fraction: float = Field(1.0, gt=0, le=1)  # H on this fraction of the cycle's pretext batch
     mfac_window: int = Field(20, gt=0)  # name=mfac: Fisher of the last m lower-level pretext gradients
     mfac_block_size: int | None = Field(None, gt=0)  # name=mfac: None, one block per parameter tensor
+    # name=mfac: the window's storage: fp32 | bf16 | fp16 (half the memory) | cpu (host memory); maths in fp32
+    mfac_storage: Literal["fp32", "bf16", "fp16", "cpu"] = "fp32"
     recycle_vectors: int = Field(16, gt=0)  # name=recycled_cg: directions kept (2 parameter-sized vectors each)
 
 
@@ -199,6 +203,9 @@ class AlignConfig(StrictModel):
     plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
     pretrained: str = "runs/pretrain_digits"  # a pretrain run folder or its backbone.pt
+    # LoRA adapters {r, alpha, dropout, targets} added to the pretrained backbone: theta and phi are then each their
+    # own adapters on one shared frozen base (BiSSLight); None: the whole backbone
+    lora: dict[str, Any] | None = None
     pretext: PretextSection | None = None  # None: the method and heads saved by pretraining
     pretext_data: DataConfig = Field(default_factory=DataConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
@@ -245,6 +252,9 @@ class FinetuneConfig(StrictModel):
     plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
     backbone: str = "runs/align_digits"  # a run folder or its backbone.pt
+    lora: dict[str, Any] | None = None  # LoRA adapters to add (if the backbone has none): bissl.models.lora
+    # what trains besides the head: all | lora (the adapters only) | auto (lora if the backbone has adapters)
+    trainable: Literal["auto", "all", "lora"] = "auto"
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(64, gt=0)

@@ -206,3 +206,29 @@ def test_bissl_align_runs_with_mfac_and_resumes_exactly(tmp_path, tiny_align_ove
     assert all(torch.equal(a[key], b[key]) for key in a)
     upper_a, upper_b = (load_torch(r.out_dir / "upper_backbone.pt")["state_dict"] for r in (full, resumed))
     assert all(torch.equal(upper_a[key], upper_b[key]) for key in upper_a)
+
+
+@pytest.mark.parametrize("storage", ["bf16", "fp16", "cpu"])
+def test_low_precision_and_host_windows_match_fp32(storage: str) -> None:
+    """bf16 rows carry a relative rounding error <= 2^-8 each; the solution's relative error stays of that order
+    (here ~1e-3), the Gram matrices being formed and factorised in fp32/fp64; a host window is exact."""
+    torch.manual_seed(0)
+    grads = [torch.randn(1000) * (1 + i) for i in range(12)]
+    v = torch.randn(1000)
+    solutions = {}
+    for kind in ("fp32", storage):
+        window = GradientWindow(8, storage=kind)
+        for g in grads:
+            window.push(g.split([600, 400]))
+        assert window.rows is not None and window.rows.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            kind, torch.float32
+        )
+        solutions[kind], _ = MFACInverse(window.gradients(), (600, 400)).inverse(v, 0.5)
+        assert solutions[kind].dtype == torch.float32
+    error = (solutions[storage] - solutions["fp32"]).norm() / solutions["fp32"].norm()
+    assert error <= (0 if storage == "cpu" else 4e-3), error
+
+
+def test_unknown_storage_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="mfac_storage"):
+        GradientWindow(4, storage="int8")

@@ -36,6 +36,12 @@ in train mode normalise with batch statistics without updating running statistic
 (``num_batches_tracked`` included) are restored afterwards. BatchNorm layers in eval mode read their running
 statistics, which the graph keeps for the products: they are never written to. Without ``module=``, wrap the
 products in :func:`preserve_buffers` yourself.
+
+Attention: ``F.scaled_dot_product_attention`` dispatches to fused kernels (flash / memory-efficient; on CPU as on
+CUDA, torch 2.14) whose backward has no derivative, so a product through them would fail. Every forward pass of the
+operator (and, for ``func``, every product) runs under :func:`math_attention`, which restricts SDPA to its math
+kernel: any module that calls SDPA (timm's ViT with fused attention on, a user's attention) gets exact products,
+while ordinary training keeps the fused kernels.
 """
 
 from __future__ import annotations
@@ -114,6 +120,13 @@ def frozen_buffers(module: nn.Module | None) -> Iterator[None]:
         finally:
             for m in norms:
                 m.track_running_stats = True
+
+
+def math_attention() -> contextlib.AbstractContextManager[None]:
+    """A context in which ``F.scaled_dot_product_attention`` uses its math kernel only (twice differentiable)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class _LossModule(nn.Module):
@@ -196,7 +209,7 @@ class HessianOperator:
             self._build_func(loss_fn)
 
     def _build_double_backward(self, loss_fn: Callable[[], Tensor]) -> None:
-        with torch.enable_grad(), frozen_buffers(self.module):
+        with torch.enable_grad(), frozen_buffers(self.module), math_attention():
             loss = loss_fn()
             _check_finite(loss.detach(), "the lower-level loss")
             if not loss.requires_grad:
@@ -221,7 +234,7 @@ class HessianOperator:
         """Raise if ``loss_fn`` reads ``params`` other than through ``module`` (``functional_call`` would not
         substitute them and ``func`` would silently compute ``H = 0`` for them): one forward and backward pass."""
         values = [p.detach().requires_grad_() for p in self.params]
-        with torch.enable_grad(), frozen_buffers(self.module):
+        with torch.enable_grad(), frozen_buffers(self.module), math_attention():
             loss = loss_of(*values)
             if not loss.requires_grad:
                 raise ValueError("the lower-level loss does not depend on params; check loss_fn and params")
@@ -235,7 +248,8 @@ class HessianOperator:
             )
 
     def _hvp_func(self, tangents: tuple[Tensor, ...]) -> Sequence[Tensor]:
-        with torch.no_grad(), frozen_buffers(self.module):  # no outer graph through fixed tensors (head)
+        # no outer graph through fixed tensors (head)
+        with torch.no_grad(), frozen_buffers(self.module), math_attention():
             if self._func_mode == "forward_over_reverse":
                 try:
                     return torch.func.jvp(self._grad_fn, self._primals, tangents)[1]

@@ -37,14 +37,25 @@ from bissl.bilevel.solvers import SolveInfo, _rhs_norm
 from bissl.utils.errors import ConfigError, NonFiniteError
 from bissl.utils.registry import Registry
 
+STORAGES: tuple[str, ...] = ("fp32", "bf16", "fp16", "cpu")
+
 
 class GradientWindow:
-    """Ring buffer of the last ``size`` flattened gradients (``size x numel``, preallocated on first push)."""
+    """Ring buffer of the last ``size`` flattened gradients (``size x numel``, preallocated on first push).
 
-    def __init__(self, size: int) -> None:
+    ``storage``: ``fp32`` (the gradients' dtype and device), ``bf16`` / ``fp16`` (half the memory, on the gradients'
+    device; rows rounded once when pushed) or ``cpu`` (the gradients' dtype in host memory, moved block by block
+    when used). :class:`MFACInverse` computes in the right-hand side's dtype (fp32) whatever the storage: each block is
+    cast (and moved) when used, the Gram matrices are formed in fp32 and factorised in fp64.
+    """
+
+    def __init__(self, size: int, storage: str = "fp32") -> None:
         if size < 1:
             raise ConfigError(f"bilevel.solver.mfac_window={size} must be >= 1 (the paper's follow-up uses N_L = 20)")
+        if storage not in STORAGES:
+            raise ConfigError(f"bilevel.solver.mfac_storage={storage!r}; choose one of: {', '.join(STORAGES)}")
         self.size = size
+        self.storage = storage
         self.rows: Tensor | None = None
         self.count = 0  # gradients pushed so far (the buffer holds the last min(count, size))
 
@@ -52,10 +63,15 @@ class GradientWindow:
         """Store one gradient, given as tensors (e.g. ``p.grad`` of each backbone parameter) or one flat tensor."""
         numel = sum(g.numel() for g in grads)
         if self.rows is None:
-            self.rows = torch.empty(self.size, numel, dtype=grads[0].dtype, device=grads[0].device)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.storage, grads[0].dtype)
+            device = torch.device("cpu") if self.storage == "cpu" else grads[0].device
+            self.rows = torch.empty(self.size, numel, dtype=dtype, device=device)
         elif self.rows.shape[1] != numel:
             raise ValueError(f"gradient of {numel} entries pushed into a window of {self.rows.shape[1]}-entry rows")
-        torch.cat([g.detach().reshape(-1) for g in grads], out=self.rows[self.count % self.size])
+        row, start = self.rows[self.count % self.size], 0
+        for g in grads:  # tensor by tensor: no full-size temporary in the gradients' dtype
+            row[start : start + g.numel()].copy_(g.detach().reshape(-1), non_blocking=True)
+            start += g.numel()
         self.count += 1
 
     def gradients(self) -> Tensor | None:
@@ -87,6 +103,11 @@ def block_sizes(param_sizes: Sequence[int], block_size: int | None) -> tuple[int
     return (block_size,) * full + ((rest,) if rest else ())
 
 
+def _as(block: Tensor, like: Tensor) -> Tensor:
+    """``block`` in ``like``'s dtype and on its device (no copy when it already is)."""
+    return block.to(device=like.device, dtype=like.dtype, non_blocking=True)
+
+
 InverseFactory = Callable[[Tensor | None, Sequence[int]], InverseOperator]
 
 INVERSES: Registry[InverseFactory] = Registry("inverse operator")
@@ -113,15 +134,16 @@ class MFACInverse:
         self._grams: list[Tensor] | None = None
         self._factors: dict[float, list[Tensor]] = {}
 
-    def _cholesky(self, g: Tensor, mu: float) -> list[Tensor]:
-        """Cholesky factors of ``n mu I + G_b G_b^T`` per block, in float64 (cached per ``mu``)."""
+    def _cholesky(self, g: Tensor, mu: float, like: Tensor) -> list[Tensor]:
+        """Cholesky factors of ``n mu I + G_b G_b^T`` per block, in float64 (cached per ``mu``); the Gram matrices
+        are formed from blocks cast to ``like``'s dtype and device (fp32 for a bf16 or host window)."""
         if self._grams is None:
-            self._grams = [(g_b @ g_b.T).double() for g_b in g.split(self.blocks, dim=1)]
+            self._grams = [(b @ b.T).double() for b in (_as(g_b, like) for g_b in g.split(self.blocks, dim=1))]
             if not all(bool(torch.isfinite(gram).all()) for gram in self._grams):  # no n x d temporary
                 raise NonFiniteError("mfac: a recorded lower-level gradient is NaN/inf; lower the lower-level lr")
         if mu not in self._factors:
             n = g.shape[0]
-            eye = torch.eye(n, dtype=torch.float64, device=g.device)
+            eye = torch.eye(n, dtype=torch.float64, device=like.device)
             self._factors[mu] = [torch.linalg.cholesky(gram + n * mu * eye) for gram in self._grams]
         return self._factors[mu]
 
@@ -135,8 +157,9 @@ class MFACInverse:
         if self.g is not None:
             for g_b, v_b, x_b, chol in zip(
                 self.g.split(self.blocks, dim=1), v.split(self.blocks), out.split(self.blocks),
-                self._cholesky(self.g, mu), strict=True,
+                self._cholesky(self.g, mu, v), strict=True,
             ):  # fmt: skip
+                g_b = _as(g_b, v)
                 coeff = torch.cholesky_solve((g_b @ v_b).double().unsqueeze(1), chol).squeeze(1)
                 x_b.sub_(g_b.T @ coeff.to(g_b.dtype))
         if not bool(torch.isfinite(out).all()):

@@ -130,6 +130,7 @@ class BilevelSettings:
     hessian_fraction: float = _BILEVEL.solver.hessian_fraction  # H on the first ceil(fraction * B) samples
     mfac_window: int = _BILEVEL.solver.mfac_window  # an inverse from INVERSES: the last m lower-level gradients
     mfac_block_size: int | None = _BILEVEL.solver.mfac_block_size  # its blocks; None: one per parameter tensor
+    mfac_storage: str = _BILEVEL.solver.mfac_storage  # the window's storage: fp32 | bf16 | fp16 | cpu
     lower_grad_clip: float | None = _BILEVEL.lower_grad_clip
     upper_grad_clip: float | None = _BILEVEL.upper_grad_clip
 
@@ -152,7 +153,8 @@ class BilevelSettings:
             n_lower=cfg.n_lower, n_upper=cfg.n_upper, lam=cfg.lam, damping=cfg.damping, gamma=cfg.gamma,
             solver=SolverSpec.from_config(cfg.solver), hvp=cfg.solver.hvp,
             hessian_fraction=cfg.solver.hessian_fraction, mfac_window=cfg.solver.mfac_window,
-            mfac_block_size=cfg.solver.mfac_block_size, lower_grad_clip=cfg.lower_grad_clip,
+            mfac_block_size=cfg.solver.mfac_block_size, mfac_storage=cfg.solver.mfac_storage,
+            lower_grad_clip=cfg.lower_grad_clip,
             upper_grad_clip=cfg.upper_grad_clip,
         )  # fmt: skip
 
@@ -160,8 +162,21 @@ class BilevelSettings:
 CycleOperator = LinearOperator | InverseOperator
 
 
+def copy_trainable(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose frozen parameters (``requires_grad=False``, e.g. a LoRA backbone's base) are
+    the original's tensors, shared, not copied: phi then differs from theta by its trainable parameters only (its
+    own LoRA adapters) and the frozen base is held once in memory. Buffers are copied."""
+    memo = {id(p): p for p in module.parameters() if not p.requires_grad}
+    return copy.deepcopy(module, memo)
+
+
 class BiSSLTrainer:
     """Holds theta (``lower_backbone``), phi (``upper_backbone``), psi (``pretext``) and omega (``head``).
+
+    theta and phi are the backbones' parameters that require gradients: all of them, or, for a backbone with LoRA
+    adapters on a frozen base (:mod:`bissl.models.lora`), the adapters only; then the proximal term, the Hessian
+    operator and the M-FAC window cover the adapters only, and phi (by default a copy of ``backbone``,
+    :func:`copy_trainable`) shares theta's frozen base tensors.
 
     ``lower_optimizer`` must cover theta and psi; ``upper_optimizer`` phi and omega. Schedulers are
     optional and stepped once per step of their level. ``sync``: how ranks are combined under data parallelism
@@ -187,7 +202,7 @@ class BiSSLTrainer:
         self.sync = sync
         self.forward_context = forward_context
         self.lower_backbone = backbone
-        self.upper_backbone = upper_backbone if upper_backbone is not None else copy.deepcopy(backbone)
+        self.upper_backbone = upper_backbone if upper_backbone is not None else copy_trainable(backbone)
         self.pretext = pretext
         self._lower_modules = nn.ModuleList([backbone, pretext])
         self.task = task
@@ -204,7 +219,9 @@ class BiSSLTrainer:
         self.upper_steps = 0
         self._last_solution: tuple[Tensor, ...] | None = None
         self._cycle: CycleOperator | None = None
-        self._window = GradientWindow(settings.mfac_window) if settings.solver.name in INVERSES else None
+        self._window = (
+            GradientWindow(settings.mfac_window, settings.mfac_storage) if settings.solver.name in INVERSES else None
+        )
 
     # ----------------------------------------------------------------------------------- lower level
     def proximal_term(self) -> Tensor:

@@ -354,6 +354,15 @@ def byol_views(
     return make_pipeline(views, image_size=image_size, channels=channels, mean=mean, std=std, overrides=overrides)
 
 
+@AUGMENTATIONS.register("mae")
+def mae_view(
+    *, image_size: int, channels: int, mean: Sequence[float], std: Sequence[float], **overrides: Any
+) -> ViewPipeline:
+    """MAE: one view, random resized crop with area in (0.2, 1) and flip .5; no colour, blur or solarize."""
+    view = {"crop_scale": (0.2, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
+    return make_pipeline([view], image_size=image_size, channels=channels, mean=mean, std=std, overrides=overrides)
+
+
 @AUGMENTATIONS.register("supervised")
 def supervised_view(
     *, image_size: int, channels: int, mean: Sequence[float], std: Sequence[float], **overrides: Any

@@ -3,7 +3,7 @@ augmentations, optimizers with their schedule."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -17,9 +17,11 @@ from bissl.dist import world
 from bissl.engine.checkpoint import backbone_spec
 from bissl.engine.optim import build_optimizer, cosine_with_warmup
 from bissl.models import build_backbone
+from bissl.models.lora import apply_lora, lora_spec
 from bissl.models.weights import load_backbone_weights
 from bissl.pretext import PRETEXT_METHODS, build_pretext
 from bissl.pretext.base import PretextMethod
+from bissl.utils.errors import ConfigError
 
 
 def data_kwargs(cfg: DataConfig) -> dict[str, Any]:
@@ -38,7 +40,25 @@ def build_backbone_from_config(
     if cfg.weights is not None:
         load_backbone_weights(backbone, cfg.weights)
     spec = backbone_spec(cfg.name, in_channels, cfg.small_images, cfg.kwargs, image_size=image_size, plugins=plugins)
-    return backbone, spec
+    return add_lora(backbone, spec, cfg.lora)
+
+
+def add_lora(
+    backbone: nn.Module, spec: dict[str, Any], lora: Mapping[str, Any] | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``backbone`` with LoRA adapters ``lora`` added (base frozen) and its spec recording them; unchanged when
+    ``lora`` is None or the backbone already carries these adapters (a file written by ``align`` with LoRA)."""
+    wanted = lora_spec(lora)
+    if wanted is None or spec.get("lora") == wanted:
+        return backbone, spec
+    if spec.get("lora") is not None:
+        raise ConfigError(f"the backbone already has LoRA adapters {spec['lora']}; remove `lora` or set it equal")
+    return apply_lora(backbone, wanted), {**spec, "lora": wanted}
+
+
+def trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters that require gradients (a LoRA backbone's adapters, not its frozen base)."""
+    return [p for p in params if p.requires_grad]
 
 
 def distributed_pretext_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,8 +4,10 @@ Every file is written atomically (temp file + rename) and loads with ``torch.loa
 only tensors, numbers, strings, lists and dicts are stored.
 
 * ``backbone.pt``: ``{"format": "bissl.backbone/v1", "backbone": spec, "feature_dim": int, "state_dict": ...}``
-  where ``spec = {"name", "in_channels", "small_images", "kwargs", "image_size", "plugins"}`` rebuilds the module
-  with :func:`bissl.models.build_backbone`. Written by ``pretrain`` and by ``align`` (its lower backbone theta).
+  where ``spec = {"name", "in_channels", "small_images", "kwargs", "image_size", "plugins", "lora"}`` rebuilds the
+  module with :func:`bissl.models.build_backbone`, then LoRA adapters if ``lora`` is set
+  (:func:`bissl.models.lora.apply_lora`; the state dict holds the frozen base and the adapters). Written by
+  ``pretrain`` and by ``align`` (its lower backbone theta).
 * ``*_head.pt``: ``{"format": "bissl.head/v1", "kind", "name", "params", "plugins", "state_dict"}``.
 * ``checkpoints/last.pt``: everything needed to continue a run bit-exactly, plus the config it ran with.
 
@@ -43,8 +45,10 @@ def backbone_spec(
     *,
     image_size: int | None = None,
     plugins: list[str] | tuple[str, ...] = (),
+    lora: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What :func:`load_backbone` needs to rebuild a backbone, and the plug-ins that may register it."""
+    """What :func:`load_backbone` needs to rebuild a backbone (LoRA adapters included), and the plug-ins that may
+    register it."""
     return {
         "name": name,
         "in_channels": in_channels,
@@ -52,6 +56,7 @@ def backbone_spec(
         "kwargs": dict(kwargs),
         "image_size": image_size,
         "plugins": merge_plugins(plugins),
+        "lora": dict(lora) if lora is not None else None,
     }
 
 
@@ -106,6 +111,7 @@ def load_backbone(path: str | Path, plugins: list[str] | tuple[str, ...] = ()) -
     """Rebuild the backbone stored in a bissl backbone file (importing its recorded plug-ins if its name is not
     registered); returns ``(module, spec)``, the spec's ``plugins`` extended by ``plugins`` (the loading run's)."""
     from bissl.models import BACKBONES, build_backbone
+    from bissl.models.lora import apply_lora
     from bissl.models.weights import load_backbone_weights
 
     payload = read_backbone_file(path)
@@ -113,12 +119,15 @@ def load_backbone(path: str | Path, plugins: list[str] | tuple[str, ...] = ()) -
     spec = backbone_spec(
         stored["name"], stored["in_channels"], stored["small_images"], stored["kwargs"],
         image_size=stored.get("image_size"), plugins=merge_plugins(stored.get("plugins", ()), plugins),
+        lora=stored.get("lora"),
     )  # fmt: skip
     require_registered(BACKBONES, spec["name"], path, stored.get("plugins", []))
     backbone = build_backbone(
         spec["name"], in_channels=spec["in_channels"], small_images=spec["small_images"],
         image_size=spec["image_size"], **spec["kwargs"],
     )  # fmt: skip
+    if spec["lora"] is not None:
+        apply_lora(backbone, spec["lora"])
     load_backbone_weights(backbone, payload["state_dict"])
     return backbone, spec
 

@@ -1,6 +1,7 @@
-"""Backbones: the registry, the built-ins (ResNet-18/50, a small CNN) and loading of foreign weights."""
+"""Backbones: the registry, the built-ins (ResNet-18/50, a small CNN, timm ViTs), LoRA adapters and loading of
+foreign weights."""
 
-from bissl.models import resnet, small_cnn  # noqa: F401  (register the built-ins)
+from bissl.models import resnet, small_cnn, vit  # noqa: F401  (register the built-ins; vit needs timm when built)
 from bissl.models.backbones import BACKBONES, as_backbone, build_backbone, feature_dim_of
 from bissl.models.small_cnn import SmallCNN
 from bissl.models.weights import BACKBONE_FORMAT, LoadReport, extract_state_dict, load_backbone_weights

@@ -3,7 +3,9 @@
 Foreign checkpoints wrap the backbone's tensors in containers (``{"state_dict": ...}``, ``{"teacher": ...}``)
 and prefix their names (``module.``, ``backbone.``, ...). :func:`load_backbone_weights` unwraps the
 container, strips the prefixes that make the names match the backbone best, drops classifier weights the
-backbone does not have, and refuses (``CheckpointError``, one line) anything that does not fit.
+backbone does not have (and MAE's decoder), lets a backbone adapt foreign names and shapes (an
+``adapt_state_dict(state) -> state`` method: the ViT resamples its position embedding and splits fused ``qkv``
+weights), and refuses (``CheckpointError``, one line) anything that does not fit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ BACKBONE_FORMAT = "bissl.backbone/v1"
 CONTAINER_KEYS = ("state_dict", "model", "backbone", "teacher", "student", "network", "net", "module")
 PREFIXES = ("module.", "backbone.", "encoder.", "model.", "_orig_mod.")
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
+# parts of a pretraining checkpoint that are not the backbone, dropped when the backbone has no such key: MAE's
+# decoder and mask token (official MAE checkpoints ``{"model": {...}}``)
+EXTRA_PREFIXES = ("decoder_", "mask_token")
 _MAX_STRIPPED = 4  # prefixes stripped at most, e.g. "module.model.backbone."
 
 
@@ -124,7 +129,10 @@ def load_backbone_weights(
         source = str(path_or_state_dict)
     ours = backbone.state_dict()
     state = _align_names(extract_state_dict(checkpoint), set(ours))
-    state = {k: v for k, v in state.items() if k in ours or not k.startswith(CLASSIFIER_PREFIXES)}
+    adapt = getattr(backbone, "adapt_state_dict", None)  # e.g. ViT: resample pos_embed, split qkv (timm_vit.py)
+    if callable(adapt):
+        state = adapt(state)
+    state = {k: v for k, v in state.items() if k in ours or not k.startswith(CLASSIFIER_PREFIXES + EXTRA_PREFIXES)}
 
     if not ours.keys() & state.keys():
         raise CheckpointError(

@@ -44,7 +44,7 @@ from bissl.data.augment import ViewPipeline
 from bissl.data.base import ImageDataset
 from bissl.dist import all_reduce_mean_, broadcast_buffers, convert_sync_batchnorm, require_in_sync, world
 from bissl.downstream.base import DownstreamTask, build_task
-from bissl.engine.build import build_optimization, build_pretext_on, data_kwargs, view_augmentation
+from bissl.engine.build import add_lora, build_optimization, build_pretext_on, data_kwargs, view_augmentation
 from bissl.engine.checkpoint import (
     BACKBONE_FILE,
     DOWNSTREAM_HEAD_FILE,
@@ -276,7 +276,7 @@ def _set_up(cfg: AlignConfig, run: Run) -> AlignSetup:
     """Load the pretrained backbone and pretext heads, build the task, the streams and the trainer."""
     backbone_path = resolve_backbone_file(cfg.pretrained)
     seed_everything(cfg.seed)
-    backbone, spec = load_backbone(backbone_path, cfg.plugins)
+    backbone, spec = add_lora(*load_backbone(backbone_path, cfg.plugins), cfg.lora)
     pretext_file = read_head_file(backbone_path.parent / PRETEXT_HEAD_FILE, "pretext")
     pretext = build_pretext_on(pretext_file["name"], _pretext_params(cfg, pretext_file, backbone_path), backbone)
     pretext.load_state_dict(pretext_file["state_dict"])

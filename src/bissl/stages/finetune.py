@@ -26,7 +26,7 @@ from bissl.config import FinetuneConfig
 from bissl.data.base import ImageDataset
 from bissl.dist import require_in_sync, world, wrap_ddp
 from bissl.downstream.base import DownstreamTask, build_task
-from bissl.engine.build import build_optimization
+from bissl.engine.build import add_lora, build_optimization, trainable
 from bissl.engine.checkpoint import (
     BACKBONE_FILE,
     DOWNSTREAM_HEAD_FILE,
@@ -42,6 +42,7 @@ from bissl.engine.run import Run
 from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream, steps_per_epoch
 from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, use_channels_last
+from bissl.models.lora import has_lora, set_trainable
 from bissl.utils.numerics import clip_gradients
 from bissl.utils.seed import derive_seed, seed_everything
 
@@ -72,7 +73,8 @@ def finetune(
     """
     with Run.start("finetune", cfg, resume=resume, overwrite=overwrite) as run:
         seed_everything(cfg.seed)
-        backbone, spec = load_backbone(resolve_backbone_file(cfg.backbone), cfg.plugins)
+        backbone, spec = add_lora(*load_backbone(resolve_backbone_file(cfg.backbone), cfg.plugins), cfg.lora)
+        set_trainable(backbone, cfg.trainable if cfg.trainable != "auto" else "lora" if has_lora(backbone) else "all")
         task, splits = build_task(cfg.downstream)
         check_batch_size(len(splits["train"]), cfg.batch_size, cfg.downstream.data.name, "batch_size")
         plan = BatchPlan.create(
@@ -85,7 +87,7 @@ def finetune(
         use_channels_last(backbone.to(run.device), cfg.channels_last)
         objective = Objective(lambda batch: task.loss(backbone, head, batch), backbone=backbone, head=head)
         model = wrap_ddp(objective, run.device, sync_batchnorm=cfg.distributed.sync_batchnorm)
-        params = [*backbone.parameters(), *head.parameters()]
+        params = [*trainable(backbone.parameters()), *head.parameters()]
         per_epoch = steps_per_epoch(len(splits["train"]), cfg.batch_size)
         optimizer, scheduler = build_optimization(cfg.optim, params, cfg.epochs * per_epoch, per_epoch)
         primary = task.primary()

@@ -95,7 +95,7 @@ def pretrain(
             Objective(lambda views: method.loss(backbone, views), backbone=backbone, pretext=method), run.device,
             sync_batchnorm=cfg.distributed.sync_batchnorm,
         )  # fmt: skip
-        trainable = [*backbone.parameters(), *method.head_parameters()]
+        trainable = [*(p for p in backbone.parameters() if p.requires_grad), *method.head_parameters()]
         per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
         optimizer, scheduler = build_optimization(cfg.optim, trainable, cfg.epochs * per_epoch, per_epoch)
         saved = run.resume(backbone=backbone, pretext=method, optimizer=optimizer, scheduler=scheduler)
