@@ -30,7 +30,9 @@ class FakeDetection(ImageDataset):
             boxes = torch.stack([x0, y0, x0 + side[:, 0], y0 + side[:, 1]], 1)
             for (a, b, c, d), label in zip(boxes.long().tolist(), labels.tolist(), strict=True):
                 self.images[i, :, b:d, a:c] = COLOURS[label][:, None, None]
-            self.boxes.append({"boxes": boxes.float(), "labels": labels, "difficult": torch.zeros(count, dtype=torch.bool)})
+            self.boxes.append(
+                {"boxes": boxes.float(), "labels": labels, "difficult": torch.zeros(count, dtype=torch.bool)}
+            )
         self.targets = [int(t["labels"][0]) for t in self.boxes]
         self.info = DatasetInfo("synthetic_detection", num_classes=3, channels=3, mean=(0.3, 0.3, 0.3),
                                 std=(0.3, 0.3, 0.3), kind="detection")  # fmt: skip
