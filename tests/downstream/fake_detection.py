@@ -15,7 +15,9 @@ SIZES = {"train": 256, "val": 64, "test": 64}
 class FakeDetection(ImageDataset):
     """``K = 3`` classes (the rectangle's colour), 1-3 objects per image, side 8-24 px at 64 px."""
 
-    def __init__(self, split: str, *, image_size: int = 64, seed: int = 0, size: int | None = None) -> None:
+    def __init__(
+        self, split: str, *, image_size: int = 64, seed: int = 0, size: int | None = None, channels: int = 3
+    ) -> None:
         n = size or SIZES[split]
         g = make_generator(seed, "fake_detection", split)
         self.images = torch.rand(n, 3, image_size, image_size, generator=g) * 0.3
@@ -33,9 +35,11 @@ class FakeDetection(ImageDataset):
             self.boxes.append(
                 {"boxes": boxes.float(), "labels": labels, "difficult": torch.zeros(count, dtype=torch.bool)}
             )
+        if channels == 1:
+            self.images = self.images.mean(dim=1, keepdim=True)
         self.targets = [int(t["labels"][0]) for t in self.boxes]
-        self.info = DatasetInfo("synthetic_detection", num_classes=3, channels=3, mean=(0.3, 0.3, 0.3),
-                                std=(0.3, 0.3, 0.3), kind="detection")  # fmt: skip
+        self.info = DatasetInfo("synthetic_detection", num_classes=3, channels=channels, mean=(0.3,) * channels,
+                                std=(0.3,) * channels, kind="detection")  # fmt: skip
 
     def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
         return self.images[index], self.boxes[index]
@@ -51,3 +55,11 @@ if "synthetic_detection" not in DATASETS:
     @DATASETS.register("synthetic_detection")
     def synthetic_detection(split: str, *, seed: int = 0, image_size: int = 64, **_: object) -> FakeDetection:
         return FakeDetection(split, image_size=image_size, seed=seed)
+
+
+if "fake_detection_gray" not in DATASETS:
+
+    @DATASETS.register("fake_detection_gray")
+    def fake_detection_gray(split: str, *, seed: int = 0, image_size: int = 32, **_: object) -> FakeDetection:
+        """One channel, small: a detection task beside the embedded digits in one study (tests only)."""
+        return FakeDetection(split, image_size=image_size, seed=seed, size=SIZES[split] // 8, channels=1)
