@@ -77,5 +77,8 @@ def test_cli_quick_pipeline_reports_a_detection_task_beside_a_classification_tas
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     assert "AP50 (VOC07)" in report and "top-1" in report
-    runs = results["runs"] if isinstance(results, dict) and "runs" in results else results
-    print(type(runs))
+    runs = {(r["task"], r["arm"]): r for r in results["runs"]}
+    assert set(runs) == {(t, a) for t in ("digits", "boxes") for a in ("conventional", "bissl")}
+    for arm in ("conventional", "bissl"):
+        assert "test_ap50_voc07" in runs["boxes", arm]["metrics"] and not runs["boxes", arm]["frozen"]  # no probe
+        assert "test_top1" in runs["digits", arm]["metrics"] and "knn_test" in runs["digits", arm]["frozen"]
