@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "downstream"))
+import fake_detection  # noqa: F401 - registers `synthetic_detection` until the shared dataset does
 
 TINY_PRETRAIN = [
     "epochs=2",

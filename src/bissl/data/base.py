@@ -86,3 +86,14 @@ def missing_data_error(name: str, looked_in: Sequence[str], how: str) -> DataErr
     """The one-line error for data that is not on disk: which dataset, where we looked, how to get it."""
     places = ", ".join(str(p) for p in looked_in) or "(no root given)"
     return DataError(f"dataset {name!r} not found (looked in: {places}); {how}")
+
+
+def collate_of(dataset: Dataset) -> Callable[[list], object] | None:  # type: ignore[type-arg]
+    """The ``collate`` a dataset declares for items that do not stack (detection targets: a list of dicts), looked
+    up through wrappers (``Subset``-like ``.dataset``); ``None``: the default collate."""
+    while dataset is not None:
+        collate = getattr(type(dataset), "collate", None)
+        if collate is not None:
+            return getattr(dataset, "collate")  # noqa: B009 - bound or static, as the dataset declares it
+        dataset = getattr(dataset, "dataset", None)
+    return None

@@ -1,6 +1,6 @@
 """Downstream tasks: one contract (:class:`DownstreamTask`), built-ins registered through it (classification)."""
 
-from bissl.downstream import classification
+from bissl.downstream import classification, detection
 from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask, Metric, TaskConfig, build_task, evaluating
 from bissl.downstream.classification import ClassificationTask
 
@@ -12,5 +12,6 @@ __all__ = [
     "TaskConfig",
     "build_task",
     "classification",
+    "detection",
     "evaluating",
 ]

@@ -2,7 +2,8 @@
 
 A task owns no backbone. It declares its :attr:`~DownstreamTask.metrics` (the first is the primary one: model
 selection, the HPO direction, the study's headline), is built from its config by :meth:`~DownstreamTask.from_config`,
-builds its head, turns a loader batch into a device batch (with the task's seeded training augmentation), computes
+builds its head (:meth:`~DownstreamTask.build_head_for`, on the backbone), turns a loader batch into a device batch
+(with the task's seeded training augmentation), computes
 ``L_D(backbone, head; batch)``, predicts a split and scores predictions. The BiSSL upper level calls :meth:`loss`
 twice on the same prepared batch, once with the lower backbone theta and once with the upper backbone phi.
 
@@ -32,6 +33,7 @@ from bissl.config import DownstreamConfig
 from bissl.data import build_dataset
 from bissl.data.base import ImageDataset
 from bissl.data.subsets import class_subset, few_shot
+from bissl.models.backbones import feature_dim_of
 from bissl.utils.errors import ConfigError
 from bissl.utils.registry import Registry
 
@@ -123,6 +125,11 @@ class DownstreamTask(abc.ABC):
     @abc.abstractmethod
     def build_head(self, feature_dim: int) -> nn.Module:
         """A freshly initialised head on top of ``feature_dim``-dimensional backbone features."""
+
+    def build_head_for(self, backbone: nn.Module) -> nn.Module:
+        """The head for this ``backbone``: what every stage calls. By default :meth:`build_head` on its
+        ``feature_dim``; a dense task (detection) overrides it to read the backbone's feature maps."""
+        return self.build_head(feature_dim_of(backbone))
 
     @abc.abstractmethod
     def prepare(self, batch: Any, device: torch.device, generator: torch.Generator | None) -> Any:

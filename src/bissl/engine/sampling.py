@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bissl.data.base import collate_of
 from bissl.utils.seed import make_generator, seed_worker
 
 
@@ -95,7 +96,8 @@ class BatchStream:
     each epoch made loading with workers slower than without, ``benchmarks/README.md``); setting ``position``
     starts a new one there. Workers are seeded from ``(seed, position at start, rank)``: datasets load
     deterministically (random views are drawn in the main process from seeded generators), so which worker loads
-    a batch never changes it.
+    a batch never changes it. A dataset whose items do not stack (detection targets) declares a ``collate``
+    (:func:`bissl.data.base.collate_of`); the stream batches with it.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class BatchStream:
             num_workers=self.num_workers,
             worker_init_fn=seed_worker,
             pin_memory=self.pin_memory,
+            collate_fn=collate_of(self.dataset),
             generator=make_generator(self.seed, "workers", self.position, self.rank),
         )
         return iter(loader)

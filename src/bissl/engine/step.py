@@ -38,15 +38,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bissl.dist import all_reduce_mean, rank, world
 from bissl.utils.errors import ConfigError
+from bissl.utils.rows import Rows, is_rows
 from bissl.utils.seed import make_generator
 
 T = TypeVar("T")
 
 
 def take_rows(batch: Any, start: int, step: int) -> Any:
-    """Rows ``start::step`` of every tensor in a (nested tuple / list / dict) batch."""
+    """Rows ``start::step`` of every tensor (and :class:`Rows`) in a (nested tuple / list / dict) batch."""
     if isinstance(batch, Tensor):
         return batch[start::step]
+    if is_rows(batch):
+        return Rows(batch[start::step])
     if isinstance(batch, (list, tuple)):
         return type(batch)(take_rows(item, start, step) for item in batch)
     if isinstance(batch, dict):
@@ -59,6 +62,8 @@ def cat_rows(batches: Sequence[Any]) -> Any:
     first = batches[0]
     if isinstance(first, Tensor):
         return torch.cat(list(batches))
+    if is_rows(first):
+        return Rows(row for rows in batches for row in rows)
     if isinstance(first, (list, tuple)):
         return type(first)(cat_rows(items) for items in zip(*batches, strict=True))
     if isinstance(first, dict):

@@ -7,6 +7,17 @@ in :data:`BACKBONES`; a user's module plugs in through :func:`as_backbone` or by
     @BACKBONES.register("my_net")
     def my_net(*, in_channels: int, small_images: bool, image_size: int, width: int = 64) -> nn.Module: ...
 
+Dense tasks (detection) need feature maps as well. A backbone that serves them also declares
+
+* ``feature_maps(x, last=None) -> OrderedDict[str, Tensor]``: the maps of its stages, in order (finest first),
+  stopping after stage ``last`` when given (a C4 detector runs the trunk up to ``layer3`` only);
+* ``feature_map_channels: dict[str, int]``: the channels of each map, same keys and order;
+* ``feature_stage(name) -> nn.Module``: the module that computes stage ``name`` from the previous stage's map (a C4
+  detector runs the last stage on pooled regions).
+
+The pooled ``forward`` path is untouched by these. The built-ins declare them: the ResNets (``layer1`` .. ``layer4``)
+and ``small_cnn`` (``stage1`` .. ``stage<depth>``); :func:`feature_map_channels_of` checks a backbone has them.
+
 A builder that declares ``image_size`` (or takes ``**kwargs``) also receives the side of the square input images
 (the run's ``data.image_size``); one that does not is called without it.
 """
@@ -59,6 +70,18 @@ def feature_dim_of(module: nn.Module) -> int:
             "`self.feature_dim = D` in its __init__ or wrap it with bissl.models.as_backbone(module, feature_dim=D)"
         )
     return dim
+
+
+def feature_map_channels_of(module: nn.Module) -> dict[str, int]:
+    """The declared feature maps ``{name: channels}`` of a backbone that serves dense tasks (module docstring)."""
+    channels = getattr(module, "feature_map_channels", None)
+    if not isinstance(channels, dict) or not channels or not callable(getattr(module, "feature_maps", None)):
+        raise ConfigError(
+            f"backbone {type(module).__name__} declares no feature maps; a dense task (detection) needs "
+            "`feature_maps(x, last=None) -> OrderedDict[str, Tensor]` and `feature_map_channels: dict[str, int]` "
+            "(bissl.models.backbones)"
+        )
+    return dict(channels)
 
 
 def as_backbone(

@@ -6,12 +6,51 @@ State-dict keys are exactly torchvision's (``conv1.weight``, ``bn1.*``, ``layer1
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 
 from bissl.models.backbones import BACKBONES
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class ResNetBackbone(torchvision.models.ResNet):
+    """torchvision's ResNet with the dense-task interface (:mod:`bissl.models.backbones`): maps ``layer1..4``."""
+
+    feature_map_channels: dict[str, int]
+
+    def feature_stage(self, name: str) -> nn.Module:
+        """``layer<i>``."""
+        if name not in STAGES:
+            raise KeyError(f"no ResNet stage {name!r}; choose one of {STAGES}")
+        return getattr(self, name)
+
+    def feature_maps(self, x: Tensor, last: str | None = None) -> OrderedDict[str, Tensor]:
+        """The outputs of the stem + ``layer1`` .. ``layer4`` (up to ``last``); ``forward`` (pooled) is unchanged."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        maps: OrderedDict[str, Tensor] = OrderedDict()
+        for name in STAGES:
+            x = maps[name] = getattr(self, name)(x)
+            if name == last:
+                break
+        return maps
+
+
+def _factory(block: type[nn.Module], layers: list[int]) -> Callable[..., torchvision.models.ResNet]:
+    def build(weights: None = None, **kwargs: object) -> torchvision.models.ResNet:
+        model = ResNetBackbone(block, layers, **kwargs)  # type: ignore[arg-type]
+        model.feature_map_channels = {name: _out_channels(getattr(model, name)) for name in STAGES}
+        return model
+
+    return build
+
+
+def _out_channels(stage: nn.Sequential) -> int:
+    last = stage[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
 
 
 def _resnet(
@@ -43,7 +82,7 @@ def _resnet(
 def resnet18(*, in_channels: int, small_images: bool = True, zero_init_residual: bool = False) -> nn.Module:
     """ResNet-18, ``feature_dim = 512``."""
     return _resnet(
-        torchvision.models.resnet18,
+        _factory(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
         in_channels=in_channels,
         small_images=small_images,
         zero_init_residual=zero_init_residual,
@@ -54,7 +93,7 @@ def resnet18(*, in_channels: int, small_images: bool = True, zero_init_residual:
 def resnet50(*, in_channels: int, small_images: bool = True, zero_init_residual: bool = False) -> nn.Module:
     """ResNet-50, ``feature_dim = 2048``."""
     return _resnet(
-        torchvision.models.resnet50,
+        _factory(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
         in_channels=in_channels,
         small_images=small_images,
         zero_init_residual=zero_init_residual,

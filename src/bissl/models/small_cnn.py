@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -29,6 +31,21 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = channels
+        self.feature_map_channels = {f"stage{i + 1}": width * 2**i for i in range(depth)}
+
+    def feature_stage(self, name: str) -> nn.Module:
+        """Block ``name`` (``stage<i>``): conv, BatchNorm, ReLU (sharing this module's parameters)."""
+        i = list(self.feature_map_channels).index(name)
+        return self.features[3 * i : 3 * i + 3]
+
+    def feature_maps(self, x: torch.Tensor, last: str | None = None) -> OrderedDict[str, torch.Tensor]:
+        """The output of every block, up to block ``last`` (all by default)."""
+        maps: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name in self.feature_map_channels:
+            x = maps[name] = self.feature_stage(name)(x)
+            if name == last:
+                break
+        return maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x)).flatten(1)

@@ -40,7 +40,7 @@ from bissl.engine.checkpoint import resolve_backbone_file
 from bissl.engine.names import validate_names
 from bissl.engine.runtime import SUMMARY_FILE, environment, require_same_config
 from bissl.stages.align import align
-from bissl.stages.evaluate import evaluate
+from bissl.stages.evaluate import evaluate, single_label
 from bissl.stages.finetune import finetune
 from bissl.stages.hpo import search
 from bissl.stages.pretrain import pretrain
@@ -156,9 +156,8 @@ def finetune_config(
 
 
 def has_class_labels(task: TaskSpec) -> bool:
-    """Whether the task's data has single-label classes (what frozen kNN and linear probes need)."""
-    info = DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)["test"].info
-    return info.num_classes > 0 and not info.multi_label
+    """Whether the task's data has single-label classes (``info.kind``: what frozen kNN and linear probes need)."""
+    return single_label(DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)["test"].info)
 
 
 def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone: Path) -> dict[str, Any]:

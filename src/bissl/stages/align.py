@@ -300,7 +300,7 @@ def _set_up(cfg: AlignConfig, run: Run) -> AlignSetup:
         for name, level in (("lower", cfg.lower), ("upper", cfg.upper))
     ]
     seed_everything(derive_seed(cfg.seed, "head"))
-    head = task.build_head(backbone.feature_dim).to(run.device)
+    head = task.build_head_for(backbone).to(run.device)
     trainer = _trainer(cfg, run, backbone, pretext, task, head)
     pin, ranks = run.device.type == "cuda", {"rank": plans[0].rank, "world_size": plans[0].world_size}
     streams = [

@@ -4,6 +4,12 @@ Features of the task's train/val/test splits are extracted once (eval mode, data
 split is the memory bank of a weighted kNN classifier and the training set of a linear probe; both are scored
 on val and test. A t-SNE of the TEST features coloured by class is written to ``embedding.png``.
 
+Data whose targets are not classes (``info.kind`` other than ``classification``, e.g. detection boxes) has no kNN
+or linear probe: the task's own head is trained on the frozen backbone instead
+(the BiSSL head warm-up, :func:`~bissl.engine.head_warmup.warm_up_head`, ``linear_probe_epochs`` epochs at
+``linear_probe_lr``, batches of ``downstream.data.batch_size``) and the task's declared metrics are reported on val
+and test as ``head_probe_<split>_<metric>``. Nothing in this path knows which task it is.
+
 Under ``torchrun`` every rank extracts the features of its strided shard of each split; the shards are put back
 together in dataset order (no padded duplicates), and rank 0 scores them: the numbers equal a single process's.
 """
@@ -15,18 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from bissl.config import EvaluateConfig
+from bissl.data.base import DatasetInfo
 from bissl.dist import on_main
-from bissl.downstream.base import DOWNSTREAM_TASKS
+from bissl.downstream.base import DOWNSTREAM_TASKS, build_task
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
+from bissl.engine.evaluation import evaluate_split
 from bissl.engine.frozen import Features, frozen_features, frozen_scores
+from bissl.engine.head_warmup import warm_up_head
 from bissl.engine.run import Run
 from bissl.engine.runtime import check_channels
+from bissl.engine.sampling import BatchStream
 from bissl.engine.step import use_channels_last
 from bissl.eval.embedding import embed_2d, plot_embedding
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.plotting import require_plotting
-from bissl.utils.seed import seed_everything
+from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.evaluate")
 
@@ -59,13 +71,19 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
         data, info = cfg.downstream.data, splits["train"].info
         if info.num_classes == 0:
             raise ConfigError(f"downstream.data.name={data.name!r} has no labels; choose a labelled dataset")
+        check_channels(info.channels, spec["in_channels"], data.name)
+        use_channels_last(backbone.to(run.device), cfg.channels_last)
+        if getattr(info, "kind", "classification") != "classification":
+            metrics = _head_probe(cfg, run, backbone, splits)
+            log.info("head probe of the frozen backbone on %s: %s", data.name, metrics)
+            run.log(0, "evaluate", metrics)
+            summary_path = run.finish({"metrics": metrics, "backbone": str(backbone_file), "embedding": None})
+            return EvaluateResult(run.out, metrics, summary_path, None)
         if info.multi_label:
             raise ConfigError(
                 f"downstream.data.name={data.name!r} is multi-label;"
                 " evaluate needs single-label classes: choose another"
             )
-        check_channels(info.channels, spec["in_channels"], data.name)
-        use_channels_last(backbone.to(run.device), cfg.channels_last)
         features = {
             split: frozen_features(backbone, dataset, device=run.device, batch_size=data.batch_size,
                                    num_workers=data.num_workers, precision=run.precision)
@@ -86,6 +104,28 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
              "embedding": str(embedding_path) if embedding_path else None}
         )  # fmt: skip
     return EvaluateResult(run.out, metrics, summary_path, embedding_path)
+
+
+def single_label(info: DatasetInfo) -> bool:
+    """Whether a dataset's targets are single class indices (what kNN and a linear probe score)."""
+    return getattr(info, "kind", "classification") == "classification" and info.num_classes > 0 and not info.multi_label
+
+
+def _head_probe(cfg: EvaluateConfig, run: Run, backbone: nn.Module, splits: dict[str, Any]) -> dict[str, float]:
+    """The task's head trained on the frozen backbone; the task's metrics on val and test (module docstring)."""
+    task, _ = build_task(cfg.downstream, splits)
+    seed_everything(derive_seed(cfg.seed, "head"))
+    head = task.build_head_for(backbone).to(run.device)
+    stream = BatchStream(splits["train"], cfg.downstream.data.batch_size, seed=derive_seed(cfg.seed, "head_probe"))
+    warm_up_head(
+        task, backbone, head, stream, steps=cfg.linear_probe_epochs * stream.per_epoch, lr=cfg.linear_probe_lr,
+        device=run.device, seed=cfg.seed, precision=run.precision,
+    )  # fmt: skip
+    return {
+        f"head_probe_{split}_{key}": value
+        for split in ("val", "test")
+        for key, value in evaluate_split(task, backbone, head, splits[split], run.device, run.precision).items()
+    }
 
 
 def _plot(cfg: EvaluateConfig, out: Path, test: Features, backbone_file: Path, classes: Any) -> Path | None:

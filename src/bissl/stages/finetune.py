@@ -83,7 +83,7 @@ def finetune(
         )  # fmt: skip
         check_channels(splits["train"].info.channels, spec["in_channels"], cfg.downstream.data.name)
         seed_everything(derive_seed(cfg.seed, "head"))
-        head = task.build_head(backbone.feature_dim).to(run.device)
+        head = task.build_head_for(backbone).to(run.device)
         use_channels_last(backbone.to(run.device), cfg.channels_last)
         objective = Objective(lambda batch: task.loss(backbone, head, batch), backbone=backbone, head=head)
         model = wrap_ddp(objective, run.device, sync_batchnorm=cfg.distributed.sync_batchnorm)

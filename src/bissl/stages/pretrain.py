@@ -60,10 +60,12 @@ def monitor_sets(cfg: PretrainConfig) -> dict[str, ImageDataset] | None:
         return None
     kwargs = {"root": cfg.data.root, "image_size": cfg.data.image_size, "download": cfg.data.download}
     sets = {split: build_dataset(name, split, seed=cfg.data.seed, **kwargs) for split in ("train", "val", "test")}
-    if sets["train"].info.num_classes == 0:
+    info = sets["train"].info
+    if info.num_classes == 0 or getattr(info, "kind", "classification") != "classification":
+        what = "no labels" if info.num_classes == 0 else f"{info.kind} targets, not classes"
         if cfg.monitor.dataset is not None:
-            raise ConfigError(f"monitor.dataset={name!r} has no labels; choose a labelled dataset for kNN")
-        log.info("dataset %s has no labels: kNN monitoring is off (set monitor.dataset)", name)
+            raise ConfigError(f"monitor.dataset={name!r} has {what}; choose a labelled dataset for kNN")
+        log.info("dataset %s has %s: kNN monitoring is off (set monitor.dataset)", name, what)
         return None
     return sets
 
