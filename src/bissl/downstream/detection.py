@@ -43,13 +43,15 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, box_iou
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from bissl.config import DownstreamConfig
 from bissl.data.base import ImageDataset, collate_of
+from bissl.data.detection import hflip_detection
 from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask, Metric, Splits, TaskConfig, evaluating
+from bissl.eval.detection_metrics import detection_metrics
 from bissl.models.backbones import feature_map_channels_of
 from bissl.utils.errors import ConfigError
 from bissl.utils.rows import Rows
@@ -149,88 +151,6 @@ class DetectionHead(nn.Module):
             detections, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
         detections = self.transform.postprocess(detections, image_list.image_sizes, sizes)
         return {**rpn_losses, **roi_losses}, detections
-
-
-try:  # the shared data / metric code (det-data); the private stand-ins below until it is there
-    from bissl.data.detection import hflip_detection  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - replaced by the shared function
-
-    def hflip_detection(images: Tensor, targets: list[Target], flip_mask: Tensor) -> tuple[Tensor, list[Target]]:
-        """Images and boxes of the rows in ``flip_mask`` mirrored left-right."""
-        width = images.shape[-1]
-        images = torch.where(flip_mask[:, None, None, None], images.flip(-1), images)
-        out = []
-        for target, flip in zip(targets, flip_mask.tolist(), strict=True):
-            if flip:
-                boxes = target["boxes"].clone()
-                boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-                target = {**target, "boxes": boxes}
-            out.append(target)
-        return images, out
-
-
-try:
-    from bissl.eval.detection_metrics import detection_metrics  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - replaced by the shared function
-
-    def detection_metrics(predictions: list[Target], targets: list[Target], num_classes: int) -> dict[str, float]:
-        """VOC07 11-point AP50 (``difficult`` ignored) and COCO mAP / AP50 / AP75 (torchmetrics)."""
-        from torchmetrics.detection import MeanAveragePrecision
-
-        metric = MeanAveragePrecision(iou_type="bbox", backend="faster_coco_eval", iou_thresholds=None)
-        metric.update(
-            [{k: p[k] for k in ("boxes", "scores", "labels")} for p in predictions],
-            [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": _difficult(t).long()} for t in targets],
-        )
-        coco = metric.compute()
-        return {
-            "ap50_voc07": _voc07_ap50(predictions, targets, num_classes),
-            **{k: max(float(coco[k]), 0.0) for k in ("map", "map_50", "map_75")},
-        }
-
-
-def _difficult(target: Target) -> Tensor:
-    return target.get("difficult", torch.zeros(len(target["labels"]), dtype=torch.bool)).bool()
-
-
-def _voc07_ap50(predictions: list[Target], targets: list[Target], num_classes: int) -> float:
-    """Mean over classes with a non-difficult box of the 11-point interpolated AP at IoU 0.5 (VOC07)."""
-    aps = []
-    for c in range(num_classes):
-        found, npos = [], 0
-        gts = []
-        for i, (pred, target) in enumerate(zip(predictions, targets, strict=True)):
-            keep = target["labels"] == c
-            boxes, difficult = target["boxes"][keep], _difficult(target)[keep]
-            gts.append((boxes, difficult, torch.zeros(len(boxes), dtype=torch.bool)))
-            npos += int((~difficult).sum())
-            mine = pred["labels"] == c
-            found += [(float(s), i, b) for s, b in zip(pred["scores"][mine], pred["boxes"][mine], strict=True)]
-        if npos == 0:
-            continue
-        hits = []
-        for _, i, box in sorted(found, key=lambda d: -d[0]):
-            boxes, difficult, used = gts[i]
-            iou = box_iou(box[None].float(), boxes.float())[0] if len(boxes) else torch.zeros(0)
-            j = int(iou.argmax()) if len(iou) else -1
-            if j >= 0 and iou[j] >= 0.5:
-                if difficult[j]:
-                    continue
-                hits.append(not bool(used[j]))
-                used[j] = True
-            else:
-                hits.append(False)
-        tp = torch.tensor(hits, dtype=torch.float64).cumsum(0)
-        recall = tp / npos
-        precision = tp / torch.arange(1, len(hits) + 1, dtype=torch.float64)
-        aps.append(
-            sum(
-                float(precision[recall >= t].max()) if bool((recall >= t).any()) else 0.0
-                for t in torch.arange(0, 1.01, 0.1)
-            )
-            / 11
-        )
-    return sum(aps) / len(aps) if aps else 0.0
 
 
 @contextlib.contextmanager
