@@ -27,40 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hypergradient import PeakMemory
-from torch import Tensor, nn
 
 from bissl.bilevel import BilevelSettings, BiSSLTrainer, SolverSpec
-from bissl.downstream.base import DownstreamTask, Metric
+from bissl.downstream import ClassificationTask
 from bissl.models import build_backbone
 from bissl.models.lora import apply_lora
 from bissl.pretext import build_pretext
 
 CASES = {"cg": ("cg", "fp32"), "mfac": ("mfac", "fp32"), "mfac-bf16": ("mfac", "bf16")}
-
-
-class Classify(DownstreamTask):
-    metrics = (Metric("top1"),)
-
-    @classmethod
-    def from_config(cls, cfg, splits):  # type: ignore[no-untyped-def]
-        return cls()
-
-    def build_head(self, feature_dim: int) -> nn.Module:
-        return nn.Linear(feature_dim, 3)
-
-    def prepare(self, batch, device, generator):  # type: ignore[no-untyped-def]
-        return batch
-
-    def loss(self, backbone: nn.Module, head: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-        return F.cross_entropy(head(backbone(batch[0])), batch[1])
-
-    def predict(self, backbone, head, dataset, device):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
-
-    def score(self, predictions):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
 
 
 def make_trainer(args: argparse.Namespace, case: str, device: torch.device) -> BiSSLTrainer:
@@ -70,7 +45,7 @@ def make_trainer(args: argparse.Namespace, case: str, device: torch.device) -> B
     vit = apply_lora(vit, {"r": 8, "alpha": 8, "targets": ["q", "v"]}).to(device)
     mae = build_pretext("mae", vit.feature_dim, {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4})
     mae.setup(vit)
-    task = Classify()
+    task = ClassificationTask(3, mean=(0.5,) * 3, std=(0.25,) * 3)  # the trainer calls only its loss
     solver, storage = CASES[case]
     spec = SolverSpec(solver, maxiter=5, rtol=None)  # the paper's fixed 5 CG iterations
     settings = BilevelSettings(n_lower=args.n_lower, n_upper=args.n_upper, lam=1e-3, damping=10.0, solver=spec,
