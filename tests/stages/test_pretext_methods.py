@@ -42,3 +42,16 @@ def test_method_pretrains_and_aligns_on_digits(method, tmp_path):
     for key in ("lower/pretext_loss", "upper/loss_theta", "upper/hypergrad_norm", "upper/solver_residual"):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in cycles), key
     assert 0.0 <= result.metrics["theta_test_top1"] <= 1.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_pretext_comparison_study_takes_each_method_from_its_pretraining_run(method):
+    """pipeline_pretext_digits: one study per method, as its header's command line runs it."""
+    from bissl.config import PipelineConfig
+
+    run = f"runs/{_pretrain_config(method)}"
+    overrides = [f"pretrained={run}", f"align.pretext.name={method}", f"out_dir=runs/pipeline_pretext_digits/{method}"]
+    cfg = load_config(PipelineConfig, "pipeline_pretext_digits", overrides)
+    assert cfg.pretrained == run and cfg.align.pretext is not None and cfg.align.pretext.name == method
+    assert cfg.align.pretext.augmentation_params == {"flip_p": 0.0}  # digits are never mirrored
+    assert [arm.name for arm in cfg.arms] == ["conventional", "bissl"]
