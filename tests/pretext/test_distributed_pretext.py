@@ -22,7 +22,7 @@ from bissl.pretext import build_pretext
 from gloo_ranks import spawn_ranks
 
 WORLD = 2
-TOL = 1e-9  # measured differences are ~1e-15 (float64)
+TOL = 1e-9  # measured: loss <= 9e-16, gradient <= 2.4e-14, HVP <= 3e-12 on entries up to 1.7e3 (float64)
 HEADS = {"projector_dims": [8, 4]}
 METHODS: dict[str, dict[str, Any]] = {
     "vicreg": HEADS,
