@@ -1,4 +1,5 @@
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -127,3 +128,116 @@ def test_foreign_or_broken_checkpoints_are_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupted"):
         load_backbone_weights(backbone, tmp_path / "junk.pt")
+
+
+def _zeros(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": torch.zeros_like(v) for k, v in state.items()}
+
+
+def _prefixed(state: dict[str, torch.Tensor], prefix: str, *, fc: bool = True) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in state.items() if fc or not k.startswith("fc.")}
+
+
+def _lightly(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``nn.Sequential(*list(resnet.children())[:-1])``: children by index (0 conv1, 1 bn1, 4-7 layer1-4)."""
+    index = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in index:
+            out[f"{prefix}{index[head]}.{rest}"] = value
+    return out
+
+
+def _layouts(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Checkpoints as each library saves them, around the torchvision ResNet-18 ``sd`` (with its ``fc``)."""
+    projector = {"0.weight": torch.ones(4, 512), "0.bias": torch.ones(4)}
+    return {
+        "torchvision / timm (plain, fc.* dropped)": sd,
+        "Barlow Twins / VICReg release resnet50.pth (plain, no fc)": _prefixed(sd, "", fc=False),
+        "MoCo v3 (state_dict, module.base_encoder.; momentum encoder ignored)": {
+            "epoch": 100, "arch": "resnet18", "optimizer": {"state": {}},
+            "state_dict": {**_prefixed(sd, "module.base_encoder.", fc=False),
+                           **{f"module.base_encoder.fc.{k}": v for k, v in projector.items()},
+                           **_zeros(sd, "module.momentum_encoder."),
+                           **{f"module.predictor.{k}": v for k, v in projector.items()}},
+        },
+        "MoCo v1/v2 (state_dict, module.encoder_q.)": {
+            "state_dict": {**_prefixed(sd, "module.encoder_q."), **_zeros(sd, "module.encoder_k."),
+                           "module.queue": torch.zeros(128, 16), "module.queue_ptr": torch.zeros(1)},
+        },
+        "SimSiam (state_dict, module.encoder., projector in fc)": {
+            "state_dict": {**_prefixed(sd, "module.encoder.", fc=False),
+                           **{f"module.encoder.fc.{k}": v for k, v in projector.items()},
+                           **{f"module.predictor.{k}": v for k, v in projector.items()}},
+        },
+        "Barlow Twins / VICReg checkpoint.pth (model, module.backbone.)": {
+            "epoch": 3, "model": {**_prefixed(sd, "module.backbone.", fc=False),
+                                  **{f"module.projector.{k}": v for k, v in projector.items()},
+                                  "module.bn.running_mean": torch.zeros(4)},
+        },
+        "solo-learn (Lightning state_dict, backbone.)": {
+            "pytorch-lightning_version": "2.1", "global_step": 5,
+            "state_dict": {**_prefixed(sd, "backbone.", fc=False), **_zeros(sd, "momentum_backbone."),
+                           **{f"projector.{k}": v for k, v in projector.items()},
+                           "classifier.weight": torch.ones(10, 512)},
+        },
+        "lightly (Lightning, backbone = Sequential of children)": {
+            "state_dict": {**_lightly(sd, "backbone."),
+                           **{f"projection_head.layers.{k}": v for k, v in projector.items()}},
+        },
+        "lightly (torch.save(backbone.state_dict()))": _lightly(sd, ""),
+        "VISSL (classy_state_dict.base_model.model.trunk._feature_blocks.)": {
+            "phase_idx": 10, "iteration": 1000, "type": "checkpoint",
+            "classy_state_dict": {"base_model": {
+                "model": {"trunk": _prefixed(sd, "_feature_blocks.", fc=False),
+                          "heads": {f"0.clf.{k}": v for k, v in projector.items()}},
+                "meta": {}}},
+        },
+        "VISSL converted (trunk._feature_blocks.)": _prefixed(sd, "trunk._feature_blocks.", fc=False),
+        "DINO (teacher, backbone.)": {"teacher": _prefixed(sd, "backbone."), "student": _zeros(sd, "backbone.")},
+        "torch.compile + DDP (module._orig_mod.)": {"model": _prefixed(sd, "module._orig_mod.")},
+    }  # fmt: skip
+
+
+def test_every_foreign_ssl_layout_loads_a_resnet_exactly(tmp_path: Path, torchvision_r18) -> None:
+    for name, checkpoint in _layouts(torchvision_r18).items():
+        path = tmp_path / "ckpt.pth"
+        torch.save(checkpoint, path)
+        backbone = build_backbone("resnet18", in_channels=3, small_images=False)
+        report = load_backbone_weights(backbone, path)  # strict: every backbone key found, nothing unexpected
+        assert report.missing == [] and report.unexpected == [], name
+        assert report.loaded == len(backbone.state_dict()), name
+        _assert_loaded(backbone, torchvision_r18)
+    moco_v3 = next(ckpt for name, ckpt in _layouts(torchvision_r18).items() if name.startswith("MoCo v3"))
+    moco = load_backbone_weights(build_backbone("resnet18", in_channels=3, small_images=False), moco_v3)
+    assert "strip 'module.base_encoder.'" in moco.describe()
+
+
+def test_a_real_timm_resnet_loads() -> None:
+    timm = pytest.importorskip("timm")
+    source = timm.create_model("resnet18", pretrained=False)
+    backbone = build_backbone("resnet18", in_channels=3, small_images=False)
+    report = load_backbone_weights(backbone, source.state_dict())
+    assert report.missing == [] and report.unexpected == []
+    _assert_loaded(backbone, source.state_dict())
+
+
+def test_partial_checkpoint_reports_missing_and_unexpected_keys(torchvision_r18) -> None:
+    state = _prefixed(torchvision_r18, "backbone.", fc=False)
+    state = {k: v for k, v in state.items() if not k.startswith("backbone.layer4.")}
+    state["backbone.extra.weight"] = torch.ones(2)
+    backbone = build_backbone("resnet18", in_channels=3, small_images=False)
+    with pytest.raises(CheckpointError, match=r"missing \(layer4.*unexpected \(extra.weight\)"):
+        load_backbone_weights(backbone, {"state_dict": state})
+    report = load_backbone_weights(backbone, {"state_dict": state}, strict=False)
+    assert report.unexpected == ["extra.weight"] and all(k.startswith("layer4.") for k in report.missing)
+    assert "strip 'backbone.'" in report.describe() and f"{len(report.missing)} missing" in report.describe()
+
+
+def test_nothing_matching_is_one_line(torchvision_r18) -> None:
+    vit = {"state_dict": {"module.blocks.0.attn.qkv.weight": torch.zeros(3, 3), "module.cls_token": torch.zeros(3)}}
+    backbone = build_backbone("resnet18", in_channels=3, small_images=False)
+    with pytest.raises(CheckpointError, match="no weight name") as info:
+        load_backbone_weights(backbone, vit)
+    assert "\n" not in str(info.value)

@@ -94,3 +94,44 @@ def test_simsiam_hvp_matches_finite_differences_at_fixed_targets(hvp_method: str
     # the Jacobian of SimSiam's actual update (targets moving with the parameters) is a different matrix
     with pytest.raises(AssertionError, match="relative error"):
         assert_hvp_matches_finite_differences(method, backbone, views, hvp_method=hvp_method)
+
+
+def test_frozen_target_hessian_differs_from_the_jacobian_of_simsiams_update() -> None:
+    """What docs/pretext.md states: BiSSL's Hessian holds the stop-gradient targets z(theta) constant; SimSiam's
+    actual update field F(theta) = grad_theta L(theta, t)|_{t = z(theta)} has the Jacobian dF/dtheta + dF/dt dz/dtheta.
+    On this toy (5 seeds) the products with a random direction differ by 37-169 % of the Hessian's."""
+    import torch.nn.functional as F
+
+    gaps = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        backbone = tiny_backbone()
+        method = build_pretext("simsiam", 6, {"projector_dims": [8, 4], "predictor_dims": [2, 4]}).double()
+        views = [torch.randn(16, 3, 2, 2, dtype=torch.float64) for _ in range(2)]
+        params = list(backbone.parameters())
+        z1, z2 = (method.projector(backbone(v)) for v in views)
+        t1, t2 = z1.detach().requires_grad_(), z2.detach().requires_grad_()  # the targets, as variables
+        loss = (
+            -(
+                F.cosine_similarity(method.predictor(z1), t2).mean()
+                + F.cosine_similarity(method.predictor(z2), t1).mean()
+            )
+            / 2
+        )
+        field = torch.autograd.grad(loss, params, create_graph=True)  # SimSiam's update direction
+        direction = [torch.randn_like(p) for p in params]
+        dot = sum((g * v).sum() for g, v in zip(field, direction, strict=True))
+        *hessian, g_t1, g_t2 = torch.autograd.grad(dot, [*params, t1, t2], retain_graph=True)
+        through_targets = torch.autograd.grad((z1 * g_t1).sum() + (z2 * g_t2).sum(), params)
+        h = torch.cat([x.flatten() for x in hessian])
+        j = h + torch.cat([x.flatten() for x in through_targets])
+        gaps.append(float((j - h).norm() / h.norm()))
+        # the Hessian part is what the library's own HVP of the SimSiam loss gives
+        dot2 = sum(
+            (g * v).sum()
+            for g, v in zip(
+                torch.autograd.grad(method.loss(backbone, views), params, create_graph=True), direction, strict=True
+            )
+        )
+        torch.testing.assert_close(torch.cat([x.flatten() for x in torch.autograd.grad(dot2, params)]), h)
+    assert min(gaps) > 0.3, gaps

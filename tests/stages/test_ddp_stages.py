@@ -1,7 +1,8 @@
 """Two gloo processes on the CPU (loopback) against one process, for every stage that runs under torchrun.
 
 The two-process runs are spawned once per module (fresh processes: forking a process that holds torch's
-threads deadlocks) and run pretrain (SimCLR with negatives gathered across ranks, BYOL), an interrupted and
+threads deadlocks) and run pretrain (SimCLR with negatives gathered across ranks, BYOL; VICReg, Barlow Twins and
+MoCo v3 with their global statistics, summed cross-correlation and gathered keys), an interrupted and
 resumed pretrain, finetune and evaluate; one more run goes through ``torchrun ... -m bissl.cli`` as users do.
 Both sides use ``distributed.sync_batchnorm`` and ``distributed.augment_shards=2``, so a two-process run sees the
 same views, BatchNorm statistics and negatives as the single process on the whole batch (bissl.engine.step).
@@ -48,7 +49,7 @@ PRETRAIN = [
 ]
 FINETUNE = [*SHARDED, "epochs=2", "batch_size=128", "downstream.data.image_size=8"]
 EVALUATE = [*SHARDED[2:], "downstream.data.image_size=8", "linear_probe_epochs=5", "embedding=false"]
-METHODS = ("simclr", "byol")
+METHODS = ("simclr", "byol", "vicreg", "barlow_twins", "mocov3")  # the last three: cross-rank terms of their own
 
 
 def _pretrain_cfg(out: Path, method: str) -> PretrainConfig:
@@ -107,12 +108,21 @@ def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
         torch.testing.assert_close(value, second[key], rtol=0, atol=atol, msg=lambda m, k=key: f"{a.name} {k}: {m}")
 
 
+# Barlow Twins' loss (~100) and gradient (norm ~170) on this tiny net amplify float32 rounding: the first step's loss
+# and gradient norm agree to 1e-7 relative, the weights after four steps to 3.3e-5 (float64, loss level: 1e-14:
+# tests/pretext/test_distributed_pretext.py). A gradient divided by the number of ranks would be off by 50 %.
+WEIGHT_ATOL = {"barlow_twins": 1e-4}
+LOSS_REL = {"barlow_twins": 1e-4}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_pretrain_on_two_processes_equals_one_process(ddp, single, method):
-    for name in ("backbone.pt", "pretext_head.pt"):  # the pretext head holds BYOL's EMA target too
-        _assert_same_weights(ddp / method / name, single / method / name)
-    losses = [[r["loss"] for r in read_metrics(root / method / "metrics.jsonl", "train")] for root in (ddp, single)]
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for name in ("backbone.pt", "pretext_head.pt"):  # the pretext head holds BYOL's / MoCo v3's momentum encoder too
+        _assert_same_weights(ddp / method / name, single / method / name, WEIGHT_ATOL.get(method, 1e-5))
+    train = [read_metrics(root / method / "metrics.jsonl", "train") for root in (ddp, single)]
+    losses = [[r["loss"] for r in rows] for rows in train]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5, rel=LOSS_REL.get(method, 0))
+    assert train[0][0]["grad_norm"] == pytest.approx(train[1][0]["grad_norm"], rel=1e-6)  # not scaled by 1 / ranks
     # kNN and linear probe of sharded feature extraction; one of 359 test images may flip on a float tie
     assert read_results(ddp, WORLD)[method] == pytest.approx(read_results(single, WORLD)[method], abs=1.5 / 359)
 

@@ -2,6 +2,7 @@
 differentiates any number of times (so Hessian-vector products through a cross-rank loss are exact)."""
 
 from bissl.dist.process import (
+    GlobalBatchNorm,
     all_gather_rows,
     all_reduce_mean,
     all_reduce_mean_,
@@ -13,7 +14,6 @@ from bissl.dist.process import (
     convert_sync_batchnorm,
     gather_rows,
     gather_shards,
-    GlobalBatchNorm,
     init_from_env,
     is_main,
     launched_by_torchrun,
@@ -23,6 +23,7 @@ from bissl.dist.process import (
     require_in_sync,
     resolve_device,
     shard_dataset,
+    sum_across_ranks,
     unwrap,
     world,
     wrap_ddp,
@@ -50,6 +51,7 @@ __all__ = [
     "require_in_sync",
     "resolve_device",
     "shard_dataset",
+    "sum_across_ranks",
     "unwrap",
     "world",
     "wrap_ddp",

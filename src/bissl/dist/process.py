@@ -252,6 +252,18 @@ class _AllGatherRows(torch.autograd.Function):
         return _AllReduceSum.apply(grad).narrow(0, rank() * ctx.rows, ctx.rows)
 
 
+def sum_across_ranks(tensor: Tensor) -> Tensor:
+    """The sum over ranks of ``tensor`` (``tensor`` itself in a single process), differentiable any number of times.
+
+    For a cross-rank term inside a loss (Barlow Twins' cross-correlation, batch statistics of the global batch):
+    its backward all-reduces the gradient, so each rank receives the gradient of the sum of the ranks' losses; when
+    every rank computes the same loss from the summed value, the mean of the ranks' gradients (what DDP and
+    :func:`all_reduce_mean_` take) is the gradient of that loss, and likewise for Hessian-vector products. Unlike
+    :func:`all_reduce_sum` (a detached copy for metrics) it keeps the graph. Every rank must pass the same shape.
+    """
+    return tensor if world() == 1 else cast(Tensor, _AllReduceSum.apply(tensor))
+
+
 def all_gather_rows(tensor: Tensor) -> Tensor:
     """The rows of ``tensor`` on every rank, concatenated in rank order (``tensor`` itself in a single process).
 

@@ -8,8 +8,10 @@ The reference's last BN layers have no affine parameters; ours have.
 
 The reference ``forward`` also updates the momentum encoder; here that update runs only in :meth:`on_step_end`,
 so :meth:`loss` (also used for Hessian-vector products) changes no parameter. The keys come from the momentum
-encoder under ``no_grad``: constants for gradients and for BiSSL's Hessian. Not done yet: the reference's
-cross-rank gather of the keys (``concat_all_gather``); one process contrasts with its local batch only.
+encoder under ``no_grad``: constants for gradients and for BiSSL's Hessian. With ``gather_distributed`` (switched
+on under DDP) the keys of every rank are gathered, as the reference's ``concat_all_gather`` does (no gradient
+needed: they are constants), and each rank's queries are contrasted with all of them, the positives offset by the
+rank.
 """
 
 from __future__ import annotations
@@ -26,12 +28,24 @@ from bissl.pretext.byol import _frozen_copy, _unwrap, cosine_momentum
 from bissl.pretext.heads import MLPHead, ProjectorConfig, projection_head
 
 
-def moco_contrastive_loss(q: Tensor, k: Tensor, temperature: float = 0.2) -> Tensor:
-    """``CE(normalize(q) normalize(k)^T / T, arange(B)) * 2 T``; ``k`` is detached (keys are constants)."""
+def moco_contrastive_loss(
+    q: Tensor, k: Tensor, temperature: float = 0.2, *, gather_distributed: bool = False
+) -> Tensor:
+    """``CE(normalize(q) normalize(k)^T / T, arange(B)) * 2 T``; ``k`` is detached (keys are constants).
+
+    With ``gather_distributed`` under ``W > 1`` ranks the local queries are contrasted with the keys of every rank
+    (every rank passes the same ``B``; query ``i`` of rank ``r`` matches key ``r B + i``); the mean of the ranks'
+    losses then equals the single-process loss on the concatenated batch.
+    """
     q = F.normalize(q, dim=1)
     k = F.normalize(k.detach(), dim=1)
+    offset = 0
+    if gather_distributed:
+        from bissl.dist import all_gather_rows, rank
+
+        k, offset = all_gather_rows(k), rank() * q.shape[0]
     logits = q @ k.T / temperature
-    labels = torch.arange(q.shape[0], device=q.device)
+    labels = torch.arange(q.shape[0], device=q.device) + offset
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
@@ -39,6 +53,7 @@ class MoCoV3Config(ProjectorConfig):
     predictor_dims: list[PositiveInt] = Field(default_factory=lambda: [512, 128], min_length=1)
     temperature: PositiveFloat = 0.2  # the reference's ResNet setting
     momentum_base: float = Field(0.99, ge=0, le=1)  # m at step 0, cosine schedule up to 1
+    gather_distributed: bool = False  # contrast with the keys of every rank (no-op on one process)
 
     @model_validator(mode="after")
     def _predictor_matches_projector(self) -> MoCoV3Config:
@@ -92,8 +107,10 @@ class MoCoV3(PretextMethod):
         q1, q2 = (self.predictor(self.projector(backbone(view))) for view in views)
         with torch.no_grad():
             k1, k2 = (momentum_projector(momentum_backbone(view)) for view in views)
-        t = self.config.temperature
-        return moco_contrastive_loss(q1, k2, t) + moco_contrastive_loss(q2, k1, t)
+        t, gather = self.config.temperature, self.config.gather_distributed
+        return moco_contrastive_loss(q1, k2, t, gather_distributed=gather) + moco_contrastive_loss(
+            q2, k1, t, gather_distributed=gather
+        )
 
     @torch.no_grad()
     def on_step_end(self, backbone: nn.Module, step: int, total_steps: int) -> None:

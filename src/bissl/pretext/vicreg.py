@@ -5,8 +5,11 @@ Defaults follow the paper and its reference code (``facebookresearch/vicreg``, `
 (the CPU size SimCLR uses); the paper's is ``[8192, 8192, 8192]``. Like the reference, the expander has
 ``Linear -> BN -> ReLU`` hidden layers and a plain last ``Linear`` (ours keeps its bias; the reference drops it).
 
-Every term is differentiable, so the Hessian BiSSL takes is exact. Not done yet: the reference's cross-rank
-``FullGatherLayer`` (variance and covariance over the global batch); one process sees its local batch only.
+Every term is differentiable, so the Hessian BiSSL takes is exact. With ``gather_distributed`` (switched on under
+DDP) the variance and covariance are taken over the global batch, as the reference's ``FullGatherLayer`` does,
+through :func:`bissl.dist.all_gather_rows`, whose backward is itself differentiable: gradients and Hessian-vector
+products then equal one process's on the concatenated batch. The invariance term stays local (a mean over rows:
+the mean of the ranks' terms is the global one).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def vicreg_loss(
     std_coeff: float = 25.0,
     cov_coeff: float = 1.0,
     eps: float = 1e-4,
+    *,
+    gather_distributed: bool = False,
 ) -> Tensor:
     """VICReg of embeddings ``z1, z2`` of shape ``[B, D]`` (``B >= 2``), as in the reference code::
 
@@ -44,11 +49,19 @@ def vicreg_loss(
         loss = sim_coeff inv + std_coeff var + cov_coeff cov
 
     with the unbiased variance ``Var_b`` and covariance ``C(z) = (z - mean_b z)^T (z - mean_b z) / (B - 1)``.
+
+    With ``gather_distributed`` under a process group of ``W > 1`` ranks, ``var`` and ``cov`` are computed on every
+    rank's rows (every rank must pass the same ``B``; the result is the same on every rank) and ``inv`` on the local
+    rows; the mean of the ranks' losses then equals the single-process loss on the concatenated batch.
     """
+    invariance = F.mse_loss(z1, z2)
+    if gather_distributed:
+        from bissl.dist import all_gather_rows
+
+        z1, z2 = all_gather_rows(z1), all_gather_rows(z2)
     batch, dim = z1.shape
     if batch < 2:
         raise ValueError(f"VICReg needs a batch of at least 2 (variance over the batch), got {batch}")
-    invariance = F.mse_loss(z1, z2)
     z1 = z1 - z1.mean(dim=0)
     z2 = z2 - z2.mean(dim=0)
     std1 = torch.sqrt(z1.var(dim=0) + eps)
@@ -67,6 +80,7 @@ class VICRegConfig(ProjectorConfig):
     std_coeff: NonNegativeFloat = 25.0  # mu: variance hinge
     cov_coeff: NonNegativeFloat = 1.0  # nu: covariance
     eps: PositiveFloat = 1e-4  # inside the square root of the variance
+    gather_distributed: bool = False  # variance and covariance over every rank's batch (no-op on one process)
 
 
 @PRETEXT_METHODS.register("vicreg")
@@ -88,4 +102,6 @@ class VICReg(PretextMethod):
         self.check_views(views)
         z1, z2 = (self.projector(backbone(view)) for view in views)
         c = self.config
-        return vicreg_loss(z1, z2, c.sim_coeff, c.std_coeff, c.cov_coeff, c.eps)
+        return vicreg_loss(
+            z1, z2, c.sim_coeff, c.std_coeff, c.cov_coeff, c.eps, gather_distributed=c.gather_distributed
+        )
