@@ -77,7 +77,10 @@ def apply_lora(module: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
 
 
 def set_trainable(module: nn.Module, which: str) -> None:
-    """``all``: every parameter trains; ``lora``: the adapters only (ConfigError if there are none)."""
+    """``all``: every parameter trains; ``lora``: the adapters only (ConfigError if there are none); ``auto``: the
+    adapters when the module has them, else all."""
+    if which == "auto":
+        which = "lora" if has_lora(module) else "all"
     if which == "lora" and not has_lora(module):
         raise ConfigError("trainable=lora but the backbone has no LoRA adapters; set lora: {r: 8, ...}")
     if which not in ("all", "lora"):

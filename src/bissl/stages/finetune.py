@@ -42,7 +42,7 @@ from bissl.engine.run import Run
 from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream, steps_per_epoch
 from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, use_channels_last
-from bissl.models.lora import has_lora, set_trainable
+from bissl.models.lora import set_trainable
 from bissl.utils.numerics import clip_gradients
 from bissl.utils.seed import derive_seed, seed_everything
 
@@ -67,14 +67,11 @@ def finetune(
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune (or continue, with ``resume``); stop after ``until_epoch`` epochs if given (resumable).
-
-    ``on_eval(epoch, val_metrics)`` is called after every validation (hyper-parameter search uses it to
-    report and prune); an exception it raises stops the run after that epoch's checkpoint is written.
-    """
+    ``on_eval(epoch, val)`` runs after each validation (HPO reports and prunes there; what it raises ends the run)."""
     with Run.start("finetune", cfg, resume=resume, overwrite=overwrite) as run:
         seed_everything(cfg.seed)
         backbone, spec = add_lora(*load_backbone(resolve_backbone_file(cfg.backbone), cfg.plugins), cfg.lora)
-        set_trainable(backbone, cfg.trainable if cfg.trainable != "auto" else "lora" if has_lora(backbone) else "all")
+        set_trainable(backbone, cfg.trainable)
         task, splits = build_task(cfg.downstream)
         check_batch_size(len(splits["train"]), cfg.batch_size, cfg.downstream.data.name, "batch_size")
         plan = BatchPlan.create(
