@@ -40,7 +40,7 @@ def synthetic() -> SyntheticDetection:
 
 
 def test_synthetic_items_info_and_sizes(synthetic) -> None:
-    assert len(synthetic) == 256 == len(synthetic.targets)
+    assert len(synthetic) == 128 == len(synthetic.targets)
     info = synthetic.info
     assert info.kind == "detection" and info.num_classes == 4 and info.classes == list(SHAPES[:4])
     assert info.channels == 3 and info.mirror_invariant and len(info.mean) == len(info.std) == 3
