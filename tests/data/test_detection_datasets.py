@@ -45,7 +45,7 @@ def test_synthetic_items_info_and_sizes(synthetic) -> None:
     assert info.kind == "detection" and info.num_classes == 4 and info.classes == list(SHAPES[:4])
     assert info.channels == 3 and info.mirror_invariant and len(info.mean) == len(info.std) == 3
     counts = set()
-    for index in range(0, 256, 8):
+    for index in range(0, len(synthetic), 4):
         image, target = synthetic[index]
         check_item(image, target, SIZE, 4)
         assert not target["difficult"].any() and 1 <= len(target["labels"]) <= 4
