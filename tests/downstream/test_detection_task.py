@@ -173,3 +173,9 @@ def test_hypergradient_with_the_detection_loss_matches_a_dense_solve_in_float64(
     expected = implicit + torch.cat([x.reshape(-1) for x in plain])
     assert got.dtype == torch.float64
     assert torch.linalg.vector_norm(got - expected) / torch.linalg.vector_norm(expected) < 1e-6
+
+
+def test_a_list_of_short_sides_is_multi_scale_training():
+    task, _ = _task(min_size=[48, 56, 64], max_size=64)
+    head = task.build_head_for(build_backbone("small_cnn", in_channels=3, width=4, depth=3))
+    assert head.transform.min_size == (48, 56, 64) and head.transform.max_size == 64

@@ -68,7 +68,9 @@ class DetectionConfig(TaskConfig):
     fpn_channels: int = Field(64, gt=0)
     anchor_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32, 64])  # one per level, else all at each
     aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
-    min_size: int = Field(64, gt=0)  # images are resized so their short side is min_size (long side <= max_size)
+    # images are resized so their short side is min_size (long side <= max_size); a list: one drawn per training
+    # image (multi-scale training, torchvision's transform), the last at evaluation
+    min_size: int | list[int] = 64
     max_size: int = Field(64, gt=0)
     rpn_pre_nms_top_n: tuple[int, int] = (300, 150)  # (training, testing)
     rpn_post_nms_top_n: tuple[int, int] = (100, 50)
@@ -209,7 +211,8 @@ class DetectionTask(DownstreamTask):
         p = self.params
         channels = feature_map_channels_of(backbone)
         norm = _norm_layer(p.norm)
-        transform = GeneralizedRCNNTransform(p.min_size, p.max_size, self.mean, self.std)
+        sizes = tuple(p.min_size) if isinstance(p.min_size, list) else p.min_size
+        transform = GeneralizedRCNNTransform(sizes, p.max_size, self.mean, self.std)
         fpn: nn.Module | None = None
         box_stage: str | None = None
         if p.cut == "fpn":
