@@ -143,7 +143,8 @@ def test_a_quick_study_with_plugins_in_its_config(tmp_path: Path) -> None:
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     out = bissl(
         "pipeline", "--config", str(tmp_path / "study.yaml"), "--quick", "--out-dir", str(tmp_path / "study"),
-        "--threads", "1", "seeds=[0]", "align.bilevel.n_lower=2", "align.bilevel.n_upper=2", "embedding=false",
+        "--threads", "1", "seeds=[0]", "finetune.head_warmup_epochs=0",
+        "align.bilevel.n_lower=2", "align.bilevel.n_upper=2", "embedding=false",
         "pretrain.pretext.params={}", "pretrain.backbone.kwargs={hidden: 32}", "pretrain.epochs=2",
         *(f"{stage}.log.{key}=false" for stage in ("pretrain", "align", "finetune") for key in LOG_KEYS),
         "tasks=[{name: parity, downstream: {task: example_parity, data: {name: digits, image_size: 8}}}]",

@@ -16,6 +16,8 @@ from bissl.stages.pretrain import pretrain
 from conftest import TINY_ALIGN, TINY_PRETRAIN
 
 METHODS = ("simclr", "byol", "vicreg", "barlow_twins", "mocov3", "simsiam")
+# MAE needs a patch-token backbone (a ViT): its digits config and stages are tested in test_vit_lora_stages.py
+TOKEN_METHODS = {"mae": "pretrain_digits_vit_mae"}
 
 
 def _pretrain_config(method: str) -> str:
@@ -24,7 +26,10 @@ def _pretrain_config(method: str) -> str:
 
 def test_every_built_in_method_has_a_shipped_digits_config():
     built_in = {name for name in PRETEXT_METHODS.names() if PRETEXT_METHODS.get(name).__module__.startswith("bissl.")}
-    assert set(METHODS) == built_in  # (plug-ins registered by other tests are not built-ins)
+    assert set(METHODS) | set(TOKEN_METHODS) == built_in  # (plug-ins registered by other tests are not built-ins)
+    for method, name in TOKEN_METHODS.items():
+        cfg = load_config(PretrainConfig, name)
+        assert cfg.pretext.name == method and cfg.data.name == "digits"
     for method in METHODS:
         cfg = load_config(PretrainConfig, _pretrain_config(method))
         assert cfg.pretext.name == method and cfg.data.name == "digits" and cfg.pretext.augmentation_params

@@ -26,6 +26,7 @@ def warm_up_head(
     seed: int,
     plan: BatchPlan | None = None,
     precision: str = "fp32",
+    lr_key: str = "bilevel.head_warmup_lr",
 ) -> float:
     """Train ``head`` for ``steps`` batches with the backbone frozen (eval mode, no gradients).
 
@@ -59,7 +60,7 @@ def warm_up_head(
             loss.backward()
             value = loss.detach().clone()
             all_reduce_mean_([*(p.grad for p in head.parameters() if p.grad is not None), value])
-            require_finite(value, f"head warm-up loss at step {step}", "lower bilevel.head_warmup_lr")
+            require_finite(value, f"head warm-up loss at step {step}", f"lower {lr_key}")
             optimizer.step()
             scheduler.step()
             recent = [*recent[-9:], value.item()]

@@ -119,7 +119,7 @@ def _head_probe(cfg: EvaluateConfig, run: Run, backbone: nn.Module, splits: dict
     stream = BatchStream(splits["train"], cfg.downstream.data.batch_size, seed=derive_seed(cfg.seed, "head_probe"))
     warm_up_head(
         task, backbone, head, stream, steps=cfg.linear_probe_epochs * stream.per_epoch, lr=cfg.linear_probe_lr,
-        device=run.device, seed=cfg.seed, precision=run.precision,
+        device=run.device, seed=cfg.seed, precision=run.precision, lr_key="linear_probe_lr",
     )  # fmt: skip
     return {
         f"head_probe_{split}_{key}": value

@@ -172,7 +172,7 @@ def _probe_first(
     stream = BatchStream(splits["train"], cfg.batch_size, seed=derive_seed(cfg.seed, "warmup"), **ranks)
     loss = warm_up_head(
         task, backbone, head, stream, steps=cfg.head_warmup_epochs * stream.per_epoch, lr=cfg.head_warmup_lr,
-        device=run.device, seed=cfg.seed, plan=plan, precision=run.precision,
+        device=run.device, seed=cfg.seed, plan=plan, precision=run.precision, lr_key="head_warmup_lr",
     )  # fmt: skip
     val = score("val")
     run.log(0, "head_warmup", {"loss": loss, **{f"val_{k}": v for k, v in val.items()}})
