@@ -16,14 +16,13 @@ single-process ones divided by the number of processes.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from pydantic import NonNegativeFloat, PositiveFloat
-from torch import Tensor, nn
+from torch import Tensor
 
-from bissl.pretext.base import PRETEXT_METHODS, PretextMethod
-from bissl.pretext.heads import ProjectorConfig, projection_head
+from bissl.pretext.base import PRETEXT_METHODS
+from bissl.pretext.heads import ProjectorConfig
+from bissl.pretext.pair import ProjectedPair
 from bissl.pretext.vicreg import off_diagonal
 
 
@@ -78,7 +77,7 @@ class BarlowTwinsConfig(ProjectorConfig):
 
 
 @PRETEXT_METHODS.register("barlow_twins")
-class BarlowTwins(PretextMethod):
+class BarlowTwins(ProjectedPair):
     """``loss = barlow_twins_loss(g(f(x1)), g(f(x2)))``, backbone ``f``, projector ``g``; each view is its own batch.
 
     Views: the BYOL augmentation (asymmetric blur and solarisation), as in the paper.
@@ -87,13 +86,8 @@ class BarlowTwins(PretextMethod):
     Config = BarlowTwinsConfig
     augmentation = "byol"
     config: BarlowTwinsConfig
+    projector_last_bn = False
 
-    def __init__(self, feature_dim: int, config: BarlowTwinsConfig | None = None) -> None:
-        super().__init__(feature_dim, config)
-        self.projector = projection_head(feature_dim, self.config.projector_dims, last_bn=False)
-
-    def loss(self, backbone: nn.Module, views: Sequence[Tensor]) -> Tensor:
-        self.check_views(views)
-        z1, z2 = (self.projector(backbone(view)) for view in views)
+    def pair_loss(self, z1: Tensor, z2: Tensor) -> Tensor:
         c = self.config
         return barlow_twins_loss(z1, z2, c.lambd, c.eps, gather_distributed=c.gather_distributed)

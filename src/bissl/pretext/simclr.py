@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from pydantic import PositiveFloat
-from torch import Tensor, nn
+from torch import Tensor
 
-from bissl.pretext.base import PRETEXT_METHODS, PretextMethod
-from bissl.pretext.heads import ProjectorConfig, projection_head
+from bissl.pretext.base import PRETEXT_METHODS
+from bissl.pretext.heads import ProjectorConfig
+from bissl.pretext.pair import ProjectedPair
 
 
 def gather_across_ranks(x: Tensor) -> tuple[Tensor, int, int]:
@@ -60,18 +59,12 @@ class SimCLRConfig(ProjectorConfig):
 
 
 @PRETEXT_METHODS.register("simclr")
-class SimCLR(PretextMethod):
+class SimCLR(ProjectedPair):
     """``loss = NT-Xent(g(f(x1)), g(f(x2)))`` with backbone ``f`` and projector ``g``; each view is its own batch."""
 
     Config = SimCLRConfig
     augmentation = "simclr"
     config: SimCLRConfig
 
-    def __init__(self, feature_dim: int, config: SimCLRConfig | None = None) -> None:
-        super().__init__(feature_dim, config)
-        self.projector = projection_head(feature_dim, self.config.projector_dims)
-
-    def loss(self, backbone: nn.Module, views: Sequence[Tensor]) -> Tensor:
-        self.check_views(views)
-        z1, z2 = (self.projector(backbone(view)) for view in views)
+    def pair_loss(self, z1: Tensor, z2: Tensor) -> Tensor:
         return nt_xent_loss(z1, z2, self.config.temperature, gather_distributed=self.config.gather_distributed)

@@ -14,15 +14,14 @@ the mean of the ranks' terms is the global one).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from pydantic import NonNegativeFloat, PositiveFloat
-from torch import Tensor, nn
+from torch import Tensor
 
-from bissl.pretext.base import PRETEXT_METHODS, PretextMethod
-from bissl.pretext.heads import ProjectorConfig, projection_head
+from bissl.pretext.base import PRETEXT_METHODS
+from bissl.pretext.heads import ProjectorConfig
+from bissl.pretext.pair import ProjectedPair
 
 
 def off_diagonal(m: Tensor) -> Tensor:
@@ -84,7 +83,7 @@ class VICRegConfig(ProjectorConfig):
 
 
 @PRETEXT_METHODS.register("vicreg")
-class VICReg(PretextMethod):
+class VICReg(ProjectedPair):
     """``loss = vicreg_loss(h(f(x1)), h(f(x2)))`` with backbone ``f`` and expander ``h``; each view is its own batch.
 
     Views: the BYOL augmentation (asymmetric blur and solarisation), as in the paper.
@@ -93,14 +92,9 @@ class VICReg(PretextMethod):
     Config = VICRegConfig
     augmentation = "byol"
     config: VICRegConfig
+    projector_last_bn = False
 
-    def __init__(self, feature_dim: int, config: VICRegConfig | None = None) -> None:
-        super().__init__(feature_dim, config)
-        self.projector = projection_head(feature_dim, self.config.projector_dims, last_bn=False)
-
-    def loss(self, backbone: nn.Module, views: Sequence[Tensor]) -> Tensor:
-        self.check_views(views)
-        z1, z2 = (self.projector(backbone(view)) for view in views)
+    def pair_loss(self, z1: Tensor, z2: Tensor) -> Tensor:
         c = self.config
         return vicreg_loss(
             z1, z2, c.sim_coeff, c.std_coeff, c.cov_coeff, c.eps, gather_distributed=c.gather_distributed
