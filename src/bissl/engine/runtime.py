@@ -1,4 +1,4 @@
-"""Machinery every stage shares: devices, run folders, finiteness checks, gradient clipping, summaries."""
+"""Checks and records every stage shares: config consistency of a run folder, batch and channel checks, the environment, summaries."""
 
 from __future__ import annotations
 
@@ -11,32 +11,14 @@ import torch
 import yaml
 from pydantic import BaseModel
 
-from bissl.config import to_yaml
 from bissl.engine.checkpoint import config_diff
 from bissl.utils.errors import ConfigError, DataError
-from bissl.utils.io import atomic_write, save_json
+from bissl.utils.io import save_json
 
 STATE_FILE = "checkpoints/last.pt"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 RESUMABLE_KEYS = ("log", "device")  # config keys that may differ between a run and its continuation
-
-
-def prepare_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool) -> tuple[Path, bool]:
-    """Create ``out_dir`` and write ``config.yaml``; returns ``(path, has_state)``.
-
-    A folder that already holds a training state is only reused with ``resume=True``, so a run never
-    overwrites another by accident.
-    """
-    out = Path(out_dir)
-    has_state = (out / STATE_FILE).is_file()
-    if has_state and not resume:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another out_dir")
-    if has_state:
-        require_same_config(out, config)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / CONFIG_FILE, lambda f: f.write(to_yaml(config)), mode="w")
-    return out, has_state
 
 
 def require_same_config(out: Path, config: BaseModel) -> None:
