@@ -1,4 +1,4 @@
-"""Checks and records every stage shares: config consistency of a run folder, batch and channel checks, the environment, summaries."""
+"""What every stage shares besides the run: config consistency of a run folder, batch and channel checks, summaries."""
 
 from __future__ import annotations
 
