@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from bissl.bilevel.hvp import HessianOperator, flatten
-from bissl.bilevel.solvers import RecycleSpace, cg, recycled_cg
+from bissl.bilevel.solvers import CG, RecycledCG, RecycleSpace
 
 TARGET = 1e-3
 
@@ -183,11 +183,11 @@ def study(name: str, lanczos_steps: int, full: bool) -> dict[str, Any]:
     views = problem.hessian_views
     if name == "resnet18":
         a_ref = CountedA(make_operator(trainer, views))
-        refs = [cg(a_ref, b, maxiter=100, rtol=1e-5)[0].double() for b in rhs]
+        refs = [CG(maxiter=100, rtol=1e-5)(a_ref, b)[0].double() for b in rhs]
         how = "float32 CG to 1e-5"
     else:
         a_ref = CountedA(make_operator(trainer, views, double=True))
-        refs = [cg(a_ref, b.double(), maxiter=300, rtol=1e-11)[0] for b in rhs]
+        refs = [CG(maxiter=300, rtol=1e-11)(a_ref, b.double())[0] for b in rhs]
         how = "float64 CG to 1e-11"
     n = rhs[0].numel()
     out: dict[str, Any] = {"parameters": n, "reference": how, "methods": []}
@@ -220,13 +220,14 @@ def study(name: str, lanczos_steps: int, full: bool) -> dict[str, Any]:
 
     cfg = hg.SolverSpec()
     run("identity", lambda a: [b.clone() for b in rhs])
-    run("cg", lambda a: per_solve(a, lambda b, _: cg(a, b, maxiter=cfg.maxiter, rtol=cfg.rtol)[0]))
+    cg = CG(maxiter=cfg.maxiter, rtol=cfg.rtol)
+    run("cg", lambda a: per_solve(a, lambda b, _: cg(a, b)[0]))
     run("cg-oracle", lambda a: per_solve(a, lambda b, ref: pcg_oracle(a, b, ref, lambda r: r, 30)))
     for m in (16, 8, 32) if full else (16, 8):
 
         def recycled(a: CountedA, m: int = m) -> list[Tensor]:
-            space = RecycleSpace(m)
-            return per_solve(a, lambda b, _: recycled_cg(a, b, maxiter=cfg.maxiter, rtol=cfg.rtol, recycle=space)[0])
+            solve = RecycledCG(maxiter=cfg.maxiter, rtol=cfg.rtol, space=RecycleSpace(m))
+            return per_solve(a, lambda b, _: solve(a, b)[0])
 
         run(f"recycled_cg-{m}", recycled)
 

@@ -7,7 +7,7 @@ is shared between iterations or between the ``N_U`` solves of a cycle. Two itera
 
 - ``layerwise=True`` (the paper code's default): every parameter tensor ``i`` gets its own step sizes
   ``alpha_i = r_i.r_i / (d_i.(A d)_i + 1e-12)`` and ``beta_i``, while ``A d`` couples all tensors; not conjugate
-  gradients (see ``bissl.bilevel.solvers.layerwise``).
+  gradients (see ``bissl.bilevel.solvers.Layerwise``).
 - ``layerwise=False``: true CG over the whole parameter vector, with the same per-iteration rebuild. (The paper
   code's non-layer-wise branch sums per-tensor ratios into its step size; we benchmark correct CG instead, which
   costs the same.)

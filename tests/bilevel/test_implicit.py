@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from bissl.bilevel import SOLVERS, HessianOperator, SolveInfo, SolverSpec, implicit_gradient, proximal_mu
 from bissl.bilevel.hvp import HVP_METHODS, preserve_buffers
-from bissl.bilevel.solvers import cg
+from bissl.bilevel.solvers import CG, SolveContext
 from bissl.utils.errors import ConfigError
 
 LAM = 1e-3
@@ -170,7 +170,8 @@ def test_recycled_cg_shares_its_directions_through_the_operator(conv_dense: tupl
             assert info.converged and rel_err(flat(x), target(h, flat(tuple(v)), LAM + damping)) < 1e-5
         used[solver] = op.num_hvps
     assert used["recycled_cg"] < used["cg"]
-    assert [type(k) for k in op.cache] == [tuple] and len(op.cache[("recycle", LAM + damping)]) > 0
+    assert list(op.cache) == [("solver_state", LAM + damping)]
+    assert len(op.cache[("solver_state", LAM + damping)]["recycle"]) > 0
     fresh = HessianOperator(loss, params, module=model)
     recycled = SolverSpec("recycled_cg", maxiter=50, rtol=1e-6)
     _, first = implicit_gradient(fresh, rhs[0], mu=LAM + damping, solver=recycled)
@@ -185,7 +186,7 @@ def test_recycle_vectors_bounds_the_shared_space() -> None:
     spec = SolverSpec("recycled_cg", maxiter=20, rtol=1e-8, recycle_vectors=3)
     for seed in range(3):
         implicit_gradient(op, random_like(params, seed), mu=LAM + 3.0, solver=spec)
-    space = op.cache[("recycle", LAM + 3.0)]
+    space = op.cache[("solver_state", LAM + 3.0)]["recycle"]
     assert space.max_vectors == 3 and len(space) == 3 and space.count > 3
 
 
@@ -260,18 +261,18 @@ def test_invalid_lam_and_mu_raise_config_errors() -> None:
         implicit_gradient(op, v[:-1], mu=LAM)
 
 
-def test_user_solver_receives_blocks_and_layerwise_runs() -> None:
+def test_user_solver_factory_receives_the_spec_and_the_blocks_and_layerwise_runs() -> None:
     _, params, loss = conv_problem()
     seen = []
 
     @SOLVERS.register("test_blocks", overwrite=True)
-    def recording(matvec, b, *, blocks, x0=None, maxiter, rtol=None, atol=0.0):  # type: ignore[no-untyped-def]
-        seen.append(tuple(blocks))
-        return cg(matvec, b, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol)
+    def make_recording(spec: SolverSpec, context: SolveContext) -> CG:
+        seen.append((spec.maxiter, context.blocks))
+        return CG(maxiter=spec.maxiter, rtol=spec.rtol)
 
     op = HessianOperator(loss, params)
-    implicit_gradient(op, random_like(params), mu=LAM + 10.0, solver=SolverSpec("test_blocks", maxiter=2))
-    assert seen == [tuple(p.numel() for p in params)]
+    _, info = implicit_gradient(op, random_like(params), mu=LAM + 10.0, solver=SolverSpec("test_blocks", maxiter=2))
+    assert seen == [(2, tuple(p.numel() for p in params))] and info.solver == "cg" and info.matvecs == 2
     layerwise = SolverSpec("layerwise", maxiter=5, rtol=None)
     _, info = implicit_gradient(HessianOperator(loss, params), random_like(params), mu=LAM + 10.0, solver=layerwise)
     assert info.solver == "layerwise" and info.matvecs == 6 and math.isfinite(info.residual)

@@ -15,7 +15,7 @@ from bissl.bilevel.implicit import (
     proximal_mu,
 )
 from bissl.bilevel.mfac import INVERSES, GradientWindow, MFACInverse
-from bissl.bilevel.solvers import SOLVERS, SolveInfo, Solver
+from bissl.bilevel.solvers import SOLVERS, SolveContext, SolveInfo, Solver
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "LinearOperator",
     "MFACInverse",
     "RankSync",
+    "SolveContext",
     "SolveInfo",
     "Solver",
     "SolverSpec",

@@ -22,22 +22,17 @@ Both are protocols: a user's curvature approximation plugs in by defining the on
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
 from bissl.bilevel.hvp import flatten, unflatten
-from bissl.bilevel.solvers import SOLVERS, RecycleSpace, SolveInfo
-from bissl.config import SolverConfig
+from bissl.bilevel.solvers import SolveContext, SolveInfo, SolverSpec
 from bissl.utils.errors import ConfigError
 
 logger = logging.getLogger("bissl.bilevel")
-
-_DEFAULTS = SolverConfig()  # the one place each solver default lives: bissl.config.SolverConfig
 
 
 @runtime_checkable
@@ -52,28 +47,6 @@ class InverseOperator(Protocol):
     """Applies ``mu (H + mu I)^-1`` to a flat vector directly, returning the solution and its :class:`SolveInfo`."""
 
     def inverse(self, v: Tensor, mu: float) -> tuple[Tensor, SolveInfo]: ...
-
-
-@dataclass(frozen=True)
-class SolverSpec:
-    """How to solve ``(I + H/mu) x = v``: a :data:`SOLVERS` name, its ``maxiter`` and relative-residual target
-    ``rtol`` (``None``: exactly ``maxiter`` iterations), whether the trainer warm-starts each solve from the
-    previous solution, and ``recycle_vectors`` (directions a ``recycled_cg`` space keeps per operator).
-
-    Defaults are those of :class:`bissl.config.SolverConfig` (``bissl align``'s measured fast path); the paper's
-    fixed budget is :data:`PAPER_SOLVER`.
-    """
-
-    name: str = _DEFAULTS.name
-    maxiter: int = _DEFAULTS.iters
-    rtol: float | None = _DEFAULTS.tol
-    warm_start: bool = _DEFAULTS.warm_start
-    recycle_vectors: int = _DEFAULTS.recycle_vectors
-
-    @classmethod
-    def from_config(cls, cfg: SolverConfig) -> SolverSpec:
-        """The spec of a ``bilevel.solver`` config section."""
-        return cls(cfg.name, cfg.iters, cfg.tol, cfg.warm_start, cfg.recycle_vectors)
 
 
 DEFAULT_SOLVER = SolverSpec()
@@ -109,10 +82,10 @@ def implicit_gradient(
         operator: the curvature ``H`` (module docstring), e.g. ``HessianOperator(loss_fn, params, module=m)``.
         rhs: the right-hand side, e.g. ``grad_theta L_D`` (tensors of any shapes, ``H``'s size in all).
         mu: ``lam + damping`` (see :func:`proximal_mu`); must be > 0.
-        solver: which solver, its budget and target (:class:`SolverSpec`); unused by an inverse operator. A
-            solver with a ``blocks`` keyword (``layerwise``) gets the sizes of the ``rhs`` tensors; one with a
-            ``recycle`` keyword (``recycled_cg``) the :class:`~bissl.bilevel.solvers.RecycleSpace` kept in
-            ``operator.cache`` for this ``mu``, so the solves that share an operator share their Krylov directions.
+        solver: which solver, its budget and target (:class:`SolverSpec`); unused by an inverse operator. It is
+            built for this system (:class:`~bissl.bilevel.solvers.SolveContext`): the sizes of the ``rhs`` tensors
+            as ``blocks`` (``layerwise``), and as ``state`` a dict kept in ``operator.cache`` for this ``mu``, so the
+            solves that share an operator share solver state (``recycled_cg``'s Krylov directions).
         x0: warm start, shapes of ``rhs`` (e.g. the previous solution).
 
     Returns:
@@ -146,11 +119,10 @@ def _solve(
     operator: LinearOperator, b: Tensor, mu: float, spec: SolverSpec, x0: Tensor | None, shapes: Sequence
 ) -> tuple[Tensor, SolveInfo]:
     """``(I + H/mu) x = b`` by the solver ``spec`` names (a product is spent only when the solver asks for one)."""
-    solve = SOLVERS.get(spec.name)
-    accepts = inspect.signature(solve).parameters
-    extra: dict[str, object] = {"blocks": tuple(s.numel() for s in shapes)} if "blocks" in accepts else {}
-    if "recycle" in accepts:  # one space per operator and mu (stored products are of (I + H/mu))
-        space = RecycleSpace(spec.recycle_vectors)
-        cache = getattr(operator, "cache", None)
-        extra["recycle"] = space if cache is None else cache.setdefault(("recycle", mu), space)
-    return solve(lambda x: operator.matvec(x).div_(mu).add_(x), b, x0=x0, maxiter=spec.maxiter, rtol=spec.rtol, **extra)
+    cache = getattr(operator, "cache", None)
+    # one state per operator and mu: what a solver stores (recycled_cg: products with A) is valid for this A only
+    state: dict[object, object] = {} if cache is None else cache.setdefault(("solver_state", mu), {})
+    solve = spec.build(SolveContext(blocks=tuple(s.numel() for s in shapes), state=state))
+    # A = I + H/mu = (H + mu I)/mu: the division by mu applies both the shift mu I and the prefactor mu of
+    # x = mu (H + mu I)^-1 b, since (I + H/mu)^-1 = mu (H + mu I)^-1
+    return solve(lambda x: operator.matvec(x).div_(mu).add_(x), b, x0)

@@ -3,36 +3,43 @@
 In BiSSL ``A = I + H/mu`` (``H`` the lower-level Hessian, ``mu = lam + damping``), so one product is one
 Hessian-vector product; see :mod:`bissl.bilevel.implicit`. The solvers know nothing of networks.
 
-Every solver in :data:`SOLVERS` has the signature of :class:`Solver`::
+A solver is a configured callable, as in jaxopt: its settings are fixed when it is built, and a solve is::
 
-    solve(matvec, b, *, x0=None, maxiter, rtol=None, atol=0.0) -> (x, SolveInfo)
+    x, info = solver(matvec, b, x0)        # e.g. CG(maxiter=5, rtol=None)(matvec, b, None)
 
-and aims at ``||b - A x|| <= max(rtol * ||b||, atol)``; ``rtol=None`` (and ``atol=0``) means no target: iterative
-solvers then run exactly ``maxiter`` iterations (the paper's fixed budget) without warning. A solver that
-declares a keyword ``blocks`` also receives the sizes of the parameter tensors, in order, from
-:func:`bissl.bilevel.implicit_gradient` (``layerwise`` does; a block-wise solver such as M-FAC could). Register
-your own with ``@SOLVERS.register("name")``.
+returning ``x`` and a :class:`SolveInfo`. Iterative solvers aim at ``||b - A x|| <= max(rtol * ||b||, atol)``;
+``rtol=None`` (and ``atol=0``) means no target: they then run exactly ``maxiter`` iterations (the paper's fixed
+budget) without warning. ``x0`` (or ``None``: zeros) is the initial guess.
 
-``recycled_cg`` takes a keyword ``recycle`` (a :class:`RecycleSpace`): the A-conjugate directions of earlier solves
-with the SAME ``A``, reused to deflate this one and extended by it. :func:`bissl.bilevel.implicit_gradient` keeps one
-space per ``HessianOperator`` and ``mu`` (``operator.cache``), so the ``N_U`` solves of a BiSSL cycle share it.
+:data:`SOLVERS` maps a config name (``bilevel.solver.name``) to a FACTORY ``make(spec, context) -> solver``:
+``spec`` is the :class:`SolverSpec` (``name``, ``maxiter``, ``rtol``, ...) and ``context`` the
+:class:`SolveContext` of the system, which :func:`bissl.bilevel.implicit_gradient` fills in: ``blocks`` (the sizes
+of the parameter tensors in ``b``, in order; ``layerwise`` solves per block) and ``state`` (a dict that lives as
+long as the operator and ``mu``, i.e. as long as ``A``; ``recycled_cg`` keeps its :class:`RecycleSpace` there so
+the ``N_U`` solves of a BiSSL cycle share their Krylov directions). Register your own::
+
+    @SOLVERS.register("my_solver")
+    def make_my_solver(spec: SolverSpec, context: SolveContext) -> Solver:
+        return MySolver(maxiter=spec.maxiter)  # any callable (matvec, b, x0) -> (x, SolveInfo)
 
 Rules shared by the built-ins: vectors stay in ``b``'s dtype, scalars are accumulated in float64; NaN/inf raise
-:class:`~bissl.utils.errors.NonFiniteError`; a solver that must stop before its first step (non-positive
-curvature, divergence) returns ``b`` (the identity approximation) rather than zeros, and warns.
+:class:`~bissl.utils.errors.NonFiniteError`; a bad setting raises :class:`~bissl.utils.errors.ConfigError` when
+the solver is built; a solver that must stop before its first step (non-positive curvature, divergence) returns
+``b`` (the identity approximation) rather than zeros, and warns.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
+from bissl.config import SolverConfig
 from bissl.utils.errors import BisslError, ConfigError, NonFiniteError
 from bissl.utils.registry import Registry
 
@@ -42,6 +49,8 @@ EXACT_MAX_SIZE = 4096
 """Largest system the ``exact`` solver materialises (``n`` products and an ``n x n`` float64 matrix)."""
 
 _DOT_CHUNK = 1 << 22
+
+_DEFAULTS = SolverConfig()  # the one place each solver default lives: bissl.config.SolverConfig
 
 
 @dataclass(frozen=True)
@@ -69,21 +78,51 @@ class SolveInfo:
 
 
 class Solver(Protocol):
-    """The common solver signature (see the module docstring)."""
+    """A configured solver (see the module docstring)."""
 
-    def __call__(
-        self,
-        matvec: MatVec,
-        b: Tensor,
-        *,
-        x0: Tensor | None = None,
-        maxiter: int,
-        rtol: float | None = None,
-        atol: float = 0.0,
-    ) -> tuple[Tensor, SolveInfo]: ...
+    def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> tuple[Tensor, SolveInfo]: ...
 
 
-SOLVERS: Registry[Solver] = Registry("solver")
+@dataclass(frozen=True)
+class SolverSpec:
+    """How to solve ``(I + H/mu) x = v``: a :data:`SOLVERS` name, its ``maxiter`` and relative-residual target
+    ``rtol`` (``None``: exactly ``maxiter`` iterations), whether the trainer warm-starts each solve from the
+    previous solution, and ``recycle_vectors`` (directions a ``recycled_cg`` space keeps per operator).
+
+    Defaults are those of :class:`bissl.config.SolverConfig` (``bissl align``'s measured fast path); the paper's
+    fixed budget is :data:`bissl.bilevel.PAPER_SOLVER`.
+    """
+
+    name: str = _DEFAULTS.name
+    maxiter: int = _DEFAULTS.iters
+    rtol: float | None = _DEFAULTS.tol
+    warm_start: bool = _DEFAULTS.warm_start
+    recycle_vectors: int = _DEFAULTS.recycle_vectors
+
+    @classmethod
+    def from_config(cls, cfg: SolverConfig) -> SolverSpec:
+        """The spec of a ``bilevel.solver`` config section."""
+        return cls(cfg.name, cfg.iters, cfg.tol, cfg.warm_start, cfg.recycle_vectors)
+
+    def build(self, context: SolveContext | None = None) -> Solver:
+        """The solver this spec names, configured for the system ``context`` describes (the one place a registry
+        factory is called)."""
+        return SOLVERS.get(self.name)(self, context if context is not None else SolveContext())
+
+
+@dataclass(frozen=True)
+class SolveContext:
+    """What a solver factory may learn about the system besides the spec: ``blocks``, the sizes of the parameter
+    tensors concatenated in ``b`` (in order), and ``state``, a dict that lives as long as ``A`` for solver state
+    that later solves with the same ``A`` reuse."""
+
+    blocks: tuple[int, ...] = ()
+    state: dict[object, object] = field(default_factory=dict)
+
+
+SolverFactory = Callable[[SolverSpec, SolveContext], Solver]
+
+SOLVERS: Registry[SolverFactory] = Registry("solver")
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
@@ -101,18 +140,6 @@ def _rhs_norm(name: str, b: Tensor) -> float:
     return norm
 
 
-def _target(name: str, b_norm: float, rtol: float | None, atol: float) -> tuple[float, bool]:
-    """Absolute residual target ``max(rtol ||b||, atol)`` and whether any target was asked for."""
-    if (rtol is not None and not rtol >= 0) or not atol >= 0:
-        raise ConfigError(f"{name}: rtol={rtol} and atol={atol} must be >= 0 (rtol=None: fixed iteration budget)")
-    return max(0.0 if rtol is None else rtol * b_norm, atol), rtol is not None or atol > 0
-
-
-def _check_maxiter(name: str, maxiter: int) -> None:
-    if maxiter < 1:
-        raise ConfigError(f"{name}: maxiter={maxiter} must be >= 1; use solver 'identity' to skip the solve")
-
-
 def _start(name: str, matvec: MatVec, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor, int]:
     """Initial iterate, its residual ``b - A x0`` and the products spent on it."""
     if x0 is None:
@@ -127,19 +154,81 @@ def _zero_rhs(name: str, b: Tensor) -> tuple[Tensor, SolveInfo]:
     return torch.zeros_like(b), SolveInfo(name, 0, 0, 0.0, True, "zero_rhs")
 
 
-def _warn_not_converged(name: str, residual: float, rtol: float | None, atol: float, iterations: int) -> None:
-    warnings.warn(
-        f"{name}: relative residual {residual:.3g} missed the target (rtol={rtol}, atol={atol}) after {iterations} "
-        "iterations; raise the iteration budget or the damping",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+def _curvature(name: str, p: Tensor, ap: Tensor, iteration: int) -> float:
+    """``p . A p``, refusing NaN/inf."""
+    pap = _dot(p, ap)
+    if not math.isfinite(pap):
+        raise NonFiniteError(
+            f"{name}: A p is NaN/inf at iteration {iteration}; the lower-level loss or its curvature is non-finite "
+            "(lower the learning rate, check the data)"
+        )
+    return pap
 
 
-@SOLVERS.register("cg")
-def cg(
-    matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, maxiter: int, rtol: float | None = None, atol: float = 0.0
-) -> tuple[Tensor, SolveInfo]:
+def _squared_norm(name: str, r: Tensor, what: str) -> float:
+    """``r . r``, refusing NaN/inf (``what`` says where the residual came from and what to check)."""
+    rr = _dot(r, r)
+    if not math.isfinite(rr):
+        raise NonFiniteError(f"{name}: {what}")
+    return rr
+
+
+@dataclass(frozen=True)
+class _Iterative:
+    """Settings shared by the iterative solvers: an iteration budget and a residual target (module docstring)."""
+
+    maxiter: int
+    rtol: float | None = None
+    atol: float = 0.0
+    name: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        if self.maxiter < 1:
+            raise ConfigError(
+                f"{self.name}: maxiter={self.maxiter} must be >= 1; use solver 'identity' to skip the solve"
+            )
+        if (self.rtol is not None and not self.rtol >= 0) or not self.atol >= 0:
+            raise ConfigError(
+                f"{self.name}: rtol={self.rtol} and atol={self.atol} must be >= 0 (rtol=None: fixed iteration budget)"
+            )
+
+    @classmethod
+    def from_spec(cls, spec: SolverSpec, context: SolveContext) -> Solver:
+        """The registry factory: budget and target from ``spec``."""
+        return cls(maxiter=spec.maxiter, rtol=spec.rtol)
+
+    def _tolerance(self, b_norm: float) -> float:
+        """The absolute residual target ``max(rtol ||b||, atol)``."""
+        return max(0.0 if self.rtol is None else self.rtol * b_norm, self.atol)
+
+    def _info(self, iterations: int, matvecs: int, residual: float, converged: bool) -> SolveInfo:
+        """The record of a solve that ran to its target or its budget; warns if a target was asked for and missed."""
+        if not converged and (self.rtol is not None or self.atol > 0):
+            warnings.warn(
+                f"{self.name}: relative residual {residual:.3g} missed the target (rtol={self.rtol}, atol={self.atol}) "
+                f"after {iterations} iterations; raise the iteration budget or the damping",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return SolveInfo(self.name, iterations, matvecs, residual, converged, "converged" if converged else "maxiter")
+
+    def _negative_curvature(
+        self, pap: float, p: Tensor, iterations: int, matvecs: int, residual: float, returned: str
+    ) -> SolveInfo:
+        """Warn that ``p.A p <= 0`` (naming the growth of ``mu`` that makes ``A`` positive definite) and record it."""
+        growth = 1.0 - pap / _dot(p, p)
+        warnings.warn(
+            f"{self.name}: non-positive curvature p.Ap = {pap:.3g} at iteration {iterations + 1} (indefinite system); "
+            f"raise damping so that mu = lam + damping grows more than {growth:.3g}x; returning {returned} "
+            f"(relative residual {residual:.3g})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return SolveInfo(self.name, iterations, matvecs, residual, False, "negative_curvature")
+
+
+@dataclass(frozen=True)
+class CG(_Iterative):
     """Conjugate gradients over the whole vector, for symmetric positive definite ``A``.
 
     ``x_{k+1} = x_k + alpha_k p_k``, ``r_{k+1} = r_k - alpha_k A p_k``, ``alpha_k = r_k.r_k / p_k.A p_k``,
@@ -150,10 +239,43 @@ def cg(
     iterate it reached (``b`` if that is the zero start). The reported residual is the recurrence residual
     ``r_k``, which is ``b - A x_k`` for the returned ``x_k`` up to rounding.
     """
-    return _conjugate_gradients("cg", matvec, b, x0, maxiter, rtol, atol, None)
+
+    name: ClassVar[str] = "cg"
+
+    def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> tuple[Tensor, SolveInfo]:
+        b_norm = _rhs_norm(self.name, b)
+        if b_norm == 0:
+            return _zero_rhs(self.name, b)
+        tol = self._tolerance(b_norm)
+        x, r, matvecs = _start(self.name, matvec, b, x0)
+        rr = _squared_norm(
+            self.name, r, "the initial residual b - A x0 is NaN/inf; check x0 and the matrix-vector product"
+        )
+        p = r.clone()
+        iterations = 0
+        while math.sqrt(rr) > tol and iterations < self.maxiter:
+            ap = matvec(p)
+            matvecs += 1
+            pap = _curvature(self.name, p, ap, iterations + 1)
+            if pap <= 0:
+                returned = f"iterate {iterations}"
+                if iterations == 0 and x0 is None:  # never return zeros: x = b, residual b - A b
+                    x, r, returned = b.clone(), b - ap, "b (no solve)"
+                    rr = _dot(r, r)
+                return x, self._negative_curvature(pap, p, iterations, matvecs, math.sqrt(rr) / b_norm, returned)
+            alpha = rr / pap
+            x.add_(p, alpha=alpha)
+            r.sub_(ap, alpha=alpha)
+            iterations += 1
+            rr, rr_old = (
+                _squared_norm(self.name, r, f"the residual overflowed at iteration {iterations}; raise damping"),
+                rr,
+            )
+            p.mul_(rr / rr_old).add_(r)
+        return x, self._info(iterations, matvecs, math.sqrt(rr) / b_norm, math.sqrt(rr) <= tol)
 
 
-DEFAULT_RECYCLE_VECTORS = 16
+DEFAULT_RECYCLE_VECTORS = _DEFAULTS.recycle_vectors
 """Directions a :class:`RecycleSpace` keeps by default (it stores each with its product: ``2 x 16`` vectors)."""
 
 
@@ -164,9 +286,9 @@ RECYCLE_MIN_RESIDUAL = 1e3
 
 class RecycleSpace:
     """Search directions ``w_i`` of earlier CG solves with one fixed symmetric positive definite ``A``, with their
-    products ``A w_i`` and curvatures ``d_i = w_i.A w_i``, for :func:`recycled_cg` (deflated CG) to reuse.
+    products ``A w_i`` and curvatures ``d_i = w_i.A w_i``, for :class:`RecycledCG` (deflated CG) to reuse.
 
-    The directions of one CG solve are mutually A-conjugate, and :func:`recycled_cg` makes every new direction
+    The directions of one CG solve are mutually A-conjugate, and :class:`RecycledCG` makes every new direction
     A-conjugate to the stored ones, so ``W^T A W = diag(d)`` and the A-orthogonal projections onto ``span(W)`` need
     no product: the Galerkin start ``x0 = W diag(d)^-1 W^T b`` with residual ``b - (AW) diag(d)^-1 W^T b``, and
     ``z -> z - W diag(d)^-1 (AW)^T z``. Keeps the newest ``max_vectors`` directions (a ring of two
@@ -221,123 +343,85 @@ class RecycleSpace:
         return z.sub_(w.T @ c)
 
 
-@SOLVERS.register("recycled_cg")
-def recycled_cg(
-    matvec: MatVec,
-    b: Tensor,
-    *,
-    x0: Tensor | None = None,
-    maxiter: int,
-    rtol: float | None = None,
-    atol: float = 0.0,
-    recycle: RecycleSpace | None = None,
-) -> tuple[Tensor, SolveInfo]:
-    """Deflated CG: :func:`cg` that reuses the directions of earlier solves with the same ``A`` (``recycle``).
+@dataclass(frozen=True)
+class RecycledCG(_Iterative):
+    """Deflated CG: :class:`CG` that reuses the directions of earlier solves with the same ``A`` (``space``).
 
-    With an empty (or no) space it is :func:`cg`. Otherwise the iterate starts with the Galerkin correction over the
+    With an empty space it is :class:`CG`. Otherwise the iterate starts with the Galerkin correction over the
     stored directions ``W`` (``x0 + W diag(d)^-1 W^T r0``, no product) and every search direction is made
     A-conjugate to ``W`` (``p -> p - W diag(d)^-1 (AW)^T p``), so each iteration minimises the A-norm error over
     ``span(W)`` plus the Krylov space built so far. One product per iteration as in CG, plus ``2 len(W)``
     vector operations. The directions of this solve are then added to the space (the newest
     ``max_vectors`` are kept). Where ``A``'s spectrum seen by the right-hand sides is a continuum rather than a few
     outliers, this saves about one product per later solve (``benchmarks/README.md``). The stopping rule, the
-    reported (recurrence) residual, negative-curvature and non-convergence handling are those of :func:`cg`.
+    reported (recurrence) residual, negative-curvature and non-convergence handling are those of :class:`CG`.
+    The registry factory takes the space from ``context.state`` (one per operator and ``mu``).
     """
-    space = recycle if recycle is not None else RecycleSpace(1)
-    return _conjugate_gradients("recycled_cg", matvec, b, x0, maxiter, rtol, atol, space)
 
+    space: RecycleSpace = field(default_factory=RecycleSpace)
+    name: ClassVar[str] = "recycled_cg"
 
-def _conjugate_gradients(
-    name: str,
-    matvec: MatVec,
-    b: Tensor,
-    x0: Tensor | None,
-    maxiter: int,
-    rtol: float | None,
-    atol: float,
-    space: RecycleSpace | None,
-) -> tuple[Tensor, SolveInfo]:
-    """The CG iteration of :func:`cg` (``space=None``) and of :func:`recycled_cg` (deflated over ``space``, whose
-    stored directions it uses and extends)."""
-    _check_maxiter(name, maxiter)
-    b_norm = _rhs_norm(name, b)
-    if b_norm == 0:
-        return _zero_rhs(name, b)
-    tol, has_target = _target(name, b_norm, rtol, atol)
-    x, r, matvecs = _start(name, matvec, b, x0)
-    deflated = space is not None and len(space) > 0
-    if deflated:
-        dx, adx = space.galerkin(r)  # type: ignore[union-attr]
+    @classmethod
+    def from_spec(cls, spec: SolverSpec, context: SolveContext) -> Solver:
+        space = context.state.setdefault("recycle", RecycleSpace(spec.recycle_vectors))
+        assert isinstance(space, RecycleSpace)
+        return cls(maxiter=spec.maxiter, rtol=spec.rtol, space=space)
+
+    def _deflate_residual(self, x: Tensor, r: Tensor) -> None:
+        """``x += dx``, ``r -= A dx`` for the Galerkin correction ``dx`` over the stored directions (in place)."""
+        dx, adx = self.space.galerkin(r)
         x.add_(dx)
         r.sub_(adx)
-    rr = _dot(r, r)
-    if not math.isfinite(rr):
-        raise NonFiniteError(
-            f"{name}: the initial residual b - A x0 is NaN/inf; check x0"
-            + (", the stored directions" if space is not None else "")
-            + " and the matrix-vector product"
-        )
-    p = space.project(r.clone()) if deflated else r.clone()  # type: ignore[union-attr]
-    # directions found once the residual is near rounding level are not A-conjugate to the earlier ones: not kept
-    keep_above = (RECYCLE_MIN_RESIDUAL * torch.finfo(b.dtype).eps * b_norm) ** 2
-    iterations, reason = 0, "maxiter"
-    while True:
-        if math.sqrt(rr) <= tol:
-            reason = "converged"
-            break
-        if iterations == maxiter:
-            break
-        ap = matvec(p)
-        matvecs += 1
-        pap = _dot(p, ap)
-        if not math.isfinite(pap):
-            raise NonFiniteError(
-                f"{name}: A p is NaN/inf at iteration {iterations + 1}; the lower-level loss or its "
-                "curvature is non-finite (lower the learning rate, check the data)"
-            )
-        if pap <= 0:
-            reason = "negative_curvature"
-            returned = f"iterate {iterations}"
-            if iterations == 0 and x0 is None and not deflated:  # never return zeros: x = b, residual b - A b
-                x, r, returned = b.clone(), b - ap, "b (no solve)"
-                rr = _dot(r, r)
-            growth = 1.0 - pap / _dot(p, p)
-            warnings.warn(
-                f"{name}: non-positive curvature p.Ap = {pap:.3g} at iteration {iterations + 1} (indefinite "
-                f"system); raise damping so that mu = lam + damping grows more than {growth:.3g}x; returning "
-                f"{returned} (relative residual {math.sqrt(rr) / b_norm:.3g})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            break
-        if space is not None and rr >= keep_above:  # kept for later solves; from here on also deflates this one
-            space.add(p, ap, pap)
-            deflated = True
-        alpha = rr / pap
-        x.add_(p, alpha=alpha)
-        r.sub_(ap, alpha=alpha)
-        if deflated:  # W^T r = 0 in exact arithmetic; restoring it keeps rounding from building up along W
-            dx, adx = space.galerkin(r)  # type: ignore[union-attr]
-            x.add_(dx)
-            r.sub_(adx)
-        iterations += 1
-        rr_new = _dot(r, r)
-        if not math.isfinite(rr_new):
-            raise NonFiniteError(f"{name}: the residual overflowed at iteration {iterations}; raise damping")
-        p.mul_(rr_new / rr).add_(r)
+
+    def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> tuple[Tensor, SolveInfo]:
+        b_norm = _rhs_norm(self.name, b)
+        if b_norm == 0:
+            return _zero_rhs(self.name, b)
+        tol = self._tolerance(b_norm)
+        x, r, matvecs = _start(self.name, matvec, b, x0)
+        deflated = len(self.space) > 0
         if deflated:
-            space.project(p)  # type: ignore[union-attr]
-        rr = rr_new
-    residual = math.sqrt(rr) / b_norm
-    if reason == "maxiter" and has_target:
-        _warn_not_converged(name, residual, rtol, atol, iterations)
-    return x, SolveInfo(name, iterations, matvecs, residual, reason == "converged", reason)
+            self._deflate_residual(x, r)
+        rr = _squared_norm(
+            self.name,
+            r,
+            "the initial residual b - A x0 is NaN/inf; check x0, the stored directions and the matrix-vector product",
+        )
+        p = self.space.project(r.clone()) if deflated else r.clone()
+        # directions found once the residual is near rounding level are not A-conjugate to the earlier ones: not kept
+        keep_above = (RECYCLE_MIN_RESIDUAL * torch.finfo(b.dtype).eps * b_norm) ** 2
+        iterations = 0
+        while math.sqrt(rr) > tol and iterations < self.maxiter:
+            ap = matvec(p)
+            matvecs += 1
+            pap = _curvature(self.name, p, ap, iterations + 1)
+            if pap <= 0:
+                returned = f"iterate {iterations}"
+                if iterations == 0 and x0 is None and not deflated:  # never return zeros: x = b, residual b - A b
+                    x, r, returned = b.clone(), b - ap, "b (no solve)"
+                    rr = _dot(r, r)
+                return x, self._negative_curvature(pap, p, iterations, matvecs, math.sqrt(rr) / b_norm, returned)
+            if rr >= keep_above:  # kept for later solves; from here on also deflates this one
+                self.space.add(p, ap, pap)
+                deflated = True
+            alpha = rr / pap
+            x.add_(p, alpha=alpha)
+            r.sub_(ap, alpha=alpha)
+            if deflated:  # W^T r = 0 in exact arithmetic; restoring it keeps rounding from building up along W
+                self._deflate_residual(x, r)
+            iterations += 1
+            rr, rr_old = (
+                _squared_norm(self.name, r, f"the residual overflowed at iteration {iterations}; raise damping"),
+                rr,
+            )
+            p.mul_(rr / rr_old).add_(r)
+            if deflated:
+                self.space.project(p)
+        return x, self._info(iterations, matvecs, math.sqrt(rr) / b_norm, math.sqrt(rr) <= tol)
 
 
-@SOLVERS.register("neumann")
-def neumann(
-    matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, maxiter: int, rtol: float | None = None, atol: float = 0.0
-) -> tuple[Tensor, SolveInfo]:
+@dataclass(frozen=True)
+class Neumann(_Iterative):
     """Truncated Neumann series ``A^-1 b = sum_j (I - A)^j b``, i.e. Richardson iteration with unit step.
 
     ``x_{k+1} = x_k + r_k``, ``r_{k+1} = r_k - A r_k``; from ``x0 = 0``, ``k`` products give
@@ -347,148 +431,147 @@ def neumann(
     warns (raise the damping) and returns the previous iterate (``b`` if that is the zero start). The reported
     residual is the recurrence residual ``r_k`` of the returned ``x_k``.
     """
-    _check_maxiter("neumann", maxiter)
-    b_norm = _rhs_norm("neumann", b)
-    if b_norm == 0:
-        return _zero_rhs("neumann", b)
-    tol, has_target = _target("neumann", b_norm, rtol, atol)
-    x, r, matvecs = _start("neumann", matvec, b, x0)
-    rr = _dot(r, r)
-    iterations, reason = 0, "maxiter"
-    while True:
-        if not math.isfinite(rr):
-            raise NonFiniteError(f"neumann: the residual is NaN/inf at iteration {iterations}; raise damping")
-        if math.sqrt(rr) <= tol:
-            reason = "converged"
-            break
-        if iterations == maxiter:
-            break
-        r_next = r - matvec(r)
-        matvecs += 1
-        rr_next = _dot(r_next, r_next)
-        grew = rr_next > rr
-        if grew and (iterations > 0 or x0 is not None):
-            reason = "diverging"
-            break
-        x.add_(r)
-        r, rr = r_next, rr_next
-        iterations += 1
-        if grew:  # the first step from zero already grew the residual: keep x = b rather than zeros
-            reason = "diverging"
-            break
-    if reason == "diverging":
+
+    name: ClassVar[str] = "neumann"
+
+    def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> tuple[Tensor, SolveInfo]:
+        b_norm = _rhs_norm(self.name, b)
+        if b_norm == 0:
+            return _zero_rhs(self.name, b)
+        tol = self._tolerance(b_norm)
+        x, r, matvecs = _start(self.name, matvec, b, x0)
+        rr = _dot(r, r)
+        iterations = 0
+        while True:
+            if not math.isfinite(rr):
+                raise NonFiniteError(f"neumann: the residual is NaN/inf at iteration {iterations}; raise damping")
+            if math.sqrt(rr) <= tol or iterations == self.maxiter:
+                return x, self._info(iterations, matvecs, math.sqrt(rr) / b_norm, math.sqrt(rr) <= tol)
+            r_next = r - matvec(r)
+            matvecs += 1
+            rr_next = _dot(r_next, r_next)
+            grew = rr_next > rr
+            if grew and (iterations > 0 or x0 is not None):
+                break
+            x.add_(r)
+            r, rr = r_next, rr_next
+            iterations += 1
+            if grew:  # the first step from zero already grew the residual: keep x = b rather than zeros
+                break
         warnings.warn(
             "neumann: the residual grew (||H/mu|| >= 1: the series diverges); raise damping above ||H|| - lam "
             f"or use solver 'cg'; returning iterate {iterations} (relative residual {math.sqrt(rr) / b_norm:.3g})",
             RuntimeWarning,
             stacklevel=2,
         )
-    residual = math.sqrt(rr) / b_norm
-    if reason == "maxiter" and has_target:
-        _warn_not_converged("neumann", residual, rtol, atol, iterations)
-    return x, SolveInfo("neumann", iterations, matvecs, residual, reason == "converged", reason)
+        return x, SolveInfo(self.name, iterations, matvecs, math.sqrt(rr) / b_norm, False, "diverging")
 
 
-@SOLVERS.register("identity")
-def identity(
-    matvec: MatVec,
-    b: Tensor,
-    *,
-    x0: Tensor | None = None,
-    maxiter: int = 0,
-    rtol: float | None = None,
-    atol: float = 0.0,
-) -> tuple[Tensor, SolveInfo]:
+@dataclass(frozen=True)
+class Identity:
     """No solve: ``x = b`` (``A ~ I``), zero products; the ablation that shows what a solve buys.
 
     The residual would cost one product, so it is not computed: ``SolveInfo.residual`` is NaN.
     """
-    _rhs_norm("identity", b)
-    return b.clone(), SolveInfo("identity", 0, 0, math.nan, False, "no_solve")
+
+    @classmethod
+    def from_spec(cls, spec: SolverSpec, context: SolveContext) -> Solver:
+        return cls()
+
+    def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> tuple[Tensor, SolveInfo]:
+        _rhs_norm("identity", b)
+        return b.clone(), SolveInfo("identity", 0, 0, math.nan, False, "no_solve")
 
 
-@SOLVERS.register("exact")
-def exact(
-    matvec: MatVec,
-    b: Tensor,
-    *,
-    x0: Tensor | None = None,
-    maxiter: int = 0,
-    rtol: float | None = None,
-    atol: float = 0.0,
-    max_size: int = EXACT_MAX_SIZE,
-) -> tuple[Tensor, SolveInfo]:
+@dataclass(frozen=True)
+class Exact:
     """Dense direct solve, for small systems and tests: ``A`` from ``n`` products with the unit vectors, then
     ``torch.linalg.solve`` in float64. Refuses ``n > max_size``. The residual is computed explicitly from the
     dense matrix (no extra product)."""
-    n = b.numel()
-    if n > max_size:
-        raise ConfigError(
-            f"exact: the system has {n} unknowns > max_size={max_size} (it costs {n} products and an {n}x{n} "
-            "matrix); use solver 'cg' for models of this size"
-        )
-    b_norm = _rhs_norm("exact", b)
-    if b_norm == 0:
-        return _zero_rhs("exact", b)
-    eye = torch.eye(n, dtype=b.dtype, device=b.device)
-    a = torch.stack([matvec(eye[i]) for i in range(n)], dim=1).double()
-    if not bool(torch.isfinite(a).all()):
-        raise NonFiniteError("exact: the materialised matrix contains NaN/inf; check the matrix-vector product")
-    b64 = b.double()
-    try:
-        x = torch.linalg.solve(a, b64)
-    except torch.linalg.LinAlgError as exc:
-        raise BisslError("exact: the system matrix is singular; raise damping") from exc
-    residual = float(torch.linalg.vector_norm(b64 - a @ x)) / b_norm
-    return x.to(b.dtype), SolveInfo("exact", 1, n, residual, True, "direct")
+
+    max_size: int = EXACT_MAX_SIZE
+
+    @classmethod
+    def from_spec(cls, spec: SolverSpec, context: SolveContext) -> Solver:
+        return cls()
+
+    def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> tuple[Tensor, SolveInfo]:
+        n = b.numel()
+        if n > self.max_size:
+            raise ConfigError(
+                f"exact: the system has {n} unknowns > max_size={self.max_size} (it costs {n} products and an "
+                f"{n}x{n} matrix); use solver 'cg' for models of this size"
+            )
+        b_norm = _rhs_norm("exact", b)
+        if b_norm == 0:
+            return _zero_rhs("exact", b)
+        eye = torch.eye(n, dtype=b.dtype, device=b.device)
+        a = torch.stack([matvec(eye[i]) for i in range(n)], dim=1).double()
+        if not bool(torch.isfinite(a).all()):
+            raise NonFiniteError("exact: the materialised matrix contains NaN/inf; check the matrix-vector product")
+        b64 = b.double()
+        try:
+            x = torch.linalg.solve(a, b64)
+        except torch.linalg.LinAlgError as exc:
+            raise BisslError("exact: the system matrix is singular; raise damping") from exc
+        residual = float(torch.linalg.vector_norm(b64 - a @ x)) / b_norm
+        return x.to(b.dtype), SolveInfo("exact", 1, n, residual, True, "direct")
 
 
-@SOLVERS.register("layerwise")
-def layerwise(
-    matvec: MatVec,
-    b: Tensor,
-    *,
-    blocks: Sequence[int],
-    x0: Tensor | None = None,
-    maxiter: int,
-    rtol: float | None = None,
-    atol: float = 0.0,
-) -> tuple[Tensor, SolveInfo]:
+@dataclass(frozen=True)
+class Layerwise(_Iterative):
     """The paper's public code's default "layer-wise CG", kept only for fidelity comparisons.
 
     NOT a convergent solver: each block (parameter tensor, sizes in ``blocks``) gets its own step sizes
     ``alpha_i = r_i.r_i / (p_i.(A p)_i + 1e-12)`` and ``beta_i``, while ``A p`` couples all blocks, so the
     per-block residual recurrence is not the residual of the iterate and the method can do worse than no solve.
     It runs exactly ``maxiter`` iterations like the original (no curvature check, no early stop), then spends
-    one more product on the TRUE residual ``b - A x`` of the returned ``x``, which is what it reports.
+    one more product on the TRUE residual ``b - A x`` of the returned ``x``, which is what it reports. The
+    registry factory takes ``blocks`` from ``context.blocks``.
     """
-    _check_maxiter("layerwise", maxiter)
-    if sum(blocks) != b.numel():
-        raise ValueError(f"layerwise: blocks sum to {sum(blocks)}, b has {b.numel()} elements")
-    b_norm = _rhs_norm("layerwise", b)
-    if b_norm == 0:
-        return _zero_rhs("layerwise", b)
-    tol, has_target = _target("layerwise", b_norm, rtol, atol)
-    x, r, matvecs = _start("layerwise", matvec, b, x0)
-    p = r.clone()
-    xs, rs, ps = x.split(list(blocks)), r.split(list(blocks)), p.split(list(blocks))
-    rr = [torch.dot(ri.double(), ri.double()) for ri in rs]
-    for _ in range(maxiter):
-        aps = matvec(p).split(list(blocks))
+
+    blocks: tuple[int, ...] = field(kw_only=True)
+    name: ClassVar[str] = "layerwise"
+
+    @classmethod
+    def from_spec(cls, spec: SolverSpec, context: SolveContext) -> Solver:
+        return cls(maxiter=spec.maxiter, rtol=spec.rtol, blocks=context.blocks)
+
+    def __call__(self, matvec: MatVec, b: Tensor, x0: Tensor | None = None) -> tuple[Tensor, SolveInfo]:
+        blocks = list(self.blocks)
+        if sum(blocks) != b.numel():
+            raise ValueError(
+                f"layerwise: blocks sum to {sum(blocks)}, b has {b.numel()} elements; pass the sizes of the parameter "
+                "tensors of b, in order"
+            )
+        b_norm = _rhs_norm(self.name, b)
+        if b_norm == 0:
+            return _zero_rhs(self.name, b)
+        x, r, matvecs = _start(self.name, matvec, b, x0)
+        p = r.clone()
+        xs, rs, ps = x.split(blocks), r.split(blocks), p.split(blocks)
+        rr = [torch.dot(ri.double(), ri.double()) for ri in rs]
+        for _ in range(self.maxiter):
+            aps = matvec(p).split(blocks)
+            matvecs += 1
+            for i, (xi, ri, pi, api) in enumerate(zip(xs, rs, ps, aps, strict=True)):
+                alpha = rr[i] / (torch.dot(pi.double(), api.double()) + 1e-12)
+                xi.add_(pi * alpha.to(pi.dtype))
+                ri.sub_(api * alpha.to(pi.dtype))
+                rr_new = torch.dot(ri.double(), ri.double())
+                pi.mul_((rr_new / (rr[i] + 1e-12)).to(pi.dtype)).add_(ri)
+                rr[i] = rr_new
+        true_r = b - matvec(x)
         matvecs += 1
-        for i, (xi, ri, pi, api) in enumerate(zip(xs, rs, ps, aps, strict=True)):
-            alpha = rr[i] / (torch.dot(pi.double(), api.double()) + 1e-12)
-            xi.add_(pi * alpha.to(pi.dtype))
-            ri.sub_(api * alpha.to(pi.dtype))
-            rr_new = torch.dot(ri.double(), ri.double())
-            pi.mul_((rr_new / (rr[i] + 1e-12)).to(pi.dtype)).add_(ri)
-            rr[i] = rr_new
-    true_r = b - matvec(x)
-    matvecs += 1
-    residual = math.sqrt(_dot(true_r, true_r)) / b_norm
-    if not math.isfinite(residual):
-        raise NonFiniteError("layerwise: the iterate or its residual is NaN/inf; raise damping")
-    converged = residual * b_norm <= tol
-    if has_target and not converged:
-        _warn_not_converged("layerwise", residual, rtol, atol, maxiter)
-    return x, SolveInfo("layerwise", maxiter, matvecs, residual, converged, "converged" if converged else "maxiter")
+        residual = math.sqrt(_dot(true_r, true_r)) / b_norm
+        if not math.isfinite(residual):
+            raise NonFiniteError("layerwise: the iterate or its residual is NaN/inf; raise damping")
+        return x, self._info(self.maxiter, matvecs, residual, residual * b_norm <= self._tolerance(b_norm))
+
+
+SOLVERS.register("cg")(CG.from_spec)
+SOLVERS.register("recycled_cg")(RecycledCG.from_spec)
+SOLVERS.register("neumann")(Neumann.from_spec)
+SOLVERS.register("identity")(Identity.from_spec)
+SOLVERS.register("exact")(Exact.from_spec)
+SOLVERS.register("layerwise")(Layerwise.from_spec)
