@@ -2,10 +2,11 @@
 
 from bissl.pretext.barlow_twins import BarlowTwins, BarlowTwinsConfig, barlow_twins_loss, batch_standardize
 from bissl.pretext.base import PRETEXT_METHODS, PretextConfig, PretextMethod, build_pretext
-from bissl.pretext.byol import BYOL, BYOLConfig, byol_loss, cosine_momentum
+from bissl.pretext.byol import BYOL, BYOLConfig, byol_loss
 from bissl.pretext.heads import MLPHead, ProjectorConfig, prediction_head, projection_head
 from bissl.pretext.mae import MAE, MAEConfig, mae_loss, patchify
 from bissl.pretext.mocov3 import MoCoV3, MoCoV3Config, moco_contrastive_loss
+from bissl.pretext.momentum import MomentumPair, MomentumPairConfig, cosine_momentum
 from bissl.pretext.simclr import SimCLR, SimCLRConfig, nt_xent_loss
 from bissl.pretext.simsiam import SimSiam, SimSiamConfig, simsiam_loss
 from bissl.pretext.vicreg import VICReg, VICRegConfig, off_diagonal, vicreg_loss
@@ -21,6 +22,8 @@ __all__ = [
     "MLPHead",
     "MoCoV3",
     "MoCoV3Config",
+    "MomentumPair",
+    "MomentumPairConfig",
     "PretextConfig",
     "PretextMethod",
     "ProjectorConfig",
