@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import ConvNet
 from torch import Tensor, nn
 
 from bissl.bilevel.implicit import SolverSpec
@@ -22,7 +21,8 @@ from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
 from bissl.dist import process as D
 from bissl.downstream.classification import ClassificationTask
 from bissl.pretext import build_pretext
-from gloo_ranks import spawn_ranks
+from helpers.models import ConvNet
+from helpers.ranks import spawn_ranks
 
 WORLD = 2
 SOLVERS = ("cg", "mfac", "identity")

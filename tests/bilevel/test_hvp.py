@@ -8,11 +8,12 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import ConvNet
 from torch import Tensor, nn
 
 from bissl.bilevel.hvp import HVP_METHODS, HessianOperator, flatten, preserve_buffers, unflatten
 from bissl.utils.errors import ConfigError, NonFiniteError
+from helpers.dense import dense_hessian
+from helpers.models import ConvNet
 
 
 def mlp() -> nn.Module:
@@ -33,33 +34,13 @@ def setup(kind: str) -> tuple[nn.Module, list[str], Callable[[nn.Module], Tensor
     return model, names, lambda m: F.cross_entropy(m(x), y)
 
 
-def dense_hessian(model: nn.Module, names: list[str], loss: Callable[[nn.Module], Tensor]) -> Tensor:
-    """``d^2 loss / d p^2`` over the named parameters, by ``torch.autograd.functional.hessian``."""
-    base = dict(model.named_parameters())
-    shapes = [base[n].shape for n in names]
-    flat0 = torch.cat([base[n].detach().reshape(-1) for n in names])
-
-    class Call(nn.Module):
-        def forward(self) -> Tensor:
-            return loss(model)
-
-    def f(flat: Tensor) -> Tensor:
-        chunks = flat.split([math.prod(s) for s in shapes])
-        values = {f"model.{n}": c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
-        wrapper = Call()
-        wrapper.model = model
-        return torch.func.functional_call(wrapper, values, ())
-
-    with preserve_buffers(model):
-        return torch.autograd.functional.hessian(f, flat0)
-
-
 @pytest.mark.parametrize("method", HVP_METHODS)
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_hvp_matches_dense_hessian(kind: str, method: str) -> None:
     model, names, loss = setup(kind)
-    h = dense_hessian(model, names, loss)
     params = [dict(model.named_parameters())[n] for n in names]
+    with preserve_buffers(model):
+        h = dense_hessian(lambda: loss(model), params)
     op = HessianOperator(lambda: loss(model), params, method=method, module=model)  # type: ignore[arg-type]
     assert op.numel == h.shape[0]
     for i in range(3):
@@ -89,9 +70,8 @@ def test_func_falls_back_where_forward_mode_through_the_backward_fails() -> None
     into: "ZeroTensors are immutable"): ``func`` must still give ``H v`` (by reverse-over-reverse), and say so."""
     torch.manual_seed(0)
     model, x, y = mlp().double(), torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
-    names = [n for n, _ in model.named_parameters()]
     loss = lambda m: F.mse_loss(m(x), y)  # noqa: E731
-    h = dense_hessian(model, names, loss)
+    h = dense_hessian(lambda: loss(model), list(model.parameters()))
     op = HessianOperator(lambda: loss(model), list(model.parameters()), method="func", module=model)
     with pytest.warns(RuntimeWarning, match="reverse-over-reverse"):
         first = op.matvec(v := torch.randn(op.numel, dtype=torch.float64))

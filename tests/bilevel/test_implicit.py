@@ -10,33 +10,16 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import ConvNet
 from torch import Tensor, nn
 
 from bissl.bilevel import SOLVERS, HessianOperator, SolveInfo, SolverSpec, implicit_gradient, proximal_mu
 from bissl.bilevel.hvp import HVP_METHODS, preserve_buffers
 from bissl.bilevel.solvers import CG, SolveContext
 from bissl.utils.errors import ConfigError
+from helpers.dense import dense_hessian, dense_implicit, flat, random_like, rel_err
+from helpers.models import conv_problem
 
 LAM = 1e-3
-
-
-def nt_xent(z: Tensor, temperature: float = 0.5) -> Tensor:
-    """SimCLR's loss on ``2n`` embeddings, views ``i`` and ``i + n`` positive."""
-    z = F.normalize(z, dim=1)
-    n = z.shape[0] // 2
-    sim = (z @ z.T / temperature).fill_diagonal_(-math.inf)
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
-    return F.cross_entropy(sim, targets)
-
-
-def conv_problem() -> tuple[ConvNet, list[Tensor], Callable[[], Tensor]]:
-    """Float64 conv net in train mode, its backbone parameters and a SimCLR-style lower loss."""
-    torch.manual_seed(0)
-    model = ConvNet().double()
-    x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
-    views = torch.cat([x + 0.3 * torch.randn_like(x), x + 0.3 * torch.randn_like(x)])
-    return model, list(model.backbone.parameters()), lambda: nt_xent(model(views))
 
 
 def mlp_problem() -> tuple[nn.Module, list[Tensor], Callable[[], Tensor]]:
@@ -44,32 +27,6 @@ def mlp_problem() -> tuple[nn.Module, list[Tensor], Callable[[], Tensor]]:
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.arange(16) % 4
     return model, list(model.parameters()), lambda: F.cross_entropy(model(x), y)
-
-
-def dense_hessian(loss: Callable[[], Tensor], params: list[Tensor]) -> Tensor:
-    """The dense Hessian, one row per unit vector by plain double backward (reference only)."""
-    grads = torch.autograd.grad(loss(), params, create_graph=True)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    rows = [torch.autograd.grad(flat[i], params, retain_graph=True) for i in range(flat.numel())]
-    return torch.stack([torch.cat([r.reshape(-1) for r in row]) for row in rows])
-
-
-def target(h: Tensor, v: Tensor, mu: float) -> Tensor:
-    """``mu (H + mu I)^-1 v`` by a dense float64 solve."""
-    return mu * torch.linalg.solve(h + mu * torch.eye(h.shape[0], dtype=h.dtype), v)
-
-
-def flat(tensors: tuple[Tensor, ...]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def rel_err(x: Tensor, ref: Tensor) -> float:
-    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
-
-
-def random_like(params: list[Tensor], seed: int = 3) -> list[Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +49,7 @@ def test_cg_matches_dense_exact(problem: str, method: str) -> None:
         mu = LAM + damping
         op = HessianOperator(loss, params, method=method, module=model)  # type: ignore[arg-type]
         x, info = implicit_gradient(op, v, mu=mu, solver=SolverSpec("cg", maxiter=100, rtol=1e-10))
-        assert rel_err(flat(x), target(h, flat(tuple(v)), mu)) < 1e-4
+        assert rel_err(flat(x), dense_implicit(h, flat(tuple(v)), mu)) < 1e-4
         assert info.converged and [t.shape for t in x] == [p.shape for p in params]
 
 
@@ -102,12 +59,12 @@ def test_exact_and_neumann_match(conv_dense: tuple[Tensor, Tensor]) -> None:
     v = [t.view_as(p) for t, p in zip(v_flat.split([p.numel() for p in params]), params, strict=True)]
     op = HessianOperator(loss, params, module=model)
     x, info = implicit_gradient(op, v, mu=LAM + 10.0, solver=SolverSpec("exact"))
-    assert rel_err(flat(x), target(h, v_flat, LAM + 10.0)) < 1e-10 and info.matvecs == v_flat.numel()
+    assert rel_err(flat(x), dense_implicit(h, v_flat, LAM + 10.0)) < 1e-10 and info.matvecs == v_flat.numel()
     norm_h = float(torch.linalg.matrix_norm(h, ord=2))
     damping = 2 * norm_h  # ||H/mu|| ~ 1/2: the series converges
     op = HessianOperator(loss, params, module=model)
     x, info = implicit_gradient(op, v, mu=LAM + damping, solver=SolverSpec("neumann", maxiter=60, rtol=1e-9))
-    assert info.converged and rel_err(flat(x), target(h, v_flat, LAM + damping)) < 1e-8
+    assert info.converged and rel_err(flat(x), dense_implicit(h, v_flat, LAM + damping)) < 1e-8
 
 
 def test_batchnorm_running_stats_are_bit_identical_after_a_solve() -> None:
@@ -135,7 +92,7 @@ def test_solve_through_a_batchnorm_in_either_mode_matches_the_dense_solve(method
     op = HessianOperator(loss, params, method=method, module=model)  # type: ignore[arg-type]
     for damping in (10.0, 3.0):  # two solves share the operator (and its graph, for double_backward)
         x, info = implicit_gradient(op, v, mu=LAM + damping, solver=SolverSpec("cg", maxiter=100, rtol=1e-10))
-        assert info.converged and rel_err(flat(x), target(h, flat(tuple(v)), LAM + damping)) < 1e-8
+        assert info.converged and rel_err(flat(x), dense_implicit(h, flat(tuple(v)), LAM + damping)) < 1e-8
     assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
     assert model.backbone[4].training == (bn_mode == "train")
 
@@ -167,7 +124,7 @@ def test_recycled_cg_shares_its_directions_through_the_operator(conv_dense: tupl
         op = HessianOperator(loss, params, module=model)
         for v in rhs:
             x, info = implicit_gradient(op, v, mu=LAM + damping, solver=SolverSpec(solver, maxiter=50, rtol=1e-6))
-            assert info.converged and rel_err(flat(x), target(h, flat(tuple(v)), LAM + damping)) < 1e-5
+            assert info.converged and rel_err(flat(x), dense_implicit(h, flat(tuple(v)), LAM + damping)) < 1e-5
         used[solver] = op.num_hvps
     assert used["recycled_cg"] < used["cg"]
     assert list(op.cache) == [("solver_state", LAM + damping)]
@@ -295,7 +252,7 @@ def test_cg_error_table(conv_dense: tuple[Tensor, Tensor]) -> None:
     print(f"\nconv net ({h.shape[0]} backbone params), H eigenvalues in [{eig[0]:.3g}, {eig[-1]:.3g}], lam={LAM}")
     errors: dict[tuple[float, int], tuple[float, SolveInfo]] = {}
     for damping in (10.0, 3.0, 1.0, 0.1, 0.01):
-        exact = target(h, v_flat, LAM + damping)
+        exact = dense_implicit(h, v_flat, LAM + damping)
         for iters in (1, 5, 20):
             with warnings.catch_warnings(record=True):
                 warnings.simplefilter("always")

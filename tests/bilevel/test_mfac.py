@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TinyClassify
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -13,6 +12,8 @@ from bissl.bilevel.mfac import GradientWindow, MFACInverse, block_sizes
 from bissl.config import AlignConfig, build_config
 from bissl.pretext.base import PretextMethod
 from bissl.utils.errors import ConfigError, NonFiniteError
+from helpers.dense import rel_err
+from helpers.models import TinyClassify
 
 MU = 0.7
 
@@ -23,10 +24,6 @@ def dense_mfac(g: Tensor, v: Tensor, mu: float, blocks: tuple[int, ...]) -> Tens
     fisher = g.T @ g / n
     mask = torch.block_diag(*[torch.ones(b, b, dtype=g.dtype) for b in blocks])
     return mu * torch.linalg.solve(fisher * mask + mu * torch.eye(d, dtype=g.dtype), v)
-
-
-def rel_err(x: Tensor, ref: Tensor) -> float:
-    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
 
 
 @pytest.mark.parametrize("blocks", [(30,), (5, 7, 3, 15), block_sizes([5, 7, 3, 15], 8)])

@@ -6,46 +6,20 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import TinyClassify
-from torch import nn
-from torch.func import functional_call
-from torch.nn import functional as F
 
+from bissl.bilevel.hvp import preserve_buffers
 from bissl.bilevel.implicit import SolverSpec
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer
-from bissl.pretext.base import PretextMethod
 from bissl.utils.errors import ConfigError
-
-
-class TinyBackbone(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
-        self.feature_dim = 3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class RegressViewPretext(PretextMethod):
-    """A user pretext method: predict view 2's first coordinates from view 1's features."""
-
-    def __init__(self, feature_dim: int) -> None:
-        super().__init__(feature_dim)
-        self.head = nn.Linear(feature_dim, 2)
-
-    def loss(self, backbone, views):
-        return F.mse_loss(self.head(backbone(views[0])), views[1][:, :2])
-
-
-TinyTask = TinyClassify
+from helpers.dense import dense_hessian, dense_implicit, flat
+from helpers.models import RegressViewPretext, TinyBackbone, TinyClassify, regression_batches
 
 
 def _trainer(gamma=1.0, damping=20.0, solver="exact", iters=5):
     torch.manual_seed(0)
     backbone = TinyBackbone().double()
     pretext = RegressViewPretext(3).double()
-    task = TinyTask()
+    task = TinyClassify()
     head = task.build_head(3).double()
     spec = SolverSpec(solver, maxiter=iters, rtol=None)
     settings = BilevelSettings(lam=0.3, damping=damping, gamma=gamma, solver=spec)
@@ -60,39 +34,16 @@ def _trainer(gamma=1.0, damping=20.0, solver="exact", iters=5):
     return trainer
 
 
-def _batches():
-    g = torch.Generator().manual_seed(1)
-    views = [torch.randn(16, 4, generator=g, dtype=torch.float64) for _ in range(2)]
-    down = (torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g))
-    return views, down
-
-
 def _dense_expected(trainer: BiSSLTrainer, views, batch):
     """mu (H + mu I)^-1 grad_theta L_D(theta) + gamma grad_phi L_D(phi), with a dense Hessian."""
     s = trainer.settings
     backbone = trainer.lower_backbone
-    names = [n for n, _ in backbone.named_parameters()]
-    shapes = [p.shape for p in trainer.theta]
-    flat = torch.cat([p.detach().reshape(-1) for p in trainer.theta])
-
-    def pretext_loss(theta_flat):
-        params, offset = {}, 0
-        for name, shape in zip(names, shapes, strict=True):
-            params[name] = theta_flat[offset : offset + shape.numel()].view(shape)
-            offset += shape.numel()
-        return trainer.pretext.head(functional_call(backbone, params, (views[0],))).sub(views[1][:, :2]).pow(2).mean()
-
-    buffers = {k: v.clone() for k, v in backbone.state_dict().items()}
-    hessian = torch.autograd.functional.hessian(pretext_loss, flat)
-    backbone.load_state_dict(buffers)
-    v = torch.cat(
-        [g.reshape(-1) for g in torch.autograd.grad(trainer.task.loss(backbone, trainer.head, batch), trainer.theta)]
-    )
-    backbone.load_state_dict(buffers)
-    mu = s.lam + s.damping
-    implicit = mu * torch.linalg.solve(hessian + mu * torch.eye(len(flat), dtype=flat.dtype), v)
+    with preserve_buffers(backbone):
+        hessian = dense_hessian(lambda: trainer.pretext.loss(backbone, views), trainer.theta)
+        v = flat(torch.autograd.grad(trainer.task.loss(backbone, trainer.head, batch), trainer.theta))
+    implicit = dense_implicit(hessian.detach(), v, s.lam + s.damping)
     plain = torch.autograd.grad(trainer.task.loss(trainer.upper_backbone, trainer.head, batch), trainer.phi)
-    return implicit + s.gamma * torch.cat([g.reshape(-1) for g in plain])
+    return implicit + s.gamma * flat(plain)
 
 
 @pytest.mark.parametrize(
@@ -103,7 +54,7 @@ def _dense_expected(trainer: BiSSLTrainer, views, batch):
 @pytest.mark.parametrize("gamma", [1.0, 0.0])
 def test_hypergradient_matches_dense_solve(solver, iters, damping, gamma):
     trainer = _trainer(gamma=gamma, solver=solver, iters=iters, damping=damping)
-    views, batch = _batches()
+    views, batch = regression_batches()
     expected = _dense_expected(trainer, views, batch)
     grads, stats = trainer.hypergradient(batch, views)
     got = torch.cat([g.reshape(-1) for g in grads[: len(trainer.phi)]])
@@ -113,7 +64,7 @@ def test_hypergradient_matches_dense_solve(solver, iters, damping, gamma):
 
 def test_head_gradient_sums_both_terms():
     trainer = _trainer(gamma=0.5)
-    views, batch = _batches()
+    views, batch = regression_batches()
     grads, _ = trainer.hypergradient(batch, views)
     head = list(trainer.head.parameters())
     g_theta = torch.autograd.grad(trainer.task.loss(trainer.lower_backbone, trainer.head, batch), head)
@@ -124,7 +75,7 @@ def test_head_gradient_sums_both_terms():
 
 def test_upper_step_leaves_lower_buffers_and_theta_untouched():
     trainer = _trainer(solver="cg")
-    views, batch = _batches()
+    views, batch = regression_batches()
     before = {k: v.clone() for k, v in trainer.lower_backbone.state_dict().items()}
     stats = trainer.upper_step(batch, views)
     for key, value in trainer.lower_backbone.state_dict().items():
@@ -134,7 +85,7 @@ def test_upper_step_leaves_lower_buffers_and_theta_untouched():
 
 def test_lower_step_pulls_theta_towards_phi_and_state_roundtrips():
     trainer = _trainer()
-    views, _ = _batches()
+    views, _ = regression_batches()
     prox_before = trainer.proximal_term().item()
     stats = trainer.lower_step(views, total_lower_steps=10)
     assert stats["proximal"] == pytest.approx(prox_before)
@@ -155,7 +106,7 @@ def test_non_positive_lam_is_a_config_error(lam):
 def test_func_hvp_equals_double_backward_in_an_upper_step():
     """Regression: ``bilevel.solver.hvp=func`` failed in the trainer ("ZeroTensors are immutable", from the
     pretext's mse_loss under forward-over-reverse); it must give the double-backward step to 1e-6 (float64)."""
-    views, batch = _batches()
+    views, batch = regression_batches()
     results = {}
     for hvp in ("double_backward", "func"):
         trainer = _trainer(solver="cg", iters=8, damping=20.0)

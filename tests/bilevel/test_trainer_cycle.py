@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_implicit import conv_problem, dense_hessian, flat, random_like, rel_err, target
-from test_trainer import RegressViewPretext, TinyBackbone, TinyTask, _batches
 
 from bissl.bilevel import (
     PAPER_SOLVER,
@@ -19,6 +17,8 @@ from bissl.bilevel import (
 from bissl.bilevel.hvp import preserve_buffers
 from bissl.config import BilevelConfig
 from bissl.utils.errors import ConfigError
+from helpers.dense import dense_hessian, dense_implicit, flat, random_like, rel_err
+from helpers.models import RegressViewPretext, TinyBackbone, TinyClassify, conv_problem, regression_batches
 
 
 class CountingPretext(RegressViewPretext):
@@ -37,8 +37,8 @@ def make_trainer(solver: str = "cg", **settings) -> BiSSLTrainer:
     torch.manual_seed(0)
     sgd = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)  # noqa: E731
     trainer = BiSSLTrainer(
-        backbone=TinyBackbone().double(), pretext=CountingPretext(3).double(), task=TinyTask(),
-        head=TinyTask().build_head(3).double(),
+        backbone=TinyBackbone().double(), pretext=CountingPretext(3).double(), task=TinyClassify(),
+        head=TinyClassify().build_head(3).double(),
         settings=BilevelSettings(lam=0.3, damping=20.0, solver=SolverSpec(solver, maxiter=5, rtol=None), **settings),
         make_lower_optimizer=sgd, make_upper_optimizer=sgd,
     )  # fmt: skip
@@ -55,7 +55,7 @@ def upper_batches(n: int):
 
 
 def test_one_operator_per_cycle_gives_the_results_of_rebuilding_it_every_step() -> None:
-    views, _ = _batches()
+    views, _ = regression_batches()
     reused, rebuilt = make_trainer(), make_trainer()
     buffers = {k: v.clone() for k, v in reused.lower_backbone.state_dict().items()}
     reused.begin_cycle(views)
@@ -72,7 +72,7 @@ def test_one_operator_per_cycle_gives_the_results_of_rebuilding_it_every_step() 
 
 
 def test_identity_and_mfac_run_no_hessian_forward() -> None:
-    views, _ = _batches()
+    views, _ = regression_batches()
     for solver in ("identity", "mfac"):
         trainer = make_trainer(solver=solver)
         trainer.lower_step(views, total_lower_steps=2)
@@ -84,7 +84,7 @@ def test_identity_and_mfac_run_no_hessian_forward() -> None:
 
 
 def test_lower_step_ends_the_cycle_and_upper_step_needs_one() -> None:
-    views, _ = _batches()
+    views, _ = regression_batches()
     trainer = make_trainer()
     with pytest.raises(ValueError, match="begin_cycle"):
         trainer.upper_step(upper_batches(1)[0])
@@ -96,7 +96,7 @@ def test_lower_step_ends_the_cycle_and_upper_step_needs_one() -> None:
 
 
 def test_hessian_fraction_takes_the_first_samples_of_each_view() -> None:
-    views, _ = _batches()
+    views, _ = regression_batches()
     trainer = make_trainer(hessian_fraction=0.3)
     trainer.begin_cycle(views)
     trainer.upper_step(upper_batches(1)[0])
@@ -113,14 +113,14 @@ def test_default_solver_settings_meet_the_default_accuracy() -> None:
         v = random_like(params, seed)
         op = HessianOperator(loss, params, module=model)
         x, info = implicit_gradient(op, v, mu=proximal_mu(cfg.lam, cfg.damping))  # SolverSpec() is cfg.solver
-        assert rel_err(flat(x), target(h, flat(tuple(v)), cfg.lam + cfg.damping)) <= 1e-3
+        assert rel_err(flat(x), dense_implicit(h, flat(tuple(v)), cfg.lam + cfg.damping)) <= 1e-3
         assert info.converged or cfg.solver.tol is None
 
 
 def test_a_user_frozen_batchnorm_stays_frozen_through_lower_and_upper_steps() -> None:
     """The trainer never calls train()/eval(): an eval-mode BatchNorm keeps its mode and running statistics through
     lower steps and upper steps whose Hessian-vector products reuse one graph (which saved those statistics)."""
-    views, _ = _batches()
+    views, _ = regression_batches()
     trainer = make_trainer()
     frozen = [trainer.lower_backbone.net[1], trainer.upper_backbone.net[1]]
     for bn in frozen:
@@ -141,7 +141,7 @@ def test_a_user_frozen_batchnorm_stays_frozen_through_lower_and_upper_steps() ->
 
 def test_n_upper_zero_is_a_pretext_only_control(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lower steps with the proximal term towards a phi that never moves; no Hessian batch, forward or product."""
-    views, _ = _batches()
+    views, _ = regression_batches()
 
     def no_product(self: HessianOperator, v: torch.Tensor) -> torch.Tensor:
         raise AssertionError("a Hessian-vector product was computed")
@@ -164,7 +164,7 @@ def test_n_upper_zero_is_a_pretext_only_control(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_run_cycle_equals_the_explicit_loop() -> None:
-    views, _ = _batches()
+    views, _ = regression_batches()
     looped, cycled = make_trainer(n_lower=2, n_upper=2), make_trainer(n_lower=2, n_upper=2)
     for _ in range(2):
         looped.lower_step(views, total_lower_steps=2)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import TinyClassify
+
+from helpers.models import TinyClassify
 
 pytest.importorskip("timm")
 pytest.importorskip("peft")

@@ -10,8 +10,6 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
-from test_trainer import TinyTask
-from tiny_models import ConvNet
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -19,6 +17,7 @@ from bissl.bilevel.implicit import SolverSpec
 from bissl.bilevel.solvers import SolveInfo
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, CycleOperator
 from bissl.pretext.base import PretextMethod
+from helpers.models import ConvNet, TinyClassify
 
 
 def bf16() -> contextlib.AbstractContextManager[object]:
@@ -86,7 +85,7 @@ def _trainer(
     torch.manual_seed(0)
     backbone = TinyConvBackbone()
     pretext = ClassifyViewPretext(6)
-    task = TinyTask()
+    task = TinyClassify()
     head = task.build_head(6)
     settings = BilevelSettings(lam=0.5, damping=2.0, solver=SolverSpec(solver, maxiter=20, rtol=None), hvp=hvp)
     sgd = lambda params: torch.optim.SGD(params, lr=0.05)  # noqa: E731

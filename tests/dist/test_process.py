@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bissl.dist import process as D
-from gloo_ranks import spawn_ranks
+from helpers.ranks import spawn_ranks
 
 WORLD = 2
 

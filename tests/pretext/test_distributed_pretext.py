@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from bissl.dist import process as D
 from bissl.engine.build import distributed_pretext_params
 from bissl.pretext import build_pretext
-from gloo_ranks import spawn_ranks
+from helpers.ranks import spawn_ranks
 
 WORLD = 2
 TOL = 1e-9  # measured: loss <= 9e-16, gradient <= 2.4e-14, HVP <= 3e-12 on entries up to 1.7e3 (float64)

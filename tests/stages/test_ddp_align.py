@@ -10,9 +10,6 @@ processes); one more run goes through ``torchrun ... -m bissl.cli align`` as use
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ from bissl.config import AlignConfig, load_config
 from bissl.engine.logger import read_metrics
 from bissl.utils.io import load_torch
 from conftest import TINY_ALIGN
-from gloo_ranks import read_results, spawn_ranks_json
+from helpers.ranks import read_results, run_torchrun, spawn_ranks_json
 
 WORLD = 2
 SHARDED = ["distributed.sync_batchnorm=true", "distributed.augment_shards=2"]
@@ -117,13 +114,8 @@ def test_resume_under_ddp_equals_the_uninterrupted_run(ddp):
 
 def test_torchrun_cli_align_equals_one_process(tmp_path, single, tiny_pretrained):
     out = tmp_path / "cli"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-        "-m", "bissl.cli", "align", *TINY_ALIGN, *SHARDED, f"pretrained={tiny_pretrained}", "--out-dir", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    args = ["-m", "bissl.cli", "align", *TINY_ALIGN, *SHARDED, f"pretrained={tiny_pretrained}", "--out-dir", str(out)]
+    done = run_torchrun(WORLD, args)
     # the result lines come from rank 0 only, though torchrun shows every rank's console here
     assert done.stdout.count(f"aligned backbone (theta): {out / 'backbone.pt'}") == 1
     assert _max_weight_diff(out, single / "cg") < TOL

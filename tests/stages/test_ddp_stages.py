@@ -13,9 +13,6 @@ of one) to 1e-3 in four steps, in a single process too.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ import torch
 from bissl.config import EvaluateConfig, FinetuneConfig, PretrainConfig, load_config
 from bissl.engine.logger import read_metrics
 from bissl.utils.io import load_torch
-from gloo_ranks import read_results, spawn_ranks_json
+from helpers.ranks import read_results, run_torchrun, spawn_ranks_json
 
 WORLD = 2
 SHARDED = [
@@ -163,14 +160,11 @@ def test_resume_under_ddp_equals_the_uninterrupted_run(ddp):
 
 def test_torchrun_cli_pretrain_equals_one_process(tmp_path, single):
     out = tmp_path / "cli"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+    args = [
         "--local-ranks-filter=0", "-m", "bissl.cli", "pretrain", *PRETRAIN, "pretext.name=simclr",
         "monitor.every_epochs=0", "monitor.linear_probe_epochs=0", "--out-dir", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_torchrun(WORLD, args)
     assert done.stdout.count(f"backbone: {out / 'backbone.pt'}") == 1  # printed by rank 0 only (the filter)
     for name in ("backbone.pt", "pretext_head.pt"):  # the kNN monitor does not change the weights
         _assert_same_weights(out / name, single / "simclr" / name)

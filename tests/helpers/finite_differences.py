@@ -1,4 +1,4 @@
-"""Shared checks for pretext methods: the HVP of ``L_P`` w.r.t. a tiny backbone against central differences."""
+"""The Hessian-vector product of a pretext loss w.r.t. a backbone's parameters against central differences."""
 
 from __future__ import annotations
 
@@ -7,15 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from bissl.bilevel.hvp import HessianOperator, preserve_buffers
+from bissl.bilevel.hvp import HessianOperator, math_attention, preserve_buffers
 from bissl.pretext import PretextMethod
-
-
-def tiny_backbone(in_dim: int = 12, out_dim: int = 6) -> nn.Module:
-    """A float64 ``Flatten -> Linear -> Tanh`` backbone (smooth, so finite differences are clean)."""
-    backbone = nn.Sequential(nn.Flatten(), nn.Linear(in_dim, out_dim), nn.Tanh()).double()
-    backbone.feature_dim = out_dim
-    return backbone
 
 
 def _set(params: Sequence[Tensor], flat: Tensor) -> None:
@@ -27,7 +20,7 @@ def _set(params: Sequence[Tensor], flat: Tensor) -> None:
 def _grad_at(method: PretextMethod, backbone: nn.Module, loss: Callable[[], Tensor], flat: Tensor) -> Tensor:
     params = list(backbone.parameters())
     _set(params, flat)
-    with preserve_buffers(nn.ModuleList([backbone, method])):
+    with preserve_buffers(nn.ModuleList([backbone, method])), math_attention():  # twice-differentiable attention
         grads = torch.autograd.grad(loss(), params)
     return torch.cat([g.reshape(-1) for g in grads])
 

@@ -1,11 +1,14 @@
-"""Run a function on several gloo processes on loopback, each set up the way ``torchrun`` sets up its workers."""
+"""Run a function on several gloo processes on loopback, each set up the way ``torchrun`` sets up its workers, or a
+command under ``torchrun`` itself, and read back what the ranks returned."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +61,14 @@ def read_results(root: Path, world: int) -> dict[str, Any]:
     ranks = [json.loads((root / f"results_rank{r}.json").read_text()) for r in range(world)]
     assert all(other == ranks[0] for other in ranks[1:]), "ranks returned different results"
     return ranks[0]
+
+
+def run_torchrun(world: int, args: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node=<world> <args>`` as a user runs it (one thread
+    per process); fails with the end of its stderr unless it exits with 0."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", *args]
+    done = subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
