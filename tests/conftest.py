@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing.process
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +25,43 @@ TINY_PRETRAIN = [
     "log.tensorboard=false",
     "log.every_steps=1",
 ]
+
+
+STAGE_FIXTURES = {"tiny_pretrained"}  # fixtures that run a stage: every test using one is end-to-end
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a fixture which runs a stage is ``e2e`` like one that runs a stage itself."""
+    for item in items:
+        if STAGE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _e2e_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Keep ``pytest -m "not e2e"`` (the editing loop) fast and honest: a test that runs a stage (builds a
+    :class:`bissl.engine.run.Run`) or starts a process must carry ``@pytest.mark.e2e``, else it fails here."""
+    if request.node.get_closest_marker("e2e") is not None:
+        yield
+        return
+    from bissl.engine.run import Run
+
+    seen: list[str] = []
+
+    def record(what: str, original):
+        def wrapper(self, *args, **kwargs):
+            seen.append(what)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(Run, "__init__", record("runs a stage", Run.__init__))
+    process = multiprocessing.process.BaseProcess
+    monkeypatch.setattr(subprocess.Popen, "__init__", record("starts a process", subprocess.Popen.__init__))
+    monkeypatch.setattr(process, "start", record("starts a process", process.start))
+    yield
+    if seen:
+        pytest.fail(f"this test {seen[0]}: mark it @pytest.mark.e2e (pytest -m 'not e2e' is the editing loop)")
 
 
 @pytest.fixture(autouse=True)

@@ -83,6 +83,7 @@ def _gather_worker(rank: int, world: int, init_file: str, data: dict[str, torch.
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_gathered_nt_xent_matches_single_process_gradients_and_hvps(tmp_path: Path) -> None:
     """Two gloo ranks reproduce the loss, gradient and Hessian-vector product of the concatenated batch.
 
