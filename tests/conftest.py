@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.process
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -37,31 +41,45 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-@pytest.fixture(autouse=True)
-def _e2e_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
-    """Keep ``pytest -m "not e2e"`` (the editing loop) fast and honest: a test that runs a stage (builds a
-    :class:`bissl.engine.run.Run`) or starts a process must carry ``@pytest.mark.e2e``, else it fails here."""
-    if request.node.get_closest_marker("e2e") is not None:
+@contextlib.contextmanager
+def _watch_for_e2e_work(item: pytest.Item) -> Iterator[None]:
+    """Fail a test not marked ``e2e`` that runs a stage (builds a :class:`bissl.engine.run.Run`) or starts a
+    process, in its body or in a fixture it sets up: ``pytest -m "not e2e"`` (the editing loop) stays fast."""
+    if item.get_closest_marker("e2e") is not None:
         yield
         return
     from bissl.engine.run import Run
 
     seen: list[str] = []
 
-    def record(what: str, original):
-        def wrapper(self, *args, **kwargs):
+    def record(what: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             seen.append(what)
             return original(self, *args, **kwargs)
 
         return wrapper
 
-    monkeypatch.setattr(Run, "__init__", record("runs a stage", Run.__init__))
     process = multiprocessing.process.BaseProcess
-    monkeypatch.setattr(subprocess.Popen, "__init__", record("starts a process", subprocess.Popen.__init__))
-    monkeypatch.setattr(process, "start", record("starts a process", process.start))
-    yield
+    with (
+        mock.patch.object(Run, "__init__", record("runs a stage", Run.__init__)),
+        mock.patch.object(subprocess.Popen, "__init__", record("starts a process", subprocess.Popen.__init__)),
+        mock.patch.object(process, "start", record("starts a process", process.start)),
+    ):
+        yield
     if seen:
         pytest.fail(f"this test {seen[0]}: mark it @pytest.mark.e2e (pytest -m 'not e2e' is the editing loop)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _watch_for_e2e_work(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _watch_for_e2e_work(item):
+        return (yield)
 
 
 @pytest.fixture(autouse=True)

@@ -49,6 +49,7 @@ def quick_study(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_quick_pipeline_writes_a_complete_report(quick_study, capsys):
     results = json.loads((quick_study / "results.json").read_text())
     assert {r["arm"] for r in results["runs"]} == ARMS
