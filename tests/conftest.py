@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing.process
+import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +29,57 @@ TINY_PRETRAIN = [
     "log.tensorboard=false",
     "log.every_steps=1",
 ]
+
+
+STAGE_FIXTURES = {"tiny_pretrained"}  # fixtures that run a stage: every test using one is end-to-end
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a fixture which runs a stage is ``e2e`` like one that runs a stage itself."""
+    for item in items:
+        if STAGE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+@contextlib.contextmanager
+def _watch_for_e2e_work(item: pytest.Item) -> Iterator[None]:
+    """Fail a test not marked ``e2e`` that runs a stage (builds a :class:`bissl.engine.run.Run`) or starts a
+    process, in its body or in a fixture it sets up: ``pytest -m "not e2e"`` (the editing loop) stays fast."""
+    if item.get_closest_marker("e2e") is not None:
+        yield
+        return
+    from bissl.engine.run import Run
+
+    seen: list[str] = []
+
+    def record(what: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            seen.append(what)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    process = multiprocessing.process.BaseProcess
+    with (
+        mock.patch.object(Run, "__init__", record("runs a stage", Run.__init__)),
+        mock.patch.object(subprocess.Popen, "__init__", record("starts a process", subprocess.Popen.__init__)),
+        mock.patch.object(process, "start", record("starts a process", process.start)),
+    ):
+        yield
+    if seen:
+        pytest.fail(f"this test {seen[0]}: mark it @pytest.mark.e2e (pytest -m 'not e2e' is the editing loop)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _watch_for_e2e_work(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _watch_for_e2e_work(item):
+        return (yield)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LOG_KEYS = ("progress", "tensorboard")

@@ -107,6 +107,7 @@ def _max_diff(a: list[Tensor], b: list[Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_ddp_hypergradient_equals_single_process_on_the_concatenated_batch(results, solver):
     ranks, single = results

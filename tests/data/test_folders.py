@@ -143,6 +143,7 @@ def test_classes_too_small_to_carve_warn(tmp_path: Path) -> None:
         load("image_folder", "train", tmp_path)
 
 
+@pytest.mark.e2e
 def test_corrupt_image_in_a_dataloader_worker_is_one_line_data_error(tmp_path: Path) -> None:
     class_folders(tmp_path / "train", CLASSES, 2)
     class_folders(tmp_path / "val", CLASSES, 1)

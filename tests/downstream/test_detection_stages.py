@@ -8,7 +8,7 @@ import pytest
 
 from bissl.cli import main
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 FAST = ["log.progress=false", "log.tensorboard=false"]
 SMALL = ["downstream.data.image_size=32", "downstream.params.min_size=32", "downstream.params.max_size=32"]

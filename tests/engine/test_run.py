@@ -24,6 +24,7 @@ def _pretrain_cfg(overrides, *extra):
     return load_config(PretrainConfig, "pretrain_digits", [*overrides, *extra])
 
 
+@pytest.mark.e2e
 def test_finished_run_without_checkpoints_is_not_overwritten(tiny_pretrain_overrides):
     cfg = _pretrain_cfg(tiny_pretrain_overrides)
     result = pretrain(cfg)
@@ -87,6 +88,7 @@ def test_read_only_out_dir_is_one_line(tmp_path):
         pass
 
 
+@pytest.mark.e2e
 def test_pretraining_that_blows_up_without_nan_is_stopped(tiny_pretrain_overrides):
     cfg = _pretrain_cfg(tiny_pretrain_overrides, "optim.lr=1e6", "optim.grad_clip=null", "optim.weight_decay=0")
     with pytest.raises(NonFiniteError, match=r"(norm of the weights|weights became NaN|pretext loss).*lower optim.lr"):
@@ -113,6 +115,7 @@ def test_guard_ranges():
         guard.check(4, float("nan"))
 
 
+@pytest.mark.e2e
 def test_sigterm_writes_a_checkpoint_and_exits_with_a_message(tmp_path, tiny_pretrain_overrides):
     out = tmp_path / "run"
     args = [*tiny_pretrain_overrides, "epochs=200", f"out_dir={out}"]
@@ -141,6 +144,7 @@ def test_torn_temporary_files_of_a_killed_run_are_removed_at_start(tmp_path):
         assert not torn.exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("chattr"), reason="needs root and chattr")
 def test_immutable_out_dir_is_one_line(tmp_path):
     out = tmp_path / "immutable"

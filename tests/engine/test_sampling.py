@@ -53,6 +53,7 @@ def test_batch_stream_ranks_share_each_global_batch():
         assert all(torch.equal(next(ranks[r])[0], expected[r::2]) for r in range(2))
 
 
+@pytest.mark.e2e
 def test_batch_stream_with_workers_reads_the_same_batches_and_follows_a_moved_position():
     import torch
 

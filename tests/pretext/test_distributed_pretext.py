@@ -91,6 +91,7 @@ def _max_diff(a: list[Tensor], b: list[Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(METHODS))
 def test_two_processes_equal_one_process_on_the_concatenated_batch(results, name):
     ranks, single = results

@@ -78,6 +78,7 @@ def _gather_worker(rank: int, world: int, data: dict[str, torch.Tensor], out_dir
     torch.save({"loss": loss.detach(), "g": (g1.detach(), g2.detach()), "h": (h1, h2)}, f"{out_dir}/{rank}.pt")
 
 
+@pytest.mark.e2e
 def test_gathered_nt_xent_matches_single_process_gradients_and_hvps(tmp_path: Path) -> None:
     """Two gloo ranks reproduce the loss, gradient and Hessian-vector product of the concatenated batch.
 

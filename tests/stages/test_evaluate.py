@@ -29,6 +29,7 @@ def _cfg(tmp_path, backbone, *extra):
     )
 
 
+@pytest.mark.e2e
 def test_evaluate_reports_knn_probe_and_embedding(tmp_path, pretrained):
     result = evaluate(_cfg(tmp_path / "eval", pretrained, "embedding_max_points=200"))
     keys = {"knn_val", "knn_test", "linear_probe_val", "linear_probe_test"}
@@ -48,6 +49,7 @@ def test_evaluate_reports_knn_probe_and_embedding(tmp_path, pretrained):
     assert again.embedding_path is None and not (again.out_dir / "embedding.png").exists()  # no stale plot
 
 
+@pytest.mark.e2e
 def test_cli_evaluate_prints_metrics_and_files(tmp_path, pretrained, capsys):
     out_dir = tmp_path / "cli"
     argv = ["evaluate", "--backbone", str(pretrained), "--out-dir", str(out_dir), *TINY_EVALUATE]
@@ -57,6 +59,7 @@ def test_cli_evaluate_prints_metrics_and_files(tmp_path, pretrained, capsys):
     assert f"embedding: {out_dir / 'embedding.png'}" in printed and f"summary: {out_dir / 'summary.json'}" in printed
 
 
+@pytest.mark.e2e
 def test_cli_threads_flag_sets_torch_threads_and_rejects_zero(tmp_path, pretrained, capsys):
     argv = ["evaluate", "--backbone", str(pretrained), "--out-dir", str(tmp_path / "t")]
     try:
@@ -85,12 +88,14 @@ def _exported_backbone(tmp_path, in_channels):
     return path
 
 
+@pytest.mark.e2e
 def test_channel_mismatch_names_the_fix(tmp_path):
     cfg = _cfg(tmp_path / "eval", _exported_backbone(tmp_path, 3))
     with pytest.raises(ConfigError, match="'digits' has 1 channels but the backbone takes 3; use data with matching"):
         evaluate(cfg)
 
 
+@pytest.mark.e2e
 def test_unlabelled_dataset_is_refused(tmp_path):
     root = tmp_path / "images"
     for split in ("train", "val", "test"):

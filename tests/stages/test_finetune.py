@@ -33,6 +33,7 @@ def _cfg(backbone, out, *extra):
     )
 
 
+@pytest.mark.e2e
 def test_finetune_selects_on_validation_and_exports(pretrained, tmp_path):
     result = finetune(_cfg(pretrained, tmp_path / "ft"))
     assert result.finished and result.epoch == 3
@@ -48,6 +49,7 @@ def test_finetune_selects_on_validation_and_exports(pretrained, tmp_path):
     assert head["state_dict"]["weight"].shape == (10, backbone.feature_dim)
 
 
+@pytest.mark.e2e
 def test_resume_gives_bit_identical_weights(pretrained, tmp_path):
     full = finetune(_cfg(pretrained, tmp_path / "full"))
     half_cfg = _cfg(pretrained, tmp_path / "half")
@@ -60,6 +62,7 @@ def test_resume_gives_bit_identical_weights(pretrained, tmp_path):
         assert all(torch.equal(value, b[key]) for key, value in a.items()), name
 
 
+@pytest.mark.e2e
 def test_channel_mismatch_and_missing_backbone_are_one_line_errors(tmp_path):
     rgb = tmp_path / "rgb.pt"
     export_backbone(
@@ -73,6 +76,7 @@ def test_channel_mismatch_and_missing_backbone_are_one_line_errors(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.e2e
 def test_cli_runs_plain_finetuning_and_search_with_final_seeds(pretrained, tmp_path, capsys):
     args = ["finetune", "--backbone", str(pretrained), *TINY_FINETUNE, "epochs=2"]
     assert main([*args, "--out-dir", str(tmp_path / "plain")]) == 0
@@ -92,6 +96,7 @@ def test_cli_runs_plain_finetuning_and_search_with_final_seeds(pretrained, tmp_p
     assert "bissl finetune: error: checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_probe_first_makes_the_probe_a_candidate(pretrained, tmp_path):
     """LP-FT: the head is trained on the frozen backbone first and that probe is epoch 0's candidate, so the selected
     model is never worse on validation than the probe; the run resumes exactly after it."""

@@ -53,6 +53,7 @@ def _params(trials):
     return [(t["params"]["lr"], t["params"]["weight_decay"]) for t in trials]
 
 
+@pytest.mark.e2e
 def test_search_resumes_without_rerunning_finished_trials(make_cfg, tmp_path):
     first = search(make_cfg("hpo.trials=3"))
     assert first.new_trials == 3 and [t["state"] for t in first.trials] == ["COMPLETE"] * 3
@@ -102,6 +103,7 @@ def _seeded_draw(cfg, number):
     return drawn
 
 
+@pytest.mark.e2e
 def test_dead_trials_with_or_without_a_heartbeat_are_requeued_with_their_settings(make_cfg, tmp_path):
     cfg = make_cfg("hpo.trials=2", "hpo.heartbeat_s=1")
     study = open_study(cfg)
@@ -167,6 +169,7 @@ hpo.search(cfg)
 """
 
 
+@pytest.mark.e2e
 def test_two_workers_on_a_fresh_sqlite_study_finish_exactly_hpo_trials(make_cfg, tmp_path):
     out = tmp_path / "odd?name#x%y"  # URL-special characters in out_dir must not misplace the study
     args = [*TINY, "backbone=unused.pt", f"out_dir={out}", "hpo.trials=4", "hpo.heartbeat_s=1"]
@@ -211,6 +214,7 @@ def test_racing_table_creation_is_retried(make_cfg, monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.e2e
 def test_pruned_and_non_finite_trials_are_recorded_not_crashes(make_cfg, monkeypatch):
     monkeypatch.setattr(optuna.pruners, "MedianPruner", lambda **_: optuna.pruners.ThresholdPruner(lower=2.0))
     with pytest.raises(BisslError, match="no trial of study 'finetune_digits' completed"):
@@ -228,6 +232,7 @@ def test_pruned_and_non_finite_trials_are_recorded_not_crashes(make_cfg, monkeyp
     assert "fine-tuning loss at step" in trial.user_attrs["pruned_reason"]
 
 
+@pytest.mark.e2e
 def test_final_runs_aggregate_resume_and_apply_the_seed(make_cfg, tmp_path):
     cfg = make_cfg("hpo.trials=2")
     found = search(cfg)
@@ -274,6 +279,7 @@ def test_bad_setups_are_one_line_errors(make_cfg, monkeypatch):
         search(make_cfg("hpo.trials=1"))
 
 
+@pytest.mark.e2e
 def test_a_lower_is_better_primary_metric_is_minimised(make_cfg, monkeypatch):
     """The study's direction and best trial follow the task's primary metric (here a user task's loss-like metric)."""
     from bissl.downstream import DOWNSTREAM_TASKS, ClassificationTask, Metric

@@ -49,6 +49,7 @@ def quick_study(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_quick_pipeline_writes_a_complete_report(quick_study, capsys):
     results = json.loads((quick_study / "results.json").read_text())
     assert {r["arm"] for r in results["runs"]} == ARMS
@@ -96,6 +97,7 @@ def test_changed_config_is_refused_and_leaves_the_study_as_it_was(quick_study, c
     assert files == {name: (quick_study / name).read_bytes() for name in files}  # config.yaml still matches them
 
 
+@pytest.mark.e2e
 def test_interrupted_stage_resumes_and_corruption_is_named(quick_study, capsys):
     finetune_dir = quick_study / TASK / "conventional" / "seed1" / "finetune"
     (finetune_dir / "summary.json").unlink()  # as if killed after its last checkpoint

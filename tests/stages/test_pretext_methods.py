@@ -35,7 +35,7 @@ def test_every_built_in_method_has_a_shipped_digits_config():
         assert cfg.pretext.name == method and cfg.data.name == "digits" and cfg.pretext.augmentation_params
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", METHODS)
 def test_method_pretrains_and_aligns_on_digits(method, tmp_path):
     pre = pretrain(load_config(PretrainConfig, _pretrain_config(method), [*TINY_PRETRAIN, f"out_dir={tmp_path / 'p'}"]))

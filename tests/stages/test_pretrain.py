@@ -13,6 +13,7 @@ def _cfg(overrides, *extra):
     return load_config(PretrainConfig, "pretrain_digits", [*overrides, *extra])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["simclr", "byol"])
 def test_resume_is_bit_exact(tmp_path, tiny_pretrain_overrides, method):
     extra = [f"pretext.name={method}", "pretext.params={}"]
@@ -32,6 +33,7 @@ def test_resume_is_bit_exact(tmp_path, tiny_pretrain_overrides, method):
     assert losses(full) == losses(second)
 
 
+@pytest.mark.e2e
 def test_exported_files_load_weights_only_and_rebuild(tiny_pretrain_overrides):
     result = pretrain(_cfg(tiny_pretrain_overrides))
     backbone, spec = load_backbone(result.backbone_path)
@@ -41,6 +43,7 @@ def test_exported_files_load_weights_only_and_rebuild(tiny_pretrain_overrides):
     assert (result.out_dir / "summary.json").is_file() and (result.out_dir / "config.yaml").is_file()
 
 
+@pytest.mark.e2e
 def test_existing_run_is_not_overwritten_without_resume(tiny_pretrain_overrides):
     cfg = _cfg(tiny_pretrain_overrides)
     pretrain(cfg, until_step=1)
@@ -48,12 +51,14 @@ def test_existing_run_is_not_overwritten_without_resume(tiny_pretrain_overrides)
         pretrain(cfg)
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_changed_config(tmp_path, tiny_pretrain_overrides):
     pretrain(_cfg(tiny_pretrain_overrides), until_step=1)
     with pytest.raises(ConfigError, match=r"another config \(optim.lr: 0.3 -> 0.1\); restore the config"):
         pretrain(_cfg(tiny_pretrain_overrides, "optim.lr=0.1"), resume=True)
 
 
+@pytest.mark.e2e
 def test_nan_loss_is_one_clear_error_and_keeps_checkpoint(tiny_pretrain_overrides):
     cfg = _cfg(tiny_pretrain_overrides)
     pretrain(cfg, until_step=2)

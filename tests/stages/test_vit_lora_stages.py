@@ -19,6 +19,7 @@ QUIET = ["log.progress=false", "log.tensorboard=false"]
 TINY_VIT = "backbone.kwargs={patch_size: 4, embed_dim: 16, depth: 1, num_heads: 2}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("solver", ["mfac", "cg"])
 def test_mae_pretrain_lora_align_and_lora_finetune(tmp_path, solver: str) -> None:
     pre = tmp_path / "pre"
