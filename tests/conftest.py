@@ -17,19 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "downstream"))
 import fake_detection  # noqa: F401 - registers `synthetic_detection` until the shared dataset does
 
-TINY_PRETRAIN = [
-    "epochs=2",
-    "data.image_size=8",
-    "data.batch_size=128",
-    "backbone.kwargs.width=8",
-    "optim.warmup_epochs=1",
-    "monitor.every_epochs=0",
-    "monitor.linear_probe_epochs=0",
-    "log.progress=false",
-    "log.tensorboard=false",
-    "log.every_steps=1",
-]
-
+from helpers.stages import TINY_ALIGN, TINY_PRETRAIN
 
 STAGE_FIXTURES = {"tiny_pretrained"}  # fixtures that run a stage: every test using one is end-to-end
 
@@ -94,21 +82,6 @@ def _fast_torch():
 @pytest.fixture
 def tiny_pretrain_overrides(tmp_path):
     return [*TINY_PRETRAIN, f"out_dir={tmp_path / 'pretrain'}"]
-
-
-TINY_ALIGN = [
-    "pretext_data.image_size=8",
-    "downstream.data.image_size=8",
-    "lower.batch_size=64",
-    "upper.batch_size=32",
-    "bilevel.cycles=2",
-    "bilevel.n_lower=2",
-    "bilevel.n_upper=2",
-    "bilevel.head_warmup_epochs=1",
-    "checkpoint_every_cycles=1",
-    "log.progress=false",
-    "log.tensorboard=false",
-]
 
 
 @pytest.fixture(scope="session")

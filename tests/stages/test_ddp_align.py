@@ -18,8 +18,8 @@ import pytest
 from bissl.config import AlignConfig, load_config
 from bissl.engine.logger import read_metrics
 from bissl.utils.io import load_torch
-from conftest import TINY_ALIGN
 from helpers.ranks import read_results, run_torchrun, spawn_ranks_json
+from helpers.stages import TINY_ALIGN
 
 WORLD = 2
 SHARDED = ["distributed.sync_batchnorm=true", "distributed.augment_shards=2"]

@@ -13,7 +13,7 @@ from bissl.engine.logger import read_metrics
 from bissl.pretext import PRETEXT_METHODS
 from bissl.stages.align import align
 from bissl.stages.pretrain import pretrain
-from conftest import TINY_ALIGN, TINY_PRETRAIN
+from helpers.stages import TINY_ALIGN, TINY_PRETRAIN
 
 METHODS = ("simclr", "byol", "vicreg", "barlow_twins", "mocov3", "simsiam")
 # MAE needs a patch-token backbone (a ViT): its digits config and stages are tested in test_vit_lora_stages.py

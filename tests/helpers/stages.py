@@ -1,0 +1,28 @@
+"""Tiny, fast overrides of the shipped digits configs, shared by the stage tests (and conftest's fixtures)."""
+
+TINY_PRETRAIN = [
+    "epochs=2",
+    "data.image_size=8",
+    "data.batch_size=128",
+    "backbone.kwargs.width=8",
+    "optim.warmup_epochs=1",
+    "monitor.every_epochs=0",
+    "monitor.linear_probe_epochs=0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=1",
+]
+
+TINY_ALIGN = [
+    "pretext_data.image_size=8",
+    "downstream.data.image_size=8",
+    "lower.batch_size=64",
+    "upper.batch_size=32",
+    "bilevel.cycles=2",
+    "bilevel.n_lower=2",
+    "bilevel.n_upper=2",
+    "bilevel.head_warmup_epochs=1",
+    "checkpoint_every_cycles=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+]
