@@ -20,6 +20,11 @@ import torch
 
 VOC_IOU = 0.5
 VOC_RECALL_POINTS = np.linspace(0.0, 1.0, 11)
+#: COCO's IoU and recall thresholds exactly as pycocotools builds them (``Params.setDetParams``: numpy, float64);
+#: torchmetrics' defaults come from ``torch.linspace`` in torch's default dtype, and a recall of exactly k/100
+#: then falls on the other side of a float32 threshold
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True).tolist()
+COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True).tolist()
 
 Detections = Sequence[dict[str, torch.Tensor]]
 
@@ -124,6 +129,8 @@ def _coco_backend() -> str:
 def coco_map(predictions: Detections, targets: Detections, *, max_detections: int = 100) -> dict[str, float]:
     """COCO box mAP (IoU 0.5:0.95, 101-point), mAP at IoU 0.5 and at 0.75, by torchmetrics' MeanAveragePrecision.
 
+    The numbers are pycocotools' COCOeval's: its IoU and recall thresholds are passed explicitly
+    (:data:`COCO_IOU_THRESHOLDS`, :data:`COCO_RECALL_THRESHOLDS`), so they do not depend on torch's default dtype.
     Backend faster_coco_eval (pycocotools if it is missing); difficult targets are passed as ``iscrowd`` (a
     detection on one is ignored, as COCO does for crowds). Images without predictions or without targets are
     fine; where no image has any ground truth the values are 0.0 (torchmetrics gives -1). ``max_detections``
@@ -133,8 +140,9 @@ def coco_map(predictions: Detections, targets: Detections, *, max_detections: in
 
     _check(predictions, targets)
     metric = MeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", backend=_coco_backend(), max_detection_thresholds=[1, 10, max_detections]
-    )
+        box_format="xyxy", iou_type="bbox", backend=_coco_backend(), max_detection_thresholds=[1, 10, max_detections],
+        iou_thresholds=COCO_IOU_THRESHOLDS, rec_thresholds=COCO_RECALL_THRESHOLDS,
+    )  # fmt: skip
     preds, gts = [], []
     for pred, target in zip(predictions, targets, strict=True):
         preds.append({
