@@ -227,3 +227,19 @@ def test_coco_map_equals_pycocotools_where_recalls_hit_hundredths() -> None:
         assert coco_map(preds, targets) == pytest.approx(reference, abs=1e-6)
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_voc07_conventions_at_their_boundaries() -> None:
+    # the conventions tested here are the ones the docstring states
+    assert all(text in voc07_ap50.__doc__ for text in ("no +1 pixel", "IoU **> 0.5**", "``k * 0.1`` in float64"))
+    # continuous coordinates, no +1 pixel: [0, 0, 10, 5] covers exactly half of [0, 0, 10, 10] (IoU 0.5, not 0.5+)
+    target = [gt([[0.0, 0, 10, 10]], [0])]
+    assert box_iou(np.array([[0.0, 0, 10, 5]]), np.array([[0.0, 0, 10, 10]]))[0, 0] == 0.5
+    # a match needs IoU > 0.5 (the Python port's rule; the MATLAB devkit would count IoU = 0.5)
+    assert voc07_ap50([pred([[0.0, 0, 10, 5]], [0.9], [0])], target, 1)["mean"] == 0.0
+    assert voc07_ap50([pred([[0.0, 0, 10, 5.5]], [0.9], [0])], target, 1)["mean"] == pytest.approx(1.0)
+    # recall points are k * 0.1 in float64: a recall of exactly 3/10 reaches 0, 0.1 and 0.2 but not 3 * 0.1
+    targets = [gt([[40.0 * i, 0, 40.0 * i + 30, 30]], [0]) for i in range(10)]
+    preds = [pred([[40.0 * i, 0, 40.0 * i + 30, 30]] if i < 3 else [], [0.9] if i < 3 else [], [0] if i < 3 else [])
+             for i in range(10)]  # fmt: skip
+    assert voc07_ap50(preds, targets, 1)["mean"] == pytest.approx(3 / 11)

@@ -56,6 +56,17 @@ def box_iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
 def voc07_ap50(predictions: Detections, targets: Detections, num_classes: int) -> dict[str, object]:
     """Pascal VOC 2007 AP at IoU 0.5 with 11-point interpolation, per class and its mean (the VOC devkit's rule).
 
+    Conventions, those of the devkit's Python port (``voc_eval.py`` of py-faster-rcnn / Detectron, whose numbers
+    most papers report), where they differ from the MATLAB devkit:
+
+    - continuous coordinates: box areas are ``(x2 - x1) * (y2 - y1)``, no +1 pixel (the devkit adds 1 because VOC
+      annotations are inclusive integer pixel indices; our boxes are continuous, :mod:`bissl.data.detection`);
+    - a detection matches only at IoU **> 0.5** (the port's ``ovmax > ovthresh``; the MATLAB devkit counts IoU =
+      0.5 as a match): a box with IoU exactly 0.5 is a false positive;
+    - the 11 recall points are ``k * 0.1`` in float64 (``np.linspace(0, 1, 11)``, the port's
+      ``np.arange(0, 1.1, 0.1)``), so e.g. ``3 * 0.1 = 0.30000000000000004``: a recall of exactly 3/10 does not
+      reach the point 0.3.
+
     Per class: all detections of that class over all images, sorted by score (stable); each one takes the ground
     truth box of its class and image with the highest IoU; IoU > 0.5 with a difficult box: ignored (neither TP nor
     FP); IoU > 0.5 with a box not matched yet: TP (the box is now matched); otherwise (already matched: a duplicate,
