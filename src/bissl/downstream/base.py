@@ -102,6 +102,37 @@ class DownstreamTask(abc.ABC):
         return cls.metrics[0]
 
     @classmethod
+    def check_contract(cls) -> None:
+        """Raise :class:`ConfigError` for a task class that breaks the contract where it can be seen without data
+        (no metrics, a metric that is not a :class:`Metric`, a key declared twice): called before a run folder is
+        made, so a fixed plug-in re-runs in the same folder."""
+        cls.primary()
+        wrong = [m for m in cls.metrics if not isinstance(m, Metric)]
+        if wrong:
+            raise ConfigError(
+                f"downstream task {cls.__name__} declares {wrong[0]!r} in `metrics`; declare Metric(...)s there"
+            )
+        keys = [m.key for m in cls.metrics]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ConfigError(
+                f"downstream task {cls.__name__} declares metric {twice[0]!r} twice; give each metric its own key"
+            )
+
+    def checked_scores(self, scores: dict[str, float]) -> dict[str, float]:
+        """``scores`` (what :meth:`score` returned), or one :class:`ConfigError` naming the task, the first declared
+        metric key it misses and the declared ones (a misspelt key would otherwise surface as a bare KeyError)."""
+        missing = [m.key for m in self.metrics if m.key not in scores]
+        if missing:
+            name = next((n for n in DOWNSTREAM_TASKS if DOWNSTREAM_TASKS.get(n) is type(self)), type(self).__name__)
+            declared = ", ".join(m.key for m in self.metrics)
+            raise ConfigError(
+                f"downstream task {name!r}: score() returned no {missing[0]!r} (it returned: {', '.join(scores)}; "
+                f"declared metrics: {declared}); make score() return every declared key, or fix `metrics`"
+            )
+        return scores
+
+    @classmethod
     def splits(cls, cfg: DownstreamConfig) -> Splits:
         """train/val/test of ``cfg.data``, with ``cfg.classes`` kept and ``cfg.few_shot`` applied to train."""
         kwargs = {"root": cfg.data.root, "image_size": cfg.data.image_size, "download": cfg.data.download}
@@ -150,8 +181,8 @@ class DownstreamTask(abc.ABC):
     def evaluate(
         self, backbone: nn.Module, head: nn.Module, dataset: ImageDataset, device: torch.device
     ) -> dict[str, float]:
-        """Metrics on a whole split, in one process."""
-        return self.score(self.predict(backbone, head, dataset, device))
+        """Metrics on a whole split, in one process (checked against the declared ones)."""
+        return self.checked_scores(self.score(self.predict(backbone, head, dataset, device)))
 
 
 @contextlib.contextmanager
