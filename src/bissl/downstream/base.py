@@ -93,6 +93,11 @@ class DownstreamTask(abc.ABC):
     metrics: ClassVar[tuple[Metric, ...]] = ()
     #: the type of ``downstream.params``
     Config: ClassVar[type[TaskConfig]] = TaskConfig
+    #: whether a frozen kNN / linear probe on the dataset's single class labels measures this task (its targets are
+    #: those labels): ``bissl evaluate`` and a study's "before fine-tuning" table then report them; otherwise (the
+    #: default) they train the task's own head on the frozen backbone and report its declared metrics. A subclass
+    #: of classification that predicts something else from the labels sets it back to False
+    class_label_probe: ClassVar[bool] = False
 
     @classmethod
     def primary(cls) -> Metric:
