@@ -87,3 +87,9 @@ def test_a_misspelt_metric_key_is_one_line_in_finetune_and_align(tmp_path, tiny_
     assert MISSING in one_line_error(capsys)
     assert main([*study(tmp_path / "study", tiny_pretrained, "contract_misspelt"), "--plugin", misspelt]) == 2
     assert MISSING in one_line_error(capsys)
+    # evaluate scores a task through score() where it probes the task's own head (not scored on class labels)
+    probed = plugin(tmp_path, "contract_probed", '(Metric("top_1"),)', "class_label_probe = False")
+    evaluate = ["evaluate", "--out-dir", str(tmp_path / "ev"), "--plugin", probed, "downstream.task=contract_probed"]
+    evaluate += [f"backbone={tiny_pretrained}", "downstream.data.image_size=8", "linear_probe_epochs=1"]
+    assert main(evaluate) == 2
+    assert "downstream task 'contract_probed': score() returned no 'top_1'" in one_line_error(capsys)
