@@ -62,15 +62,15 @@ def test_a_task_without_metrics_is_refused_before_its_folder_is_made(tmp_path, t
     assert main([*args[:2], fixed, *args[3:], *FINETUNE, "--out-dir", str(tmp_path / "ft")]) == 0
 
 
-def test_a_metric_declared_twice_is_refused() -> None:
-    from bissl.downstream import ClassificationTask, Metric
+def test_a_metric_that_is_not_a_metric_is_refused() -> None:
+    from bissl.downstream import ClassificationTask
     from bissl.utils.errors import ConfigError
 
-    class Twice(ClassificationTask):
-        metrics = (Metric("top1"), Metric("top1", higher_is_better=False))
+    class Names(ClassificationTask):
+        metrics = ("top1",)
 
-    with pytest.raises(ConfigError, match="declares metric 'top1' twice"):
-        Twice.check_contract()
+    with pytest.raises(ConfigError, match=r"declares 'top1' in `metrics`; declare Metric\(...\)s there"):
+        Names.check_contract()
 
 
 MISSING = "downstream task 'contract_misspelt': score() returned no 'top_1'"

@@ -109,19 +109,13 @@ class DownstreamTask(abc.ABC):
     @classmethod
     def check_contract(cls) -> None:
         """Raise :class:`ConfigError` for a task class that breaks the contract where it can be seen without data
-        (no metrics, a metric that is not a :class:`Metric`, a key declared twice): called before a run folder is
-        made, so a fixed plug-in re-runs in the same folder."""
+        (no metrics, a metric that is not a :class:`Metric`): called before a run folder is made, so a fixed
+        plug-in re-runs in the same folder."""
         cls.primary()
         wrong = [m for m in cls.metrics if not isinstance(m, Metric)]
         if wrong:
             raise ConfigError(
                 f"downstream task {cls.__name__} declares {wrong[0]!r} in `metrics`; declare Metric(...)s there"
-            )
-        keys = [m.key for m in cls.metrics]
-        twice = sorted({k for k in keys if keys.count(k) > 1})
-        if twice:
-            raise ConfigError(
-                f"downstream task {cls.__name__} declares metric {twice[0]!r} twice; give each metric its own key"
             )
 
     def checked_scores(self, scores: dict[str, float]) -> dict[str, float]:
