@@ -20,6 +20,7 @@ class ParityMagnitude(ClassificationTask):
         Metric("magnitude_mae", higher_is_better=False, label="magnitude MAE"),
         Metric("parity_acc", label="parity accuracy", unit="%", scale=100.0),
     )
+    class_label_probe = False  # not the 10 digit classes: frozen scores train this head, as for any task
 
     def build_head(self, feature_dim: int) -> nn.Module:
         return nn.Linear(feature_dim, 3)

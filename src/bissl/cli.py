@@ -90,6 +90,8 @@ def run_evaluate(cfg: Any, args: argparse.Namespace) -> None:
 
     result = evaluate(cfg, overwrite=args.overwrite)
     _print_metrics(result.metrics)
+    if result.knn_k is not None:
+        _print(f"kNN k: {result.knn_k} (knn_k={cfg.knn_k}, capped by the training split's mean class size)")
     if result.embedding_path is not None:
         _print(f"embedding: {result.embedding_path}")
     _print(f"summary: {result.summary_path}")

@@ -76,9 +76,10 @@ def test_cli_quick_pipeline_reports_a_detection_task_beside_a_classification_tas
     assert main(["pipeline", "--config", "pipeline_detection_synthetic", *argv[1:]]) == 0
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
-    assert "AP50 (VOC07)" in report and "top-1" in report
+    assert "AP50 (VOC07)" in report and "top-1" in report and "head probe AP50 (VOC07)" in report
     runs = {(r["task"], r["arm"]): r for r in results["runs"]}
     assert set(runs) == {(t, a) for t in ("digits", "boxes") for a in ("conventional", "bissl")}
     for arm in ("conventional", "bissl"):
-        assert "test_ap50_voc07" in runs["boxes", arm]["metrics"] and not runs["boxes", arm]["frozen"]  # no probe
+        assert "test_ap50_voc07" in runs["boxes", arm]["metrics"]
+        assert "head_probe_test_ap50_voc07" in runs["boxes", arm]["frozen"]  # the task's head on the frozen backbone
         assert "test_top1" in runs["digits", arm]["metrics"] and "knn_test" in runs["digits", arm]["frozen"]

@@ -154,3 +154,92 @@ def test_voc07_agrees_with_torchmetrics_at_iou_half_with_11_recall_points() -> N
 def test_mismatched_lengths_are_refused() -> None:
     with pytest.raises(ValueError, match="one prediction dict per target"):
         voc07_ap50([], [gt([A], [0])], 1)
+
+
+def _counted_scenes(rng: np.random.Generator, counts: tuple[int, ...], images: int) -> tuple[list, list]:
+    """Scenes where class ``c`` has exactly ``counts[c]`` ground truths in all (on a grid, never overlapping), so
+    recalls land exactly on k/100 (counts 100, 50, 25); detections: jittered copies (some with the wrong class),
+    duplicates and background boxes, with random scores. Coordinates are multiples of 1/8 (exact in float32)."""
+    owner = rng.permutation(np.repeat(np.arange(len(counts)), counts))
+    per_image = np.array_split(owner, images)
+    preds, targets = [], []
+    for labels in per_image:
+        cells = rng.permutation(64)[: len(labels)]
+        boxes = np.array([[40.0 * (c % 8), 40.0 * (c // 8), 40.0 * (c % 8) + 30, 40.0 * (c // 8) + 30] for c in cells])
+        det_boxes, det_labels = [], []
+        for box, label in zip(boxes.reshape(-1, 4), labels, strict=True):
+            for _ in range(rng.integers(0, 3)):
+                det_boxes.append(box + np.round(rng.uniform(-8, 8, 4) * 8) / 8)
+                det_labels.append(label if rng.random() < 0.8 else (label + 1) % len(counts))
+        for _ in range(rng.integers(0, 4)):
+            x, y = np.round(rng.uniform(0, 300, 2) * 8) / 8
+            det_boxes.append(np.array([x, y, x + 20, y + 24]))
+            det_labels.append(rng.integers(len(counts)))
+        scores = rng.permutation(len(det_boxes)) / max(len(det_boxes), 1) + rng.uniform(0, 1e-3)
+        preds.append(pred(np.array(det_boxes).reshape(-1, 4).tolist(), scores.tolist(), det_labels))
+        targets.append(gt(boxes.reshape(-1, 4).tolist(), labels.tolist()))
+    return preds, targets
+
+
+def _pycocotools_map(preds: list, targets: list) -> dict[str, float]:
+    """COCOeval's AP@[.5:.95], AP50 and AP75 with its own default parameters."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(box: torch.Tensor) -> list[float]:
+        x1, y1, x2, y2 = box.double().tolist()
+        return [x1, y1, x2 - x1, y2 - y1]
+
+    images, annotations, detections = [], [], []
+    for i, (p, t) in enumerate(zip(preds, targets, strict=True)):
+        images.append({"id": i})
+        for box, label in zip(t["boxes"], t["labels"].tolist(), strict=True):
+            w, h = xywh(box)[2:]
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": label, "bbox": xywh(box),
+                                "area": w * h, "iscrowd": 0})  # fmt: skip
+        for box, score, label in zip(p["boxes"], p["scores"].tolist(), p["labels"].tolist(), strict=True):
+            detections.append({"image_id": i, "category_id": label, "bbox": xywh(box), "score": score})
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        categories = sorted({a["category_id"] for a in annotations} | {d["category_id"] for d in detections})
+        coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in categories]}
+        coco.createIndex()
+        evaluator = COCOeval(coco, coco.loadRes(detections), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {"map": evaluator.stats[0], "map_50": evaluator.stats[1], "map_75": evaluator.stats[2]}
+
+
+def test_coco_map_equals_pycocotools_where_recalls_hit_hundredths() -> None:
+    rng = np.random.default_rng(0)
+    preds, targets = _counted_scenes(rng, (100, 50, 25), images=40)
+    reference = _pycocotools_map(preds, targets)
+    assert 0.05 < reference["map"] < 0.95  # a non-trivial case
+    assert coco_map(preds, targets) == pytest.approx(reference, abs=1e-6)
+    # the number does not depend on torch's default dtype
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert coco_map(preds, targets) == pytest.approx(reference, abs=1e-6)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_voc07_conventions_at_their_boundaries() -> None:
+    # the conventions tested here are the ones the docstring states
+    assert all(text in voc07_ap50.__doc__ for text in ("no +1 pixel", "IoU **> 0.5**", "``k * 0.1`` in float64"))
+    # continuous coordinates, no +1 pixel: [0, 0, 10, 5] covers exactly half of [0, 0, 10, 10] (IoU 0.5, not 0.5+)
+    target = [gt([[0.0, 0, 10, 10]], [0])]
+    assert box_iou(np.array([[0.0, 0, 10, 5]]), np.array([[0.0, 0, 10, 10]]))[0, 0] == 0.5
+    # a match needs IoU > 0.5 (the Python port's rule; the MATLAB devkit would count IoU = 0.5)
+    assert voc07_ap50([pred([[0.0, 0, 10, 5]], [0.9], [0])], target, 1)["mean"] == 0.0
+    assert voc07_ap50([pred([[0.0, 0, 10, 5.5]], [0.9], [0])], target, 1)["mean"] == pytest.approx(1.0)
+    # recall points are k * 0.1 in float64: a recall of exactly 3/10 reaches 0, 0.1 and 0.2 but not 3 * 0.1
+    targets = [gt([[40.0 * i, 0, 40.0 * i + 30, 30]], [0]) for i in range(10)]
+    preds = [pred([[40.0 * i, 0, 40.0 * i + 30, 30]] if i < 3 else [], [0.9] if i < 3 else [], [0] if i < 3 else [])
+             for i in range(10)]  # fmt: skip
+    assert voc07_ap50(preds, targets, 1)["mean"] == pytest.approx(3 / 11)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bissl.eval import extract_features, knn_accuracy, knn_predict
+from bissl.eval import extract_features, knn_accuracy, knn_k_used, knn_predict
 
 
 def _clusters(n_per_class: int, n_classes: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,3 +68,12 @@ def test_extract_features_in_eval_mode_with_normalisation() -> None:
         torch.testing.assert_close(feats, backbone.linear((2 * images - 1).flatten(1)))
     with pytest.raises(ValueError, match="empty"):
         extract_features(backbone, [])
+
+
+def test_knn_k_is_capped_by_the_mean_class_size() -> None:
+    two_classes_ten_shot = torch.arange(2).repeat_interleave(10)
+    assert knn_k_used(20, two_classes_ten_shot) == 10  # not 20: every query would vote over the whole bank
+    assert knn_k_used(5, two_classes_ten_shot) == 5
+    one_rare_class = torch.cat([torch.arange(36).repeat_interleave(100), torch.tensor([36])])
+    assert knn_k_used(20, one_rare_class) == 20  # a rare class does not shrink k for all
+    assert knn_k_used(20, torch.arange(3)) == 1

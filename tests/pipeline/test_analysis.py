@@ -87,7 +87,7 @@ def test_lower_is_better_task_gets_a_correct_report(tmp_path):
     assert "pretext_only is worse than conventional" in control["verdict"]
     assert bissl["p_holm"] >= bissl["p_value"] and "Holm-adjusted p" in bissl["verdict"]
     assert "test MAE (px) ↓" in report and "test R² ↑" in report and "| bissl | 0.01 | 0.0001 | 1.55 ± 0.05" in report
-    assert "n/a: the task's data has no class labels" in report
+    assert "n/a: no frozen-backbone scores were recorded" in report
     assert "`pretext_only`: control:" in report and "top-1" not in report
     assert (tmp_path / "headline.png").stat().st_size > 1000 and (tmp_path / "curves.png").is_file()
 

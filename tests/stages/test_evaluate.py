@@ -7,8 +7,11 @@ from PIL import Image
 
 from bissl.cli import main
 from bissl.config import EvaluateConfig, PretrainConfig, load_config
-from bissl.engine.checkpoint import backbone_spec, export_backbone
+from bissl.downstream import DOWNSTREAM_TASKS
+from bissl.engine.checkpoint import backbone_spec, export_backbone, load_backbone, resolve_backbone_file
+from bissl.engine.frozen import frozen_features
 from bissl.engine.logger import read_metrics
+from bissl.eval import knn_accuracy
 from bissl.models import build_backbone
 from bissl.stages.evaluate import evaluate
 from bissl.stages.pretrain import pretrain
@@ -110,3 +113,18 @@ def test_unlabelled_dataset_is_refused(tmp_path):
     )
     with pytest.raises(ConfigError, match="has no labels; choose a labelled dataset"):
         evaluate(cfg)
+
+
+def test_few_shot_knn_uses_k_capped_by_the_class_size_and_says_so(tmp_path, tiny_pretrained, capsys):
+    # 10-shot, 2 classes: a bank of 20 images, where k = 20 would make every query vote over the whole bank
+    few_shot = ["downstream.classes=[0, 1]", "downstream.few_shot=10", "knn_k=20", "linear_probe_epochs=0"]
+    argv = ["evaluate", "--backbone", str(tiny_pretrained), "--out-dir", str(tmp_path), *TINY_EVALUATE, *few_shot]
+    assert main([*argv, "embedding=false"]) == 0
+    assert "kNN k: 10 (knn_k=20, capped by the training split's mean class size)" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["knn_k"] == 10 and summary["num_samples"]["train"] == 20
+    cfg = _cfg(tmp_path, tiny_pretrained, *few_shot)
+    splits = DOWNSTREAM_TASKS.get("classification").splits(cfg.downstream)
+    backbone, _ = load_backbone(resolve_backbone_file(cfg.backbone))
+    train, test = (frozen_features(backbone, splits[s], device=torch.device("cpu")) for s in ("train", "test"))
+    assert summary["metrics"]["knn_test"] == knn_accuracy(*train, *test, k=10, temperature=cfg.knn_temperature)

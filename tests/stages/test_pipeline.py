@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +63,7 @@ def test_quick_pipeline_writes_a_complete_report(quick_study, capsys):
     comparison = analysis["comparisons"]["bissl"]["after"]["top1"]
     assert comparison["ci_low"] <= comparison["mean_diff"] <= comparison["ci_high"]
     assert all(0 <= r["frozen"]["linear_probe_test"] <= 1 and "knn_test" in r["frozen"] for r in results["runs"])
+    assert all(r["knn_k"] == 5 for r in results["runs"])  # 5-shot: k = 20 capped by the class size
     searched = results["search"][TASK]
     assert set(searched) == ARMS and all(len(s["trials"]) == 2 for s in searched.values())
     for r in results["runs"]:  # every seed fine-tunes with its arm's best setting
@@ -70,6 +72,7 @@ def test_quick_pipeline_writes_a_complete_report(quick_study, capsys):
     report = (quick_study / "report.md").read_text()
     for heading in ("# BiSSL study report", "## Verdicts", "**Before fine-tuning**", "**After fine-tuning**"):
         assert heading in report
+    assert "kNN (k = 5: `evaluate.knn_k` = 20 capped by the training split's mean class size)" in report
     row = re.search(r"\| bissl \| [\d.e-]+ \| [\d.e-]+ \| ([\d.]+) ± ([\d.]+) \|", report)
     assert row and all(math.isfinite(float(x)) for x in row.groups())
     assert "nan" not in report.lower()
@@ -107,3 +110,33 @@ def test_interrupted_stage_resumes_and_corruption_is_named(quick_study, capsys):
     (finetune_dir / "checkpoints" / "last.pt").write_bytes(b"\0garbage")
     assert main(["pipeline", "--quick", "--out-dir", str(quick_study), *FAST]) == 2
     assert "last.pt is corrupted" in capsys.readouterr().err
+
+
+def test_a_task_not_scored_on_class_labels_is_scored_before_fine_tuning_by_its_own_head(
+    tmp_path, tiny_pretrained, capsys
+):
+    # parity + magnitude of digits: kNN / probe on the 10 digit classes would not measure it
+    parity = str(Path(__file__).resolve().parents[2] / "examples" / "parity_task.py")
+    tasks = ("[{name: parity, downstream: {task: example_parity, data: {name: digits, image_size: 8}, few_shot: 5}, "
+             "finetune: {batch_size: 10}}]")  # fmt: skip
+    args = [
+        "pipeline", "--plugin", parity, "--out-dir", str(tmp_path), f"pretrained={tiny_pretrained}", "seeds=[0, 1]",
+        "arms=[{name: conventional}, {name: bissl, bissl: true}]", f"tasks={tasks}", "search.trials=0",
+        "finetune.epochs=1", "finetune.head_warmup_epochs=1", "evaluate.linear_probe_epochs=2", "embedding=false",
+        "align.pretext_data.image_size=8", "align.lower.batch_size=64", "align.upper.batch_size=10",
+        "align.bilevel.cycles=1", "align.bilevel.n_lower=1", "align.bilevel.n_upper=1",
+        "align.bilevel.head_warmup_epochs=1", *(f"{s}.log.{k}=false" for s in ("align", "finetune")
+                                                for k in ("progress", "tensorboard")),
+    ]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    keys = {f"head_probe_{split}_{m}" for split in ("val", "test") for m in ("magnitude_mae", "parity_acc")}
+    assert all(set(r["frozen"]) == keys and r["knn_k"] is None for r in results["runs"])
+    analysis = results["analysis"]["parity"]
+    assert analysis["head_probe"] and not analysis["labelled"]
+    assert analysis["comparisons"]["bissl"]["before"]["head_probe_test_magnitude_mae"]["n"] == 2
+    report = (tmp_path / "report.md").read_text()
+    before = report.split("**Before fine-tuning**")[1].split("**After fine-tuning**")[0]
+    assert "the task's own head trained on it (2 epochs" in before
+    assert "| arm | head probe magnitude MAE ↓ | head probe parity accuracy (%) ↑ |" in before
+    assert "kNN" not in report and "linear probe" not in report

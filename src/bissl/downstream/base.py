@@ -93,6 +93,11 @@ class DownstreamTask(abc.ABC):
     metrics: ClassVar[tuple[Metric, ...]] = ()
     #: the type of ``downstream.params``
     Config: ClassVar[type[TaskConfig]] = TaskConfig
+    #: whether a frozen kNN / linear probe on the dataset's single class labels measures this task (its targets are
+    #: those labels): ``bissl evaluate`` and a study's "before fine-tuning" table then report them; otherwise (the
+    #: default) they train the task's own head on the frozen backbone and report its declared metrics. A subclass
+    #: of classification that predicts something else from the labels sets it back to False
+    class_label_probe: ClassVar[bool] = False
 
     @classmethod
     def primary(cls) -> Metric:
@@ -100,6 +105,31 @@ class DownstreamTask(abc.ABC):
         if not cls.metrics:
             raise ConfigError(f"downstream task {cls.__name__} declares no metrics; set `metrics = (Metric(...), ...)`")
         return cls.metrics[0]
+
+    @classmethod
+    def check_contract(cls) -> None:
+        """Raise :class:`ConfigError` for a task class that breaks the contract where it can be seen without data
+        (no metrics, a metric that is not a :class:`Metric`): called before a run folder is made, so a fixed
+        plug-in re-runs in the same folder."""
+        cls.primary()
+        wrong = [m for m in cls.metrics if not isinstance(m, Metric)]
+        if wrong:
+            raise ConfigError(
+                f"downstream task {cls.__name__} declares {wrong[0]!r} in `metrics`; declare Metric(...)s there"
+            )
+
+    def checked_scores(self, scores: dict[str, float]) -> dict[str, float]:
+        """``scores`` (what :meth:`score` returned), or one :class:`ConfigError` naming the task, the first declared
+        metric key it misses and the declared ones (a misspelt key would otherwise surface as a bare KeyError)."""
+        missing = [m.key for m in self.metrics if m.key not in scores]
+        if missing:
+            name = next((n for n in DOWNSTREAM_TASKS if DOWNSTREAM_TASKS.get(n) is type(self)), type(self).__name__)
+            declared = ", ".join(m.key for m in self.metrics)
+            raise ConfigError(
+                f"downstream task {name!r}: score() returned no {missing[0]!r} (it returned: {', '.join(scores)}; "
+                f"declared metrics: {declared}); make score() return every declared key, or fix `metrics`"
+            )
+        return scores
 
     @classmethod
     def splits(cls, cfg: DownstreamConfig) -> Splits:
@@ -150,8 +180,8 @@ class DownstreamTask(abc.ABC):
     def evaluate(
         self, backbone: nn.Module, head: nn.Module, dataset: ImageDataset, device: torch.device
     ) -> dict[str, float]:
-        """Metrics on a whole split, in one process."""
-        return self.score(self.predict(backbone, head, dataset, device))
+        """Metrics on a whole split, in one process (checked against the declared ones)."""
+        return self.checked_scores(self.score(self.predict(backbone, head, dataset, device)))
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ class ClassificationTask(DownstreamTask):
         Metric("mean_per_class", label="mean per-class", unit="%", scale=100.0),
         Metric("loss", higher_is_better=False, label="cross-entropy"),
     )
+    class_label_probe = True  # its targets are the dataset's class labels: kNN / linear probes measure it
 
     def __init__(
         self,

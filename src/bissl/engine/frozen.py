@@ -14,7 +14,7 @@ from bissl.data.base import ImageDataset
 from bissl.dist import gather_shards, on_main, shard_dataset
 from bissl.engine.step import autocast
 from bissl.eval.features import extract_features
-from bissl.eval.knn import knn_accuracy
+from bissl.eval.knn import knn_accuracy, knn_k_used
 from bissl.eval.linear_probe import fit_linear_classifier
 
 Features = tuple[Tensor, Tensor]  # (features [N, D], labels [N]) on the CPU
@@ -56,12 +56,14 @@ def frozen_scores(
     num_classes: int | None = None,
 ) -> dict[str, float]:
     """``knn_<split>`` for every split of ``evals`` and, with ``probe_epochs > 0``, ``linear_probe_<split>`` of
-    one probe trained on ``train``; computed on rank 0, returned on every rank."""
+    one probe trained on ``train``; computed on rank 0, returned on every rank. The kNN uses
+    :func:`~bissl.eval.knn.knn_k_used` neighbours: ``knn_k`` capped by the mean class size of ``train``."""
 
     def compute() -> dict[str, float]:
         train_x, train_y = train
+        k = knn_k_used(knn_k, train_y)
         scores = {
-            f"knn_{split}": knn_accuracy(train_x, train_y, x, y, k=knn_k, temperature=knn_temperature)
+            f"knn_{split}": knn_accuracy(train_x, train_y, x, y, k=k, temperature=knn_temperature)
             for split, (x, y) in evals.items()
         }
         if probe_epochs > 0:

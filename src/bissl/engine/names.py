@@ -4,7 +4,8 @@
 stage calls :func:`validate_names` first, and the CLI calls it right after loading a config. It imports the
 config's ``plugins`` first, since they register the names it checks (the CLI has already imported ``--plugin``
 modules and the ``bissl.plugins`` entry points). A bad name is one :class:`ConfigError` naming the dotted key
-and the registered choices; a pretext method's or downstream task's ``params`` are validated by its own ``Config``.
+and the registered choices; a pretext method's or downstream task's ``params`` are validated by its own ``Config``,
+and a downstream task's declared metrics by :meth:`~bissl.downstream.base.DownstreamTask.check_contract`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def validate_names(config: BaseModel) -> None:
         if isinstance(section, PretextSection):
             _check_params(PRETEXT_METHODS.get(section.name).Config, section.params, path)
         if isinstance(section, DownstreamConfig):
+            DOWNSTREAM_TASKS.get(section.task).check_contract()
             _check_params(DOWNSTREAM_TASKS.get(section.task).Config, section.params, path)
 
 

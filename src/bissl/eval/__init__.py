@@ -2,7 +2,7 @@
 
 from bissl.eval.detection_metrics import coco_map, detection_metrics, voc07_ap50
 from bissl.eval.features import extract_features
-from bissl.eval.knn import knn_accuracy, knn_predict
+from bissl.eval.knn import knn_accuracy, knn_k_used, knn_predict
 from bissl.eval.linear_probe import fit_linear_classifier, linear_probe
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "extract_features",
     "fit_linear_classifier",
     "knn_accuracy",
+    "knn_k_used",
     "knn_predict",
     "linear_probe",
     "voc07_ap50",

@@ -20,6 +20,11 @@ import torch
 
 VOC_IOU = 0.5
 VOC_RECALL_POINTS = np.linspace(0.0, 1.0, 11)
+#: COCO's IoU and recall thresholds exactly as pycocotools builds them (``Params.setDetParams``: numpy, float64);
+#: torchmetrics' defaults come from ``torch.linspace`` in torch's default dtype, and a recall of exactly k/100
+#: then falls on the other side of a float32 threshold
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True).tolist()
+COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True).tolist()
 
 Detections = Sequence[dict[str, torch.Tensor]]
 
@@ -50,6 +55,17 @@ def box_iou(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 def voc07_ap50(predictions: Detections, targets: Detections, num_classes: int) -> dict[str, object]:
     """Pascal VOC 2007 AP at IoU 0.5 with 11-point interpolation, per class and its mean (the VOC devkit's rule).
+
+    Conventions, those of the devkit's Python port (``voc_eval.py`` of py-faster-rcnn / Detectron, whose numbers
+    most papers report), where they differ from the MATLAB devkit:
+
+    - continuous coordinates: box areas are ``(x2 - x1) * (y2 - y1)``, no +1 pixel (the devkit adds 1 because VOC
+      annotations are inclusive integer pixel indices; our boxes are continuous, :mod:`bissl.data.detection`);
+    - a detection matches only at IoU **> 0.5** (the port's ``ovmax > ovthresh``; the MATLAB devkit counts IoU =
+      0.5 as a match): a box with IoU exactly 0.5 is a false positive;
+    - the 11 recall points are ``k * 0.1`` in float64 (``np.linspace(0, 1, 11)``, the port's
+      ``np.arange(0, 1.1, 0.1)``), so e.g. ``3 * 0.1 = 0.30000000000000004``: a recall of exactly 3/10 does not
+      reach the point 0.3.
 
     Per class: all detections of that class over all images, sorted by score (stable); each one takes the ground
     truth box of its class and image with the highest IoU; IoU > 0.5 with a difficult box: ignored (neither TP nor
@@ -124,6 +140,8 @@ def _coco_backend() -> str:
 def coco_map(predictions: Detections, targets: Detections, *, max_detections: int = 100) -> dict[str, float]:
     """COCO box mAP (IoU 0.5:0.95, 101-point), mAP at IoU 0.5 and at 0.75, by torchmetrics' MeanAveragePrecision.
 
+    The numbers are pycocotools' COCOeval's: its IoU and recall thresholds are passed explicitly
+    (:data:`COCO_IOU_THRESHOLDS`, :data:`COCO_RECALL_THRESHOLDS`), so they do not depend on torch's default dtype.
     Backend faster_coco_eval (pycocotools if it is missing); difficult targets are passed as ``iscrowd`` (a
     detection on one is ignored, as COCO does for crowds). Images without predictions or without targets are
     fine; where no image has any ground truth the values are 0.0 (torchmetrics gives -1). ``max_detections``
@@ -133,8 +151,9 @@ def coco_map(predictions: Detections, targets: Detections, *, max_detections: in
 
     _check(predictions, targets)
     metric = MeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", backend=_coco_backend(), max_detection_thresholds=[1, 10, max_detections]
-    )
+        box_format="xyxy", iou_type="bbox", backend=_coco_backend(), max_detection_thresholds=[1, 10, max_detections],
+        iou_thresholds=COCO_IOU_THRESHOLDS, rec_thresholds=COCO_RECALL_THRESHOLDS,
+    )  # fmt: skip
     preds, gts = [], []
     for pred, target in zip(predictions, targets, strict=True):
         preds.append({

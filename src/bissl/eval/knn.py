@@ -7,6 +7,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def knn_k_used(k: int, train_labels: Tensor) -> int:
+    """The k a frozen-feature kNN uses over a memory bank with these labels: ``k`` capped by the bank's mean class
+    size (at least 1).
+
+    With k at or above a class's size, a query's vote reaches into other classes even where its own class is a
+    perfect cluster, and with k equal to the bank every query votes over all of it: the score then measures the
+    bank's class balance, not neighbourhoods (a 10-shot, 2-class bank of 20 images with k = 20). The mean class
+    size, not the smallest, so that one rare class does not shrink k for all: a balanced n-shot bank gets k = n,
+    and a full dataset keeps the configured k.
+    """
+    classes = int(train_labels.unique().numel())
+    return max(1, min(k, len(train_labels) // max(classes, 1)))
+
+
 def knn_predict(
     train_feats: Tensor,
     train_labels: Tensor,

@@ -1,7 +1,9 @@
 """What a study found, in the terms of each task's declared metrics (the first is the headline).
 
-Per task and arm: mean ± std over seeds of every declared test metric after fine-tuning, and of the frozen kNN
-and linear-probe accuracy of the backbone the arm starts fine-tuning from (before fine-tuning); paired
+Per task and arm: mean ± std over seeds of every declared test metric after fine-tuning, and of the frozen scores
+of the backbone the arm starts fine-tuning from (before fine-tuning: kNN and linear-probe accuracy where the task is
+scored on the data's class labels, else the task's own declared metrics of its head trained on the frozen backbone,
+the ``head_probe_test_*`` of ``bissl evaluate``); paired
 differences against the baseline arm (Holm-adjusted over the arms on the headline metric); warnings where an arm
 fine-tunes below its own starting backbone's linear probe; the alignment's coupling diagnostics.
 """
@@ -9,6 +11,7 @@ fine-tunes below its own starting backbone's linear probe; the alignment's coupl
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from bissl.config import ArmSpec, PipelineConfig, TaskSpec
@@ -37,6 +40,14 @@ def task_metrics(task: TaskSpec) -> tuple[Metric, ...]:
     cls = DOWNSTREAM_TASKS.get(task.downstream.task)
     cls.primary()
     return cls.metrics
+
+
+def before_metrics(task: TaskSpec, head_probe: bool) -> tuple[Metric, ...]:
+    """What the "before fine-tuning" table reports: :data:`FROZEN`, or with ``head_probe`` the task's declared
+    metrics (headline first) of its head trained on the frozen backbone."""
+    if not head_probe:
+        return FROZEN
+    return tuple(replace(m, key=f"head_probe_test_{m.key}", label=f"head probe {m.name}") for m in task_metrics(task))
 
 
 def arm_kind(cfg: PipelineConfig, arm: ArmSpec) -> str:
@@ -94,19 +105,23 @@ def coupling(runs: list[Run]) -> dict[str, dict[str, float]]:
     return {key: vars(summarize(values)) for key, values in per_key.items()}
 
 
-def probe_warnings(task: TaskSpec, arms: Mapping[str, Any], headline: Metric) -> list[str]:
-    """Arms whose fine-tuned headline is below their own starting backbone's linear probe (top-1 tasks only)."""
-    if headline.key not in PROBE_COMPARABLE:
+def probe_warnings(task: TaskSpec, arms: Mapping[str, Any], headline: Metric, head_probe: bool) -> list[str]:
+    """Arms whose fine-tuned headline is worse than their own starting backbone's probe of the same metric: the
+    task's head probe (``head_probe``), else the linear probe (top-1 tasks only)."""
+    if not head_probe and headline.key not in PROBE_COMPARABLE:
         return []
+    key, probe_name = (
+        (f"head_probe_test_{headline.key}", "head probe") if head_probe else ("linear_probe_test", "linear probe")
+    )
     warnings = []
     for arm, s in arms.items():
-        after, probe = s["after"][headline.key], s["before"]["linear_probe_test"]
-        if after is not None and probe is not None and after["mean"] < probe["mean"]:
+        after, probe = s["after"][headline.key], s["before"].get(key)
+        if after is not None and probe is not None and headline.better(probe["mean"], after["mean"]):
             warnings.append(
                 f"{task.name}/{arm}: fine-tuned test {headline.name} {headline.show(after['mean'])} {headline.unit} is "
-                f"below the linear probe of its own starting backbone ({headline.show(probe['mean'])} "
-                f"{headline.unit}): fine-tuning lost what the frozen features held; its lr, augmentation or epochs "
-                "are suspect, and so is any comparison with this arm."
+                f"{'below' if headline.higher_is_better else 'above'} the {probe_name} of its own starting backbone "
+                f"({headline.show(probe['mean'])} {headline.unit}): fine-tuning lost what the frozen features held; "
+                "its lr, augmentation or epochs are suspect, and so is any comparison with this arm."
             )
     return warnings
 
@@ -116,11 +131,14 @@ def analyse_task(cfg: PipelineConfig, task: TaskSpec, runs: list[Run]) -> dict[s
     metrics = task_metrics(task)
     headline = metrics[0]
     by_arm = {arm.name: arm_runs(runs, task.name, arm.name) for arm in cfg.arms}
+    mine = [r for r in runs if r["task"] == task.name]
+    head_probe = any(key.startswith("head_probe_test_") for r in mine for key in r["frozen"])
+    before = before_metrics(task, head_probe)
     arms = {
         arm.name: {
             "kind": arm_kind(cfg, arm),
             "after": {m.key: _summary(by_arm[arm.name], "metrics", f"test_{m.key}") for m in metrics},
-            "before": {m.key: _summary(by_arm[arm.name], "frozen", m.key) for m in FROZEN},
+            "before": {m.key: _summary(by_arm[arm.name], "frozen", m.key) for m in before},
             "wall_time_s": vars(summarize([sum(r["wall_time_s"].values()) for r in by_arm[arm.name]])),
             "optim": by_arm[arm.name][0]["optim"],
             "coupling": coupling(by_arm[arm.name]),
@@ -132,7 +150,7 @@ def analyse_task(cfg: PipelineConfig, task: TaskSpec, runs: list[Run]) -> dict[s
     comparisons = {
         arm: {
             "after": {m.key: _compare(by_arm[arm], base, "metrics", f"test_{m.key}") for m in metrics},
-            "before": {m.key: _compare(by_arm[arm], base, "frozen", m.key) for m in FROZEN},
+            "before": {m.key: _compare(by_arm[arm], base, "frozen", m.key) for m in before},
         }
         for arm in others
     }
@@ -144,10 +162,12 @@ def analyse_task(cfg: PipelineConfig, task: TaskSpec, runs: list[Run]) -> dict[s
         c["verdict"] = verdict(c, arm, cfg.baseline, headline)
     return {
         "headline": headline.key,
-        "labelled": any(r["frozen"] for r in runs if r["task"] == task.name),
+        "labelled": any("knn_test" in r["frozen"] for r in mine),  # frozen kNN / linear probe on class labels
+        "head_probe": head_probe,  # else: the task's own head on the frozen backbone
+        "knn_k": sorted({r["knn_k"] for r in mine if r.get("knn_k") is not None}),
         "arms": arms,
         "comparisons": comparisons,
-        "warnings": probe_warnings(task, arms, headline),
+        "warnings": probe_warnings(task, arms, headline, head_probe),
     }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from bissl.config import PipelineConfig, TaskSpec
 from bissl.downstream.base import Metric
-from bissl.pipeline.analysis import ALPHA, FROZEN, KINDS, analyse, arm_kind, task_metrics
+from bissl.pipeline.analysis import ALPHA, KINDS, analyse, arm_kind, before_metrics, task_metrics
 from bissl.pipeline.plots import plot_alignment, plot_curves, plot_headline
 from bissl.utils.io import atomic_write
 
@@ -47,22 +47,48 @@ def after_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> 
                   rows)  # fmt: skip
 
 
-def before_table(cfg: PipelineConfig, result: dict[str, Any]) -> list[str]:
-    """Frozen kNN and linear probe of each arm's starting backbone, and their paired difference to the baseline."""
+def before_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> list[str]:
+    """The frozen scores of each arm's starting backbone (:func:`~bissl.pipeline.analysis.before_metrics`), and
+    their paired difference to the baseline."""
+    metrics = before_metrics(task, result["head_probe"])
     rows = []
     for arm, s in result["arms"].items():
         c = result["comparisons"].get(arm, {}).get("before", {})
-        cells = [_mean_std(m, s["before"][m.key]) for m in FROZEN]
+        cells = [_mean_std(m, s["before"][m.key]) for m in metrics]
         if arm == cfg.baseline:
-            cells += ["baseline"] * (2 * len(FROZEN))
+            cells += ["baseline"] * (2 * len(metrics))
         else:
-            for m in FROZEN:
+            for m in metrics:
                 cells += [_diff(m, c.get(m.key)), _p(c.get(m.key))]
         rows.append([arm, *cells])
-    header = ["arm", *(m.header() for m in FROZEN)]
-    for m in FROZEN:
-        header += [f"Δ {m.name} vs {cfg.baseline} (points, 95% CI)", "p"]
+    header = ["arm", *(m.header() for m in metrics)]
+    for m in metrics:
+        unit = "points" if m.unit == "%" else m.unit
+        header += [f"Δ {m.name} vs {cfg.baseline} ({unit + ', ' if unit else ''}95% CI)", "p"]
     return _table(header, rows)
+
+
+def before_lines(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> list[str]:
+    """What the "before fine-tuning" scores are (with the kNN's k), then their table."""
+    if result["head_probe"]:
+        what = (
+            f"the task's own head trained on it ({cfg.evaluate.linear_probe_epochs} epochs at lr "
+            f"{cfg.evaluate.linear_probe_lr:g}, the task's training split), its declared metrics"
+        )
+    elif result["labelled"]:
+        k = ", ".join(map(str, result.get("knn_k", []))) or str(cfg.evaluate.knn_k)
+        what = (
+            f"kNN (k = {k}: `evaluate.knn_k` = {cfg.evaluate.knn_k} capped by the training split's mean class size) "
+            "and a linear probe on the task's training split"
+        )
+    else:
+        return ["n/a: no frozen-backbone scores were recorded for this task."]
+    return [
+        f"**Before fine-tuning**: the frozen backbone each arm starts fine-tuning from, test split: {what} "
+        "(mean ± std over seeds).",
+        "",
+        *before_table(cfg, task, result),
+    ]
 
 
 def comparison_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> list[str]:
@@ -94,18 +120,10 @@ def coupling_lines(result: dict[str, Any]) -> list[str]:
 def task_section(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> list[str]:
     """One task: after / before fine-tuning, comparisons, warnings, coupling."""
     headline = task_metrics(task)[0]
-    before = (
-        before_table(cfg, result)
-        if result["labelled"]
-        else ["n/a: the task's data has no class labels, so there is no frozen kNN or linear probe."]
-    )
     return [
         f"## {task.name} (headline: test {headline.header()})",
         "",
-        "**Before fine-tuning**: the frozen backbone each arm starts fine-tuning from, test split (kNN and a linear "
-        "probe on the task's training split; mean ± std over seeds).",
-        "",
-        *before,
+        *before_lines(cfg, task, result),
         "",
         "**After fine-tuning**: test metrics of the model selected on validation (mean ± std over seeds).",
         "",

@@ -1,5 +1,6 @@
 """``bissl pipeline``: one study. Pretrain once, then for every task x arm x seed: (align ->) score the starting
-backbone frozen (kNN, linear probe) -> fine-tune; then the report.
+backbone frozen (kNN and linear probe on class labels, else the task's own head: ``bissl evaluate``) -> fine-tune;
+then the report.
 
 With ``search.trials > 0`` each arm's fine-tuning lr / weight decay is searched on validation once per task, on the
 first seed's starting backbone, with the same budget (and, with the random sampler, the same candidates) for every
@@ -35,12 +36,11 @@ from bissl.config import (
     TaskSpec,
     to_yaml,
 )
-from bissl.downstream.base import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import resolve_backbone_file
 from bissl.engine.names import validate_names
 from bissl.engine.runtime import SUMMARY_FILE, environment, require_same_config
 from bissl.stages.align import align
-from bissl.stages.evaluate import evaluate, single_label
+from bissl.stages.evaluate import evaluate
 from bissl.stages.finetune import finetune
 from bissl.stages.hpo import search
 from bissl.stages.pretrain import pretrain
@@ -62,7 +62,8 @@ class RunRecord:
     align_dir: Path | None = None
     optim: dict[str, float] = field(default_factory=dict)  # the lr / weight decay this run fine-tuned with
     metrics: dict[str, float] = field(default_factory=dict)  # fine-tuning's (val_*, test_*)
-    frozen: dict[str, float] = field(default_factory=dict)  # starting backbone's knn_* / linear_probe_*
+    frozen: dict[str, float] = field(default_factory=dict)  # starting backbone's knn_* / linear_probe_* / head_probe_*
+    knn_k: int | None = None  # the k of the frozen kNN (None: the task's head was probed)
     align_metrics: dict[str, float] = field(default_factory=dict)
     coupling: dict[str, Any] = field(default_factory=dict)  # the align stage's coupling diagnostics, if it has them
     wall_time_s: dict[str, float] = field(default_factory=dict)
@@ -137,7 +138,7 @@ def align_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, p
 
 
 def evaluate_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, backbone: Path) -> EvaluateConfig:
-    """Frozen kNN / linear probe of the backbone a run starts fine-tuning from (the report draws the t-SNE)."""
+    """Frozen scores of the backbone a run starts fine-tuning from (the report draws the t-SNE)."""
     update = {**_run_fields(cfg, task, arm, seed, "evaluate"), "backbone": str(backbone), "embedding": False}
     return with_data_source(cfg, cfg.evaluate.model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
 
@@ -153,11 +154,6 @@ def finetune_config(
         "optim": stage.optim.model_copy(update=optim),
     }
     return with_data_source(cfg, stage.model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
-
-
-def has_class_labels(task: TaskSpec) -> bool:
-    """Whether the task's data has single-label classes (``info.kind``: what frozen kNN and linear probes need)."""
-    return single_label(DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)["test"].info)
 
 
 def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone: Path) -> dict[str, Any]:
@@ -191,7 +187,7 @@ def start_backbone(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, record: Ru
 
 
 def run_arm(
-    cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, pretrained: Path, labelled: bool
+    cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, pretrained: Path
 ) -> tuple[list[RunRecord], dict[str, Any] | None]:
     """Every seed of one arm on one task (and, with ``search.trials``, its search first); the runs and the search."""
     records, searched = [], None
@@ -199,9 +195,8 @@ def run_arm(
         label = f"{task.name}/{arm.name}/seed{seed}"
         record = RunRecord(task.name, arm.name, seed, run_dir(cfg, task, arm, seed) / "finetune")
         backbone = start_backbone(cfg, task, arm, record, pretrained)
-        if labelled:
-            summary = run_stage(evaluate_config(cfg, task, arm, seed, backbone), evaluate, f"{label}: frozen scores")
-            record.frozen = summary["metrics"]
+        summary = run_stage(evaluate_config(cfg, task, arm, seed, backbone), evaluate, f"{label}: frozen scores")
+        record.frozen, record.knn_k = summary["metrics"], summary.get("knn_k")
         if cfg.search.trials > 0 and searched is None:
             searched = search_settings(cfg, task, arm, backbone)
         finetune_cfg = finetune_config(cfg, task, arm, seed, backbone, searched["best_params"] if searched else {})
@@ -241,9 +236,8 @@ def run_study(cfg: PipelineConfig) -> StudyResult:
     records: list[RunRecord] = []
     searches: dict[str, dict[str, Any]] = {}
     for task in cfg.tasks:
-        labelled = has_class_labels(task)
         for arm in cfg.arms:
-            arm_records, searched = run_arm(cfg, task, arm, pretrained, labelled)
+            arm_records, searched = run_arm(cfg, task, arm, pretrained)
             records += arm_records
             if searched is not None:
                 searches.setdefault(task.name, {})[arm.name] = searched

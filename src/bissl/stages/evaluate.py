@@ -2,10 +2,12 @@
 
 Features of the task's train/val/test splits are extracted once (eval mode, dataset normalisation). The train
 split is the memory bank of a weighted kNN classifier and the training set of a linear probe; both are scored
-on val and test. A t-SNE of the TEST features coloured by class is written to ``embedding.png``.
+on val and test, with ``knn_k`` capped by the train split's mean class size (:func:`~bissl.eval.knn.knn_k_used`;
+the k used is in the summary). A t-SNE of the TEST features coloured by class is written to ``embedding.png``.
 
-Data whose targets are not classes (``info.kind`` other than ``classification``, e.g. detection boxes) has no kNN
-or linear probe: the task's own head is trained on the frozen backbone instead
+A task that is not scored on the data's single class labels (``class_label_probe`` False: a user's task by default;
+also any data whose ``info.kind`` is not ``classification``, e.g. detection boxes) gets no kNN or linear probe: the
+task's own head is trained on the frozen backbone instead
 (the BiSSL head warm-up, :func:`~bissl.engine.head_warmup.warm_up_head`, ``linear_probe_epochs`` epochs at
 ``linear_probe_lr``, batches of ``downstream.data.batch_size``) and the task's declared metrics are reported on val
 and test as ``head_probe_<split>_<metric>``. Nothing in this path knows which task it is.
@@ -24,7 +26,6 @@ from typing import Any
 from torch import nn
 
 from bissl.config import EvaluateConfig
-from bissl.data.base import DatasetInfo
 from bissl.dist import on_main
 from bissl.downstream.base import DOWNSTREAM_TASKS, build_task
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
@@ -36,6 +37,7 @@ from bissl.engine.runtime import check_channels
 from bissl.engine.sampling import BatchStream
 from bissl.engine.step import use_channels_last
 from bissl.eval.embedding import embed_2d, plot_embedding
+from bissl.eval.knn import knn_k_used
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.plotting import require_plotting
 from bissl.utils.seed import derive_seed, seed_everything
@@ -51,6 +53,7 @@ class EvaluateResult:
     metrics: dict[str, float]  # knn_val, knn_test and, with a probe, linear_probe_val, linear_probe_test
     summary_path: Path
     embedding_path: Path | None
+    knn_k: int | None = None  # the k the kNN used (None: the task's head was probed instead)
 
 
 def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
@@ -67,13 +70,14 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
     with Run.start("evaluate", cfg, overwrite=overwrite) as run:
         seed_everything(cfg.seed)
         backbone, spec = load_backbone(backbone_file, cfg.plugins)
-        splits = DOWNSTREAM_TASKS.get(cfg.downstream.task).splits(cfg.downstream)
+        task_cls = DOWNSTREAM_TASKS.get(cfg.downstream.task)
+        splits = task_cls.splits(cfg.downstream)
         data, info = cfg.downstream.data, splits["train"].info
         if info.num_classes == 0:
             raise ConfigError(f"downstream.data.name={data.name!r} has no labels; choose a labelled dataset")
         check_channels(info.channels, spec["in_channels"], data.name)
         use_channels_last(backbone.to(run.device), cfg.channels_last)
-        if getattr(info, "kind", "classification") != "classification":
+        if not task_cls.class_label_probe or getattr(info, "kind", "classification") != "classification":
             metrics = _head_probe(cfg, run, backbone, splits)
             log.info("head probe of the frozen backbone on %s: %s", data.name, metrics)
             run.log(0, "evaluate", metrics)
@@ -95,20 +99,18 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
             probe_lr=cfg.linear_probe_lr, probe_weight_decay=cfg.linear_probe_weight_decay,
             num_classes=info.num_classes,
         )  # fmt: skip
-        log.info("frozen %s features (dim %d): %s", data.name, features["train"][0].shape[1], metrics)
+        knn_k = knn_k_used(cfg.knn_k, features["train"][1])
+        dim = features["train"][0].shape[1]
+        log.info("frozen %s features (dim %d, kNN k = %d): %s", data.name, dim, knn_k, metrics)
         run.log(0, "evaluate", metrics)
         embedding_path = on_main(lambda: _plot(cfg, run.out, features["test"], backbone_file, info.classes))
         summary_path = run.finish(
-            {"metrics": metrics, "backbone": str(backbone_file), "feature_dim": int(features["train"][0].shape[1]),
+            {"metrics": metrics, "backbone": str(backbone_file), "feature_dim": int(dim),
+             "knn_k": knn_k,
              "num_samples": {split: len(x) for split, (x, _) in features.items()},
              "embedding": str(embedding_path) if embedding_path else None}
         )  # fmt: skip
-    return EvaluateResult(run.out, metrics, summary_path, embedding_path)
-
-
-def single_label(info: DatasetInfo) -> bool:
-    """Whether a dataset's targets are single class indices (what kNN and a linear probe score)."""
-    return getattr(info, "kind", "classification") == "classification" and info.num_classes > 0 and not info.multi_label
+    return EvaluateResult(run.out, metrics, summary_path, embedding_path, knn_k)
 
 
 def _head_probe(cfg: EvaluateConfig, run: Run, backbone: nn.Module, splits: dict[str, Any]) -> dict[str, float]:
