@@ -193,6 +193,18 @@ class BilevelConfig(StrictModel):
     solver: SolverConfig = Field(default_factory=SolverConfig)
     head_warmup_epochs: int = Field(20, ge=0)
     head_warmup_lr: float = Field(0.01, gt=0)
+    # what the cycles run (bissl.bilevel.rivals): bissl (the implicit hypergradient) | multitask (lower steps on
+    # L_P + multitask_weight x L_D on one backbone, no upper level: n_upper 0) | penalty (a first-order bilevel
+    # solution: the value-function penalty with weight penalty_rho, no Hessian)
+    rule: Literal["bissl", "multitask", "penalty"] = "bissl"
+    multitask_weight: float = Field(1.0, ge=0)
+    penalty_rho: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _multitask_has_no_upper_level(self) -> BilevelConfig:
+        if self.rule == "multitask" and self.n_upper != 0:
+            raise ValueError(f"rule=multitask has lower steps only; set n_upper=0 (got {self.n_upper})")
+        return self
 
 
 class AlignConfig(StrictModel):
