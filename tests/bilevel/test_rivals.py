@@ -8,7 +8,8 @@ from test_trainer import RegressViewPretext, TinyBackbone, TinyTask, _batches
 from test_trainer_cycle import upper_batches
 
 from bissl.bilevel import BilevelSettings, BiSSLTrainer, SolverSpec
-from bissl.bilevel.rivals import MultitaskTrainer, PenaltyTrainer, penalty_gradients
+from bissl.bilevel.rivals import MultitaskTrainer, PenaltyTrainer, cycle_backward_passes, penalty_gradients
+from bissl.config import BilevelConfig
 from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import ConfigError
 
@@ -82,9 +83,17 @@ def test_one_cycle_counts_its_passes_and_products() -> None:
     _cycle(bissl, 3, 2)
     assert compute.as_dict() == {"forward": 3 + 2 * 2 + 1, "backward": 3 + 2 * 2 + 1, "hvp": 2 * 5,
                                  "images": 16 * (3 + 1) + 12 * 2 * 2}  # fmt: skip
+    assert compute.backward == cycle_backward_passes(BilevelConfig(n_lower=3, n_upper=2), n_views=1)
     penalty, compute = _trainer(PenaltyTrainer, n_lower=3, n_upper=2)
     _cycle(penalty, 3, 2)
     assert compute.as_dict() == {"forward": 3 + 2 * 3, "backward": 3 + 2 * 3, "hvp": 0, "images": 16 * 5 + 12 * 4}
+    assert compute.backward == cycle_backward_passes(BilevelConfig(n_lower=3, n_upper=2, rule="penalty"), n_views=1)
+    multitask, compute = _trainer(MultitaskTrainer, n_lower=3, n_upper=0)
+    views, _ = _batches()
+    for batch in upper_batches(3):
+        multitask.lower_step(views, 3, batch)
+    multitask_cfg = BilevelConfig(n_lower=3, n_upper=0, rule="multitask")
+    assert compute.backward == cycle_backward_passes(multitask_cfg, n_views=1) == 3 * 2
 
 
 def test_penalty_trainer_steps_z_phi_and_omega_along_the_penalty_gradient() -> None:

@@ -37,7 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from bissl.bilevel.hvp import preserve_buffers
+from bissl.bilevel.mfac import INVERSES
 from bissl.bilevel.trainer import BiSSLTrainer, copy_trainable
+from bissl.config import BilevelConfig
 from bissl.utils.errors import ConfigError
 from bissl.utils.numerics import global_norm, require_finite
 
@@ -61,6 +63,23 @@ def penalty_gradients(
     ]
     g_phi = [gamma * d + rho * lam * (yi.detach() - zi.detach()) for d, yi, zi in zip(grad_d_phi, y, z, strict=True)]
     return g_z, g_phi
+
+
+def cycle_backward_passes(bilevel: BilevelConfig, n_views: int) -> int:
+    """Backbone backward passes of one cycle of ``bilevel.rule`` (as :class:`~bissl.utils.compute.ComputeCounter`
+    counts them), a pretext loss making ``n_views`` backbone passes; BiSSL's Hessian-vector products not included.
+
+    BiSSL: ``N_L n_views + N_U x 2`` (L_D at theta and phi) ``+ n_views`` (the Hessian's graph, for a solver that
+    takes products); multitask: ``N_L (n_views + 1)`` (``n_views`` for ``w = 0``); penalty: ``N_L n_views + N_U
+    (n_views + 2)``.
+    """
+    b = bilevel
+    downstream = 1 if b.rule == "multitask" and b.multitask_weight > 0 else 0
+    lower = b.n_lower * (n_views + downstream)
+    if b.rule == "penalty":
+        return lower + b.n_upper * (n_views + 2)
+    takes_products = b.solver.name not in ("identity", *INVERSES)
+    return lower + (2 * b.n_upper + (n_views if takes_products else 0) if b.n_upper else 0)
 
 
 class MultitaskTrainer(BiSSLTrainer):

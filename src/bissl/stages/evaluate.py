@@ -36,6 +36,7 @@ from bissl.engine.runtime import check_channels
 from bissl.engine.sampling import BatchStream
 from bissl.engine.step import use_channels_last
 from bissl.eval.embedding import embed_2d, plot_embedding
+from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.plotting import require_plotting
 from bissl.utils.seed import derive_seed, seed_everything
@@ -67,6 +68,8 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
     with Run.start("evaluate", cfg, overwrite=overwrite) as run:
         seed_everything(cfg.seed)
         backbone, spec = load_backbone(backbone_file, cfg.plugins)
+        compute = ComputeCounter()
+        compute.watch(backbone)
         splits = DOWNSTREAM_TASKS.get(cfg.downstream.task).splits(cfg.downstream)
         data, info = cfg.downstream.data, splits["train"].info
         if info.num_classes == 0:
@@ -77,7 +80,9 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
             metrics = _head_probe(cfg, run, backbone, splits)
             log.info("head probe of the frozen backbone on %s: %s", data.name, metrics)
             run.log(0, "evaluate", metrics)
-            summary_path = run.finish({"metrics": metrics, "backbone": str(backbone_file), "embedding": None})
+            summary_path = run.finish(
+                {"metrics": metrics, "backbone": str(backbone_file), "embedding": None, "compute": compute.as_dict()}
+            )
             return EvaluateResult(run.out, metrics, summary_path, None)
         if info.multi_label:
             raise ConfigError(
@@ -101,7 +106,7 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
         summary_path = run.finish(
             {"metrics": metrics, "backbone": str(backbone_file), "feature_dim": int(features["train"][0].shape[1]),
              "num_samples": {split: len(x) for split, (x, _) in features.items()},
-             "embedding": str(embedding_path) if embedding_path else None}
+             "embedding": str(embedding_path) if embedding_path else None, "compute": compute.as_dict()}
         )  # fmt: skip
     return EvaluateResult(run.out, metrics, summary_path, embedding_path)
 
