@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bissl.bilevel.hvp import preserve_buffers
+from bissl.bilevel.hvp import frozen_buffers
 from bissl.bilevel.mfac import INVERSES
 from bissl.bilevel.trainer import BiSSLTrainer, copy_trainable
 from bissl.config import BilevelConfig
@@ -140,14 +140,15 @@ class PenaltyTrainer(BiSSLTrainer):
     def hypergradient(
         self, batch: Any, hessian_views: Sequence[Tensor] | None = None
     ) -> tuple[list[Tensor], dict[str, float]]:
-        """``[g_phi..., g_omega..., g_z...]`` (aligned with ``upper_params``) and diagnostics; psi's buffers kept."""
+        """``[g_phi..., g_omega..., g_z...]`` (aligned with ``upper_params``) and diagnostics; psi's BatchNorm
+        running statistics are left to the lower steps (batch statistics here, as in BiSSL's Hessian)."""
         views = list(hessian_views) if hessian_views is not None else self._views
         if views is None:
             raise ValueError("no open cycle: call begin_cycle(views) first, or pass hessian_views")
         s, head = self.settings, list(self.head.parameters())
         loss_z = self._downstream_loss(self.penalised_backbone, batch)
         grads_z = torch.autograd.grad(loss_z, [*self.z, *head])
-        with preserve_buffers(self.pretext), self.forward_context():
+        with frozen_buffers(self.pretext), self.forward_context():
             pretext_z = self.pretext.loss(self.penalised_backbone, views)
         grad_p_z = torch.autograd.grad(pretext_z, self.z, allow_unused=True, materialize_grads=True)
         loss_phi = self._downstream_loss(self.upper_backbone, batch)
