@@ -5,7 +5,13 @@ writes, to initialise fine-tuning), ``upper_backbone.pt`` (phi), ``pretext_head.
 ``downstream_head.pt``, ``checkpoints/last.pt``, ``metrics.jsonl|csv``, ``tb/`` and ``summary.json``. Every logged
 cycle and the summary carry ``coupling/*``: how far theta followed phi from the pretrained backbone (docs/coupling.md).
 Every batch and view is drawn from generators seeded by ``(seed, stream, counter)``, so ``--resume``
-continues exactly.
+continues exactly. ``summary.json`` → ``compute``: the backbone forward / backward passes, Hessian-vector products
+and images of the run (:class:`~bissl.utils.compute.ComputeCounter`).
+
+``bilevel.rule`` picks what a cycle runs: BiSSL (``bissl``), or a rival on the same loop (:mod:`bissl.bilevel.rivals`):
+``multitask`` (lower steps on ``L_P + w L_D``, each with a downstream batch; ``w = 0`` with the task's images as
+``pretext_data``: task-adaptive pretraining) or ``penalty`` (first-order value-function penalty; ``backbone.pt`` is
+its penalised theta).
 
 Under ``torchrun`` every rank runs the bilevel cycles on its rows ``r, r + W, ...`` of each global lower and upper
 batch (``lower.batch_size`` and ``upper.batch_size`` stay the global sizes), with views drawn per augmentation
