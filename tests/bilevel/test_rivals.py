@@ -133,3 +133,12 @@ def test_multitask_rule_steps_one_backbone_and_head_on_the_joint_loss() -> None:
     tapt, compute = _trainer(MultitaskTrainer, n_upper=0, multitask_weight=0.0)
     tapt.lower_step(views, 2)
     assert not tapt.lower_needs_batch and compute.forward == 1
+
+
+def test_penalty_trainer_state_holds_z() -> None:
+    trainer, _ = _trainer(PenaltyTrainer, n_lower=1, n_upper=1)
+    _cycle(trainer, 1, 1)
+    fresh, _ = _trainer(PenaltyTrainer, n_lower=1, n_upper=1)
+    fresh.load_state_dict(trainer.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.z, trainer.z, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.z, fresh.theta, strict=True))  # z is its own backbone

@@ -172,6 +172,12 @@ class PenaltyTrainer(BiSSLTrainer):
         }
         return [*g_phi, *g_omega, *g_z], stats
 
+    def upper_step(self, batch: Any, hessian_views: Sequence[Tensor] | None = None) -> dict[str, float]:
+        """One step of phi, omega and z; under data parallelism z's buffers are then made equal on every rank."""
+        stats = super().upper_step(batch, hessian_views)
+        self._sync_buffers(self.penalised_backbone)
+        return stats
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "penalised_backbone": self.penalised_backbone.state_dict()}
 
