@@ -351,7 +351,8 @@ class ArmSpec(StrictModel):
     solver or damping), so a new arm is a config entry, not code. ``budget`` (``tapt``, ``multitask``,
     ``penalty``): the BiSSL arm whose measured backbone backward passes + Hessian-vector products (same task and
     seed) this arm's cycles are sized to match; ``None``: the study's first ``bissl`` arm with an upper level;
-    ``own``: the arm's own ``align.bilevel.cycles``.
+    ``own``: the arm's own ``align.bilevel.cycles``. ``hvp_passes``: what one of that arm's Hessian-vector products
+    counts for in backward passes (1: a count; ~3.4 matches CPU time on the small conv net, benchmarks/README.md).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -359,6 +360,7 @@ class ArmSpec(StrictModel):
     bissl: bool = False  # the same as kind: bissl (kept for configs written before kinds)
     align: dict[str, Any] = Field(default_factory=dict)
     budget: str | None = None
+    hvp_passes: float = Field(1.0, ge=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -145,8 +145,9 @@ def align_config(
 
 
 def equal_compute_cycles(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, pretrained: Path) -> int | None:
-    """The cycles that give rival ``arm`` the backbone backward passes + Hessian-vector products its BiSSL arm
-    measured on this task and seed (that arm's align is run first, or reused); ``None``: its own cycles.
+    """The cycles that give rival ``arm`` the backbone backward passes + Hessian-vector products (each weighing
+    ``arm.hvp_passes`` passes) its BiSSL arm measured on this task and seed (that arm's align is run first, or
+    reused); ``None``: its own cycles.
 
     The rival's cost per cycle is its rule's count (:func:`~bissl.bilevel.rivals.cycle_backward_passes`), with the
     pretrained pretext method's views per batch.
@@ -157,8 +158,12 @@ def equal_compute_cycles(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed
     label = f"{task.name}/{target.name}/seed{seed}: align (compute budget of {arm.name})"
     spent = run_stage(align_config(cfg, task, target, seed, pretrained), partial(align, resume=True), label)["compute"]
     n_views = PRETEXT_METHODS.get(read_head_file(pretrained / PRETEXT_HEAD_FILE, "pretext")["name"]).n_views
-    per_cycle = cycle_backward_passes(cfg.arm_align(arm, task).bilevel, n_views)
-    return max(1, round((spent["backward"] + spent["hvp"]) / per_cycle))
+    return matched_cycles(spent, cycle_backward_passes(cfg.arm_align(arm, task).bilevel, n_views), arm.hvp_passes)
+
+
+def matched_cycles(spent: dict[str, int], per_cycle: int, hvp_passes: float) -> int:
+    """Whole cycles of ``per_cycle`` backward passes nearest to ``spent``'s backward passes + ``hvp_passes`` x HVPs."""
+    return max(1, round((spent["backward"] + hvp_passes * spent["hvp"]) / per_cycle))
 
 
 def evaluate_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, backbone: Path) -> EvaluateConfig:
