@@ -31,11 +31,16 @@ from bissl.data.augment import build_view_augmentation
 from bissl.downstream.classification import ClassificationTask
 from bissl.engine.build import build_pretext_on
 from bissl.engine.checkpoint import PRETEXT_HEAD_FILE, load_backbone, read_head_file, resolve_backbone_file
+from bissl.utils.compute import ComputeCounter
 
 N_LOWER, N_UPPER, LOWER_BATCH, UPPER_BATCH = 20, 8, 64, 32
 
 
-def _setup(run: Path) -> tuple[BiSSLTrainer, list[list[torch.Tensor]], list[Any], str]:
+def _setup(
+    run: Path, trainer_cls: type[BiSSLTrainer] = BiSSLTrainer, compute: ComputeCounter | None = None, **settings: Any
+) -> tuple[BiSSLTrainer, list[list[torch.Tensor]], list[Any], str]:
+    """The trainer (``trainer_cls``, ``align_digits``' settings with ``settings`` replaced; ``compute`` watching
+    its backbones), pre-drawn lower views and upper batches, and the pretext method's name."""
     path = resolve_backbone_file(str(run))
     torch.manual_seed(0)
     backbone, _ = load_backbone(path)
@@ -57,11 +62,14 @@ def _setup(run: Path) -> tuple[BiSSLTrainer, list[list[torch.Tensor]], list[Any]
     for _ in range(N_UPPER):
         idx = torch.randint(len(images), (UPPER_BATCH,), generator=g)
         batches.append(((images[idx].float() / 255 - info.mean[0]) / info.std[0], targets[idx]))
-    settings = BilevelSettings(n_lower=N_LOWER, n_upper=N_UPPER, lam=1e-3, damping=10.0, gamma=1.0,
-                               solver=SolverSpec("cg", maxiter=5))  # fmt: skip
+    defaults = {"n_lower": N_LOWER, "n_upper": N_UPPER, "lam": 1e-3, "damping": 10.0, "gamma": 1.0,
+                "solver": SolverSpec("cg", maxiter=5)}  # fmt: skip
     sgd = lambda lr, wd: lambda params: torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=0.9)  # noqa: E731
-    trainer = BiSSLTrainer(backbone=backbone, pretext=pretext, task=task, head=head, settings=settings,
-                           make_lower_optimizer=sgd(0.05, 1e-5), make_upper_optimizer=sgd(0.01, 1e-4))  # fmt: skip
+    trainer = trainer_cls(backbone=backbone, pretext=pretext, task=task, head=head,
+                          settings=BilevelSettings(**{**defaults, **settings}), compute=compute,
+                          make_lower_optimizer=sgd(0.05, 1e-5), make_upper_optimizer=sgd(0.01, 1e-4))  # fmt: skip
+    for module in trainer.backbones() if compute is not None else []:
+        compute.watch(module)
     return trainer, views, batches, str(head_file["name"])
 
 

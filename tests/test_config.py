@@ -1,6 +1,7 @@
 import pytest
 
 from bissl.config import (
+    ArmSpec,
     PipelineConfig,
     PretrainConfig,
     apply_overrides,
@@ -105,3 +106,21 @@ def test_missing_extends_target_names_both_files(tmp_path):
         ConfigError, match=r"child\.yaml: 'extends: no_base\.yaml': config file 'no_base\.yaml' not found"
     ):
         load_config(PretrainConfig, tmp_path / "child.yaml")
+
+
+def test_arm_kinds_keep_bissl_true_and_size_rivals_by_a_bissl_arm():
+    assert ArmSpec(name="a", bissl=True).kind == "bissl" and ArmSpec(name="a", kind="bissl").bissl
+    with pytest.raises(ValueError, match="contradicts"):
+        ArmSpec(name="a", bissl=True, kind="tapt")
+    cfg = load_config(PipelineConfig, "pipeline_rivals_digits")
+    arms = {arm.name: arm for arm in cfg.arms}
+    assert cfg.budget_arm(arms["penalty"]) is arms["bissl"] and cfg.budget_arm(arms["probe"]) is None
+    tapt = cfg.arm_align(arms["tapt"], cfg.tasks[0])
+    assert tapt.bilevel.rule == "multitask" and tapt.bilevel.multitask_weight == 0 and tapt.bilevel.n_upper == 0
+    assert tapt.pretext_data == cfg.tasks[0].downstream.data  # the task's own images
+    with pytest.raises(ConfigError, match="budget='conventional' is not a bissl arm"):
+        load_config(PipelineConfig, "pipeline_rivals_digits", ["arms=[{name: conventional}, {name: m, kind: multitask, "
+                                                               "budget: conventional}]"])  # fmt: skip
+    with pytest.raises(ConfigError, match="n_upper=0"):
+        load_config(PipelineConfig, "pipeline_rivals_digits", ["arms=[{name: conventional}, {name: m, kind: multitask, "
+                                                               "align: {bilevel: {n_upper: 2}}}]"])  # fmt: skip

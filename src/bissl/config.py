@@ -193,6 +193,18 @@ class BilevelConfig(StrictModel):
     solver: SolverConfig = Field(default_factory=SolverConfig)
     head_warmup_epochs: int = Field(20, ge=0)
     head_warmup_lr: float = Field(0.01, gt=0)
+    # what the cycles run (bissl.bilevel.rivals): bissl (the implicit hypergradient) | multitask (lower steps on
+    # L_P + multitask_weight x L_D on one backbone, no upper level: n_upper 0) | penalty (a first-order bilevel
+    # solution: the value-function penalty with weight penalty_rho, no Hessian)
+    rule: Literal["bissl", "multitask", "penalty"] = "bissl"
+    multitask_weight: float = Field(1.0, ge=0)
+    penalty_rho: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _multitask_has_no_upper_level(self) -> BilevelConfig:
+        if self.rule == "multitask" and self.n_upper != 0:
+            raise ValueError(f"rule=multitask has lower steps only; set n_upper=0 (got {self.n_upper})")
+        return self
 
 
 class AlignConfig(StrictModel):
@@ -316,16 +328,63 @@ class TaskSpec(StrictModel):
     align: dict[str, Any] = Field(default_factory=dict)
 
 
+ArmKind = Literal["conventional", "bissl", "tapt", "multitask", "penalty", "probe"]
+#: arm kinds whose starting backbone comes out of the align stage (BiSSL, or a rival rule of its loop)
+ALIGNED_KINDS = ("bissl", "tapt", "multitask", "penalty")
+#: arm kinds at equal compute with a BiSSL arm (``ArmSpec.budget``)
+RIVAL_KINDS = ("tapt", "multitask", "penalty")
+
+
 class ArmSpec(StrictModel):
-    """One arm of a study: fine-tuning from the pretrained backbone, or from BiSSL's theta (``bissl: true``).
+    """One arm of a study, by ``kind``:
+
+    - ``conventional``: fine-tunes the pretrained backbone;
+    - ``bissl`` (or ``bissl: true``): fine-tunes BiSSL's theta (the align stage);
+    - ``tapt``: task-adaptive pretraining: more pretext steps (the pretrained method and heads) on the task's
+      training images, from the pretrained backbone, then fine-tuning;
+    - ``multitask``: one backbone on ``L_P + w L_D`` (``align.bilevel.multitask_weight``), then fine-tuning;
+    - ``penalty``: a first-order bilevel solution (value-function penalty, no Hessian; ``bissl.bilevel.rivals``),
+      then fine-tuning of its penalised theta;
+    - ``probe``: no fine-tuning; its result is the frozen linear probe of the pretrained backbone.
 
     ``align`` holds nested overrides of the study's ``align`` settings for this arm only (e.g. another
-    solver or damping), so a new arm is a config entry, not code.
+    solver or damping), so a new arm is a config entry, not code. ``budget`` (``tapt``, ``multitask``,
+    ``penalty``): the BiSSL arm whose measured backbone backward passes + Hessian-vector products (same task and
+    seed) this arm's cycles are sized to match; ``None``: the study's first ``bissl`` arm with an upper level;
+    ``own``: the arm's own ``align.bilevel.cycles``. ``hvp_passes``: what one of that arm's Hessian-vector products
+    counts for in backward passes (1: a count; ~3.4 matches CPU time on the small conv net, benchmarks/README.md).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    bissl: bool = False
+    kind: ArmKind = "conventional"
+    bissl: bool = False  # the same as kind: bissl (kept for configs written before kinds)
     align: dict[str, Any] = Field(default_factory=dict)
+    budget: str | None = None
+    hvp_passes: float = Field(1.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_from_bissl(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("bissl"):
+            if data.get("kind", "bissl") != "bissl":
+                raise ValueError(f"bissl: true contradicts kind: {data['kind']}; keep one of them")
+            return {**data, "kind": "bissl"}
+        if isinstance(data, dict) and data.get("kind") == "bissl":
+            return {**data, "bissl": True}
+        return data
+
+    @property
+    def aligns(self) -> bool:
+        """Whether the arm's starting backbone comes out of the align stage."""
+        return self.kind in ALIGNED_KINDS
+
+
+#: what each rival kind sets in the study's align settings (before the arm's own ``align`` overrides)
+KIND_ALIGN: dict[str, dict[str, Any]] = {
+    "tapt": {"bilevel": {"rule": "multitask", "multitask_weight": 0.0, "n_upper": 0, "head_warmup_epochs": 0}},
+    "multitask": {"bilevel": {"rule": "multitask", "n_upper": 0}},
+    "penalty": {"bilevel": {"rule": "penalty"}},
+}
 
 
 class SearchSpec(StrictModel):
@@ -390,6 +449,12 @@ class PipelineConfig(StrictModel):
                 raise ValueError(f"{kind}s must be unique, got {names}")
         if self.baseline not in self.arm_names():
             raise ValueError(f"baseline={self.baseline!r} is not an arm; choose one of {self.arm_names()}")
+        bissl_arms = [a.name for a in self.arms if a.kind == "bissl"]
+        for arm in self.arms:
+            if arm.budget not in (None, "own", *bissl_arms):
+                raise ValueError(
+                    f"arm {arm.name!r}: budget={arm.budget!r} is not a bissl arm; name one of {bissl_arms} or 'own'"
+                )
         for t, task in enumerate(self.tasks):
             try:
                 self.task_finetune(task)
@@ -407,11 +472,22 @@ class PipelineConfig(StrictModel):
 
     def is_control(self, arm: ArmSpec) -> bool:
         """Whether ``arm`` is the same-compute control: BiSSL's lower level with no upper level (``n_upper: 0``)."""
-        return arm.bissl and all(self.arm_align(arm, task).bilevel.n_upper == 0 for task in self.tasks)
+        return arm.kind == "bissl" and all(self.arm_align(arm, task).bilevel.n_upper == 0 for task in self.tasks)
+
+    def budget_arm(self, arm: ArmSpec) -> ArmSpec | None:
+        """The BiSSL arm whose measured compute ``arm`` matches (``ArmSpec.budget``); ``None``: its own cycles."""
+        if arm.kind not in RIVAL_KINDS or arm.budget == "own":
+            return None
+        if arm.budget is not None:
+            return next(a for a in self.arms if a.name == arm.budget)
+        return next((a for a in self.arms if a.kind == "bissl" and not self.is_control(a)), None)
 
     def arm_align(self, arm: ArmSpec, task: TaskSpec) -> AlignConfig:
-        """The study's align settings with ``task``'s, then ``arm``'s overrides applied (validated)."""
-        merged = deep_merge(deep_merge(self.align.model_dump(mode="json"), task.align), arm.align)
+        """The study's align settings with ``task``'s, then the arm kind's (``KIND_ALIGN``; ``tapt``: the task's
+        data as pretext data), then ``arm``'s overrides applied (validated)."""
+        kind = deep_merge(KIND_ALIGN.get(arm.kind, {}), {"pretext_data": task.downstream.data.model_dump(mode="json")}
+                          if arm.kind == "tapt" else {})  # fmt: skip
+        merged = deep_merge(deep_merge(deep_merge(self.align.model_dump(mode="json"), task.align), kind), arm.align)
         return AlignConfig.model_validate(merged)
 
     def task_finetune(self, task: TaskSpec) -> FinetuneConfig:

@@ -51,6 +51,8 @@ def test_align_resume_is_exact(tmp_path, tiny_align_overrides):
         assert torch.equal(a[key], b[key]), key
     cycles = lambda run: read_metrics(run.out_dir / "metrics.jsonl", "cycle")  # noqa: E731
     assert cycles(full) == cycles(resumed)
+    compute = lambda run: json.loads((run.out_dir / "summary.json").read_text())["compute"]  # noqa: E731
+    assert compute(full) == compute(resumed) and compute(full)["hvp"] > 0  # counts continue from the checkpoint
 
 
 @pytest.mark.parametrize("override", ["bilevel.lam=0", "bilevel.lam=-0.1"])

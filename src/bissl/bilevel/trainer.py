@@ -90,6 +90,7 @@ from bissl.bilevel.solvers import SolveInfo
 from bissl.config import BilevelConfig
 from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
+from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import ConfigError
 from bissl.utils.numerics import clip_gradients, global_norm, require_finite
 
@@ -133,6 +134,8 @@ class BilevelSettings:
     mfac_storage: str = _BILEVEL.solver.mfac_storage  # the window's storage: fp32 | bf16 | fp16 | cpu
     lower_grad_clip: float | None = _BILEVEL.lower_grad_clip
     upper_grad_clip: float | None = _BILEVEL.upper_grad_clip
+    multitask_weight: float = _BILEVEL.multitask_weight  # rule multitask: w of L_P + w L_D (bissl.bilevel.rivals)
+    penalty_rho: float = _BILEVEL.penalty_rho  # rule penalty: rho of the value-function penalty
 
     def __post_init__(self) -> None:
         if self.lam <= 0:
@@ -155,7 +158,7 @@ class BilevelSettings:
             hessian_fraction=cfg.solver.hessian_fraction, mfac_window=cfg.solver.mfac_window,
             mfac_block_size=cfg.solver.mfac_block_size, mfac_storage=cfg.solver.mfac_storage,
             lower_grad_clip=cfg.lower_grad_clip,
-            upper_grad_clip=cfg.upper_grad_clip,
+            upper_grad_clip=cfg.upper_grad_clip, multitask_weight=cfg.multitask_weight, penalty_rho=cfg.penalty_rho,
         )  # fmt: skip
 
 
@@ -181,7 +184,9 @@ class BiSSLTrainer:
     ``lower_optimizer`` must cover theta and psi; ``upper_optimizer`` phi and omega. Schedulers are
     optional and stepped once per step of their level. ``sync``: how ranks are combined under data parallelism
     (:class:`RankSync`); every rank must start from the same weights. ``forward_context``: a new context manager
-    for each forward pass, e.g. bf16 autocast (module docstring); backward passes run outside it.
+    for each forward pass, e.g. bf16 autocast (module docstring); backward passes run outside it. ``compute``: a
+    :class:`~bissl.utils.compute.ComputeCounter` to which the Hessian-vector products are added (the caller
+    watches :meth:`backbones` for the forward and backward passes).
     """
 
     def __init__(
@@ -197,6 +202,7 @@ class BiSSLTrainer:
         upper_backbone: nn.Module | None = None,
         sync: RankSync | None = None,
         forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        compute: ComputeCounter | None = None,
     ) -> None:
         self.settings = settings
         self.sync = sync
@@ -209,8 +215,9 @@ class BiSSLTrainer:
         self.head = head
         self.theta = [p for p in backbone.parameters() if p.requires_grad]
         self.phi = [p for p in self.upper_backbone.parameters() if p.requires_grad]
-        self.lower_params = [*self.theta, *pretext.head_parameters()]
-        self.upper_params = [*self.phi, *head.parameters()]
+        self.compute = compute
+        self.lower_params = self._lower_parameters()
+        self.upper_params = self._upper_parameters()
         self.lower_optimizer = make_lower_optimizer(self.lower_params)
         self.upper_optimizer = make_upper_optimizer(self.upper_params)
         self.lower_scheduler: Any = None
@@ -223,14 +230,40 @@ class BiSSLTrainer:
             GradientWindow(settings.mfac_window, settings.mfac_storage) if settings.solver.name in INVERSES else None
         )
 
+    def backbones(self) -> list[nn.Module]:
+        """Every backbone the trainer runs (theta's and phi's), e.g. for a compute counter to watch."""
+        return [self.lower_backbone, self.upper_backbone]
+
+    @property
+    def exported_backbone(self) -> nn.Module:
+        """The backbone fine-tuning starts from: theta."""
+        return self.lower_backbone
+
+    def _lower_parameters(self) -> list[nn.Parameter]:
+        """What the lower optimizer steps: theta and psi."""
+        return [*self.theta, *self.pretext.head_parameters()]
+
+    def _upper_parameters(self) -> list[nn.Parameter]:
+        """What the upper optimizer steps: phi and omega (in the order :meth:`hypergradient` returns them)."""
+        return [*self.phi, *self.head.parameters()]
+
     # ----------------------------------------------------------------------------------- lower level
     def proximal_term(self) -> Tensor:
         """``lam/2 * sum ||theta - phi||^2`` with phi detached."""
         sq = sum(((t - p.detach()) ** 2).sum() for t, p in zip(self.theta, self.phi, strict=True))
         return 0.5 * self.settings.lam * sq
 
-    def lower_step(self, views: Sequence[Tensor], total_lower_steps: int) -> dict[str, float]:
-        """One step on ``L_P(theta, psi) + lam/2 ||theta - phi||^2``; it moves theta, so it ends an open cycle.
+    #: whether :meth:`lower_step` needs a downstream batch (``batch=``): a rule whose lower objective has a
+    #: downstream term (:class:`~bissl.bilevel.rivals.MultitaskTrainer`)
+    lower_needs_batch: bool = False
+
+    def lower_term(self, batch: Any) -> Tensor:
+        """The term added to ``L_P`` in a lower step: the proximal ``lam/2 ||theta - phi||^2`` (``batch`` unused)."""
+        return self.proximal_term()
+
+    def lower_step(self, views: Sequence[Tensor], total_lower_steps: int, batch: Any = None) -> dict[str, float]:
+        """One step on ``L_P(theta, psi) + lam/2 ||theta - phi||^2`` (the second term: :meth:`lower_term`); it
+        moves theta, so it ends an open cycle.
 
         With an inverse from :data:`~bissl.bilevel.mfac.INVERSES` (``mfac``) the pretext gradient ``grad_theta L_P``
         (the total gradient less the proximal term's ``lam (theta - phi)``, before clipping) is recorded in its
@@ -238,7 +271,7 @@ class BiSSLTrainer:
         """
         self.end_cycle()
         pretext_loss = self._pretext_loss(views)
-        prox = self.proximal_term()
+        prox = self.lower_term(batch)
         self.lower_optimizer.zero_grad(set_to_none=True)
         (pretext_loss + prox).backward()
         losses = torch.stack([pretext_loss.detach(), prox.detach()])  # promoted to prox's (theta's) dtype
@@ -353,8 +386,11 @@ class BiSSLTrainer:
         self._mean([*grads, *grads_phi, losses])  # before the solve: every rank solves for the same v
         require_finite(losses[0], "downstream loss at theta", "lower upper.optim.lr")
         require_finite(losses[1], "downstream loss at phi", "lower upper.optim.lr")
+        hvps_before = getattr(operator, "num_hvps", 0)
         with preserve_buffers(self._lower_modules):
             implicit, info = self.solve_implicit(v_theta, operator)
+        if self.compute is not None:
+            self.compute.hvp += getattr(operator, "num_hvps", 0) - hvps_before
         if s.solver.warm_start:
             self._last_solution = tuple(x.detach() for x in implicit)
         g_phi = [x + s.gamma * g for x, g in zip(implicit, g_phi_plain, strict=True)]

@@ -30,7 +30,13 @@ KINDS = {
     "pretrained": "fine-tunes the pretrained backbone",
     "bissl": "fine-tunes BiSSL's theta",
     "control": "control: as many pretext steps with the proximal term, no upper level (n_upper = 0)",
+    "tapt": "rival: task-adaptive pretraining (more pretext steps on the task's images), then fine-tuning",
+    "multitask": "rival: one backbone on pretext loss + w x downstream loss, then fine-tuning",
+    "penalty": "rival: first-order bilevel (value-function penalty, no Hessian), then fine-tuning of its theta",
+    "probe": "the frozen linear probe of the pretrained backbone (no fine-tuning)",
 }
+#: what a stage's ``compute`` holds (bissl.utils.compute), in the report's order
+COMPUTE = ("forward", "backward", "hvp", "images")
 
 Run = Mapping[str, Any]
 
@@ -51,10 +57,12 @@ def before_metrics(task: TaskSpec, head_probe: bool) -> tuple[Metric, ...]:
 
 
 def arm_kind(cfg: PipelineConfig, arm: ArmSpec) -> str:
-    """``pretrained``, ``bissl`` or ``control`` (a BiSSL arm without upper level)."""
-    if not arm.bissl:
+    """``pretrained``, ``bissl``, ``control`` (a BiSSL arm without upper level) or a rival's kind."""
+    if arm.kind == "conventional":
         return "pretrained"
-    return "control" if cfg.is_control(arm) else "bissl"
+    if arm.kind == "bissl":
+        return "control" if cfg.is_control(arm) else "bissl"
+    return arm.kind
 
 
 def arm_runs(runs: list[Run], task: str, arm: str) -> list[Run]:
@@ -105,6 +113,20 @@ def coupling(runs: list[Run]) -> dict[str, dict[str, float]]:
     return {key: vars(summarize(values)) for key, values in per_key.items()}
 
 
+def compute(runs: list[Run]) -> dict[str, dict[str, float]]:
+    """Per stage of the arm's runs (align, finetune, probe): the mean over seeds of each count and of wall time."""
+    stages = [
+        stage for stage in ("align", "probe", "finetune") if runs and all(stage in r.get("compute", {}) for r in runs)
+    ]
+    return {
+        stage: {
+            **{key: sum(r["compute"][stage][key] for r in runs) / len(runs) for key in COMPUTE},
+            "wall_time_s": sum(r["wall_time_s"][stage] for r in runs) / len(runs),
+        }
+        for stage in stages
+    }
+
+
 def probe_warnings(task: TaskSpec, arms: Mapping[str, Any], headline: Metric, head_probe: bool) -> list[str]:
     """Arms whose fine-tuned headline is worse than their own starting backbone's probe of the same metric: the
     task's head probe (``head_probe``), else the linear probe (top-1 tasks only)."""
@@ -142,6 +164,7 @@ def analyse_task(cfg: PipelineConfig, task: TaskSpec, runs: list[Run]) -> dict[s
             "wall_time_s": vars(summarize([sum(r["wall_time_s"].values()) for r in by_arm[arm.name]])),
             "optim": by_arm[arm.name][0]["optim"],
             "coupling": coupling(by_arm[arm.name]),
+            "compute": compute(by_arm[arm.name]),
         }
         for arm in cfg.arms
     }

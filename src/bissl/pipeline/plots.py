@@ -37,19 +37,23 @@ def plot_headline(cfg: PipelineConfig, runs: list[Run], path: Path) -> Path:
 
 
 def plot_curves(cfg: PipelineConfig, runs: list[Run], path: Path) -> Path:
-    """Fine-tuning curves (validation headline metric and training loss per epoch), mean over seeds."""
+    """Fine-tuning curves (validation headline metric and training loss per epoch), mean over seeds; ``probe`` arms
+    do not fine-tune and have none."""
     fig = new_figure((3.4 * len(cfg.tasks) + 1, 6.0))
+    tuned = [arm.name for arm in cfg.arms if arm.kind != "probe"]
     for i, task in enumerate(cfg.tasks):
         keys = (f"val_{task_metrics(task)[0].key}", "train_loss")
         curves: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
         for r in runs:
-            if r["task"] == task.name:
+            if r["task"] == task.name and r["arm"] in tuned:
                 records = read_metrics(Path(r["finetune_dir"]) / "metrics.jsonl", "epoch")
                 for key in keys:
                     curves[r["arm"]][key].append([rec[key] for rec in records if key in rec])
         for row, key in enumerate(keys):
             ax = fig.add_subplot(2, len(cfg.tasks), row * len(cfg.tasks) + i + 1)
             for j, arm in enumerate(cfg.arm_names()):
+                if arm not in tuned:
+                    continue
                 series = curves[arm][key]
                 length = min(len(s) for s in series)
                 ax.plot(np.arange(1, length + 1), np.mean([s[:length] for s in series], axis=0), color=f"C{j}",

@@ -7,7 +7,7 @@ from typing import Any
 
 from bissl.config import PipelineConfig, TaskSpec
 from bissl.downstream.base import Metric
-from bissl.pipeline.analysis import ALPHA, KINDS, analyse, arm_kind, before_metrics, task_metrics
+from bissl.pipeline.analysis import ALPHA, COMPUTE, KINDS, analyse, arm_kind, before_metrics, task_metrics
 from bissl.pipeline.plots import plot_alignment, plot_curves, plot_headline
 from bissl.utils.io import atomic_write
 
@@ -117,6 +117,20 @@ def coupling_lines(result: dict[str, Any]) -> list[str]:
         ["arm", "diagnostic", "mean ± std"], rows)]  # fmt: skip
 
 
+def compute_lines(result: dict[str, Any]) -> list[str]:
+    """Each arm's compute per stage after pretraining (mean per seed): backbone passes, HVPs, images, wall time."""
+    rows = [
+        [arm, stage, *(f"{c[key]:.0f}" for key in COMPUTE), f"{c['wall_time_s']:.1f}"]
+        for arm, s in result["arms"].items()
+        for stage, c in s["compute"].items()
+    ]
+    if not rows:
+        return []
+    header = ["arm", "stage", "backbone forward", "backbone backward", "HVPs", "images (forward)", "wall (s)"]
+    return ["", "**Compute** per seed (mean; each stage's `summary.json` → `compute`; pretraining is shared):", "",
+            *_table(header, rows)]  # fmt: skip
+
+
 def task_section(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> list[str]:
     """One task: after / before fine-tuning, comparisons, warnings, coupling."""
     headline = task_metrics(task)[0]
@@ -133,6 +147,7 @@ def task_section(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) ->
         "",
         *comparison_table(cfg, task, result),
         *[f"\n> **WARNING** {w}" for w in result["warnings"]],
+        *compute_lines(result),
         *coupling_lines(result),
         "",
     ]
@@ -151,11 +166,19 @@ def protocol_lines(cfg: PipelineConfig) -> list[str]:
         )
     else:
         settings = "Every arm fine-tunes with the same fixed lr / weight decay (no search: `search.trials: 0`)."
+    matched = [f"`{arm.name}` to `{target.name}`" for arm in cfg.arms if (target := cfg.budget_arm(arm)) is not None]
+    budget = (
+        [f"Equal compute: each rival's align cycles are sized, per task and seed, to the backbone backward passes + "
+         f"Hessian-vector products its BiSSL arm measured ({', '.join(matched)}; `budget` in the arm's config); the "
+         "compute tables show what each arm then spent.", ""]
+        if matched else []
+    )  # fmt: skip
     return [
         f"Seeds: {cfg.seeds}; tasks: {', '.join(t.name for t in cfg.tasks)}. Arms:",
         "",
         *arms,
         "",
+        *budget,
         settings,
         f"Verdicts test at the {ALPHA:.0%} level; with several arms the headline p-values are Holm-adjusted over "
         "the arms' comparisons with the baseline, per task.",

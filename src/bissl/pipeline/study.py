@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from bissl.bilevel.rivals import cycle_backward_passes
 from bissl.config import (
     AlignConfig,
     ArmSpec,
@@ -36,14 +37,17 @@ from bissl.config import (
     TaskSpec,
     to_yaml,
 )
-from bissl.engine.checkpoint import resolve_backbone_file
+from bissl.downstream.base import DOWNSTREAM_TASKS
+from bissl.engine.checkpoint import PRETEXT_HEAD_FILE, read_head_file, resolve_backbone_file
 from bissl.engine.names import validate_names
 from bissl.engine.runtime import SUMMARY_FILE, environment, require_same_config
+from bissl.pretext.base import PRETEXT_METHODS
 from bissl.stages.align import align
 from bissl.stages.evaluate import evaluate
 from bissl.stages.finetune import finetune
 from bissl.stages.hpo import search
 from bissl.stages.pretrain import pretrain
+from bissl.utils.errors import ConfigError
 from bissl.utils.io import atomic_write, save_json
 
 log = logging.getLogger("bissl.pipeline")
@@ -67,6 +71,7 @@ class RunRecord:
     align_metrics: dict[str, float] = field(default_factory=dict)
     coupling: dict[str, Any] = field(default_factory=dict)  # the align stage's coupling diagnostics, if it has them
     wall_time_s: dict[str, float] = field(default_factory=dict)
+    compute: dict[str, dict[str, int]] = field(default_factory=dict)  # per stage: backbone passes, HVPs, images
 
     def as_json(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
@@ -130,11 +135,37 @@ def _run_fields(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, st
     }
 
 
-def align_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, pretrained: Path) -> AlignConfig:
+def align_config(
+    cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, pretrained: Path, cycles: int | None = None
+) -> AlignConfig:
+    """The align stage of one run (``cycles``: the number of cycles an equal-compute rival was given)."""
+    stage = cfg.arm_align(arm, task)
+    if cycles is not None:
+        stage = stage.model_copy(update={"bilevel": stage.bilevel.model_copy(update={"cycles": cycles})})
     update = {**_run_fields(cfg, task, arm, seed, "align"), "pretrained": str(pretrained)}
-    return with_data_source(
-        cfg, cfg.arm_align(arm, task).model_copy(update=update), ("pretext_data", "downstream.data")
-    )  # type: ignore[return-value]
+    return with_data_source(cfg, stage.model_copy(update=update), ("pretext_data", "downstream.data"))  # type: ignore[return-value]
+
+
+def equal_compute_cycles(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, pretrained: Path) -> int | None:
+    """The cycles that give rival ``arm`` the backbone backward passes + Hessian-vector products (each weighing
+    ``arm.hvp_passes`` passes) its BiSSL arm measured on this task and seed (that arm's align is run first, or
+    reused); ``None``: its own cycles.
+
+    The rival's cost per cycle is its rule's count (:func:`~bissl.bilevel.rivals.cycle_backward_passes`), with the
+    pretrained pretext method's views per batch.
+    """
+    target = cfg.budget_arm(arm)
+    if target is None:
+        return None
+    label = f"{task.name}/{target.name}/seed{seed}: align (compute budget of {arm.name})"
+    spent = run_stage(align_config(cfg, task, target, seed, pretrained), partial(align, resume=True), label)["compute"]
+    n_views = PRETEXT_METHODS.get(read_head_file(pretrained / PRETEXT_HEAD_FILE, "pretext")["name"]).n_views
+    return matched_cycles(spent, cycle_backward_passes(cfg.arm_align(arm, task).bilevel, n_views), arm.hvp_passes)
+
+
+def matched_cycles(spent: dict[str, int], per_cycle: int, hvp_passes: float) -> int:
+    """Whole cycles of ``per_cycle`` backward passes nearest to ``spent``'s backward passes + ``hvp_passes`` x HVPs."""
+    return max(1, round((spent["backward"] + hvp_passes * spent["hvp"]) / per_cycle))
 
 
 def evaluate_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, backbone: Path) -> EvaluateConfig:
@@ -174,16 +205,32 @@ def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone:
 
 
 def start_backbone(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, record: RunRecord, pretrained: Path) -> Path:
-    """The backbone ``record``'s run fine-tunes from: the pretrained one, or theta of its alignment (run here)."""
-    if not arm.bissl:
+    """The backbone ``record``'s run fine-tunes from: the pretrained one, or theta of its alignment (BiSSL's or a
+    rival rule's, run here)."""
+    if not arm.aligns:
         return pretrained
-    align_cfg = align_config(cfg, task, arm, record.seed, pretrained)
+    cycles = equal_compute_cycles(cfg, task, arm, record.seed, pretrained)
+    align_cfg = align_config(cfg, task, arm, record.seed, pretrained, cycles)
     summary = run_stage(align_cfg, partial(align, resume=True), f"{task.name}/{arm.name}/seed{record.seed}: align")
     record.align_dir = Path(align_cfg.out_dir)
     record.align_metrics = summary["metrics"]
-    record.coupling = summary.get("coupling", {})
+    record.coupling = summary.get("coupling", {}) if arm.kind in ("bissl", "penalty") else {}
     record.wall_time_s["align"] = summary["wall_time_s"]
+    record.compute["align"] = summary["compute"]
     return record.align_dir
+
+
+def probe_result(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, record: RunRecord, summary: dict[str, Any]) -> None:
+    """A ``probe`` arm's result: the frozen linear probe's val / test accuracy stands for fine-tuning's top-1."""
+    if not record.frozen or "top1" not in [m.key for m in DOWNSTREAM_TASKS.get(task.downstream.task).metrics]:
+        raise ConfigError(
+            f"arm {arm.name!r} (kind probe) needs a single-label classification task scored by top1; "
+            f"{task.name!r} is not one: remove the arm from the study or give it another kind"
+        )
+    record.metrics = {f"{split}_top1": record.frozen[f"linear_probe_{split}"] for split in ("val", "test")}
+    record.optim = {"lr": cfg.evaluate.linear_probe_lr, "weight_decay": cfg.evaluate.linear_probe_weight_decay}
+    record.wall_time_s["probe"] = summary["wall_time_s"]
+    record.compute["probe"] = summary["compute"]
 
 
 def run_arm(
@@ -197,6 +244,10 @@ def run_arm(
         backbone = start_backbone(cfg, task, arm, record, pretrained)
         summary = run_stage(evaluate_config(cfg, task, arm, seed, backbone), evaluate, f"{label}: frozen scores")
         record.frozen, record.knn_k = summary["metrics"], summary.get("knn_k")
+        if arm.kind == "probe":
+            probe_result(cfg, task, arm, record, summary)
+            records.append(record)
+            continue
         if cfg.search.trials > 0 and searched is None:
             searched = search_settings(cfg, task, arm, backbone)
         finetune_cfg = finetune_config(cfg, task, arm, seed, backbone, searched["best_params"] if searched else {})
@@ -204,6 +255,7 @@ def run_arm(
         record.optim = {"lr": finetune_cfg.optim.lr, "weight_decay": finetune_cfg.optim.weight_decay}
         record.metrics = summary["metrics"]
         record.wall_time_s["finetune"] = summary["wall_time_s"]
+        record.compute["finetune"] = summary["compute"]
         records.append(record)
     return records, searched
 

@@ -5,7 +5,13 @@ writes, to initialise fine-tuning), ``upper_backbone.pt`` (phi), ``pretext_head.
 ``downstream_head.pt``, ``checkpoints/last.pt``, ``metrics.jsonl|csv``, ``tb/`` and ``summary.json``. Every logged
 cycle and the summary carry ``coupling/*``: how far theta followed phi from the pretrained backbone (docs/coupling.md).
 Every batch and view is drawn from generators seeded by ``(seed, stream, counter)``, so ``--resume``
-continues exactly.
+continues exactly. ``summary.json`` → ``compute``: the backbone forward / backward passes, Hessian-vector products
+and images of the run (:class:`~bissl.utils.compute.ComputeCounter`).
+
+``bilevel.rule`` picks what a cycle runs: BiSSL (``bissl``), or a rival on the same loop (:mod:`bissl.bilevel.rivals`):
+``multitask`` (lower steps on ``L_P + w L_D``, each with a downstream batch; ``w = 0`` with the task's images as
+``pretext_data``: task-adaptive pretraining) or ``penalty`` (first-order value-function penalty; ``backbone.pt`` is
+its penalised theta).
 
 Under ``torchrun`` every rank runs the bilevel cycles on its rows ``r, r + W, ...`` of each global lower and upper
 batch (``lower.batch_size`` and ``upper.batch_size`` stay the global sizes), with views drawn per augmentation
@@ -37,6 +43,7 @@ import torch
 from torch import nn
 
 from bissl.bilevel.coupling import CouplingMonitor
+from bissl.bilevel.rivals import RULES
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
 from bissl.config import AlignConfig
 from bissl.data import build_dataset
@@ -63,6 +70,7 @@ from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream
 from bissl.engine.step import BatchPlan, autocast
 from bissl.pretext.base import PretextMethod
+from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import ConfigError, NonFiniteError
 from bissl.utils.seed import derive_seed, seed_everything
 
@@ -94,7 +102,7 @@ def align(
         setup = _set_up(cfg, run)
         trainer, task, splits = setup.trainer, setup.task, setup.splits
         coupling = CouplingMonitor(trainer.theta, lam=cfg.bilevel.lam)  # theta0: pretrained, also when resuming
-        saved = run.resume(trainer=trainer)
+        saved = run.resume(trainer=trainer, compute=setup.compute)
         cycle = int(saved.get("cycle", 0))
         setup.lower_stream.position = int(saved.get("lower_position", 0))
         setup.upper_stream.position = int(saved.get("upper_position", 0))
@@ -121,8 +129,9 @@ def align(
         while cycle < min(b.cycles, until_cycle or b.cycles):
             sums: dict[str, float] = defaultdict(float)
             for _ in range(b.n_lower):
+                batch = setup.upper_batch(trainer.lower_steps) if trainer.lower_needs_batch else None
                 stats = trainer.lower_step(
-                    setup.pretext_views("lower_views", trainer.lower_steps), b.cycles * b.n_lower
+                    setup.pretext_views("lower_views", trainer.lower_steps), b.cycles * b.n_lower, batch
                 )
                 lower_guard.check(trainer.lower_steps, stats["pretext_loss"], trainer.theta)
                 for key, value in stats.items():
@@ -153,7 +162,7 @@ def align(
             return AlignResult(run.out, None, cycle, finished=False)
         metrics = {
             f"{name}_{split}_{k}": v
-            for name, model in (("theta", trainer.lower_backbone), ("phi", trainer.upper_backbone))
+            for name, model in (("theta", trainer.exported_backbone), ("phi", trainer.upper_backbone))
             for split in ("val", "test")
             for k, v in score(model, split).items()
         }
@@ -166,6 +175,7 @@ def align(
                 "processes": world(),
                 "metrics": metrics,
                 "coupling": final_coupling,
+                "compute": setup.compute.as_dict(),
                 "backbone": str(run.out / BACKBONE_FILE),
                 "pretrained": str(setup.backbone_path),
             },
@@ -204,6 +214,7 @@ class AlignSetup:
     backbone_path: Path
     spec: dict[str, Any]
     pretext_file: dict[str, Any]
+    compute: ComputeCounter
 
     def pretext_views(self, tag: str, counter: int) -> list[torch.Tensor]:
         """The views of the next lower (pretext) batch, drawn by ``(seed, tag, counter)``."""
@@ -251,7 +262,7 @@ class AlignSetup:
         """theta as ``backbone.pt`` (what fine-tuning starts from), phi, and both heads."""
         t, f = self.trainer, self.pretext_file
         return [
-            lambda out: export_backbone(out / BACKBONE_FILE, t.lower_backbone, self.spec),
+            lambda out: export_backbone(out / BACKBONE_FILE, t.exported_backbone, self.spec),
             lambda out: export_backbone(out / UPPER_BACKBONE_FILE, t.upper_backbone, self.spec),
             lambda out: export_head(
                 out / PRETEXT_HEAD_FILE,
@@ -301,7 +312,10 @@ def _set_up(cfg: AlignConfig, run: Run) -> AlignSetup:
     ]
     seed_everything(derive_seed(cfg.seed, "head"))
     head = task.build_head_for(backbone).to(run.device)
-    trainer = _trainer(cfg, run, backbone, pretext, task, head)
+    compute = ComputeCounter()
+    trainer = _trainer(cfg, run, backbone, pretext, task, head, compute)
+    for module in trainer.backbones():
+        compute.watch(module)
     pin, ranks = run.device.type == "cuda", {"rank": plans[0].rank, "world_size": plans[0].world_size}
     streams = [
         BatchStream(
@@ -313,13 +327,22 @@ def _set_up(cfg: AlignConfig, run: Run) -> AlignSetup:
         )
     ]
     augment = view_augmentation(cfg.pretext, pretext, cfg.pretext_data, pretext_set.info)
-    return AlignSetup(cfg, run, trainer, task, splits, *streams, *plans, augment, backbone_path, spec, pretext_file)
+    return AlignSetup(
+        cfg, run, trainer, task, splits, *streams, *plans, augment, backbone_path, spec, pretext_file, compute
+    )
 
 
 def _trainer(
-    cfg: AlignConfig, run: Run, backbone: nn.Module, pretext: PretextMethod, task: DownstreamTask, head: nn.Module
+    cfg: AlignConfig,
+    run: Run,
+    backbone: nn.Module,
+    pretext: PretextMethod,
+    task: DownstreamTask,
+    head: nn.Module,
+    compute: ComputeCounter,
 ) -> BiSSLTrainer:
-    """The BiSSL trainer with its optimizers and cosine schedules; under torchrun, averaging over ranks."""
+    """The trainer of ``bilevel.rule`` (BiSSL or a rival, :mod:`bissl.bilevel.rivals`) with its optimizers and
+    cosine schedules; under torchrun, averaging over ranks."""
     b, sync = cfg.bilevel, None
     if world() > 1:
         if cfg.distributed.sync_batchnorm:  # before the trainer copies theta into phi
@@ -335,7 +358,7 @@ def _trainer(
 
         return make
 
-    trainer = BiSSLTrainer(
+    trainer = RULES[b.rule](
         backbone=backbone,
         pretext=pretext,
         task=task,
@@ -345,6 +368,7 @@ def _trainer(
         make_upper_optimizer=optimizer("upper", b.n_upper),
         sync=sync,
         forward_context=lambda: autocast(run.precision, run.device),
+        compute=compute,
     )
     trainer.lower_scheduler, trainer.upper_scheduler = schedules["lower"][1], schedules["upper"][1]
     return trainer

@@ -38,6 +38,7 @@ from bissl.engine.sampling import BatchStream
 from bissl.engine.step import use_channels_last
 from bissl.eval.embedding import embed_2d, plot_embedding
 from bissl.eval.knn import knn_k_used
+from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.plotting import require_plotting
 from bissl.utils.seed import derive_seed, seed_everything
@@ -72,6 +73,8 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
         backbone, spec = load_backbone(backbone_file, cfg.plugins)
         task_cls = DOWNSTREAM_TASKS.get(cfg.downstream.task)
         splits = task_cls.splits(cfg.downstream)
+        compute = ComputeCounter()
+        compute.watch(backbone)
         data, info = cfg.downstream.data, splits["train"].info
         if info.num_classes == 0:
             raise ConfigError(f"downstream.data.name={data.name!r} has no labels; choose a labelled dataset")
@@ -81,7 +84,9 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
             metrics = _head_probe(cfg, run, backbone, splits)
             log.info("head probe of the frozen backbone on %s: %s", data.name, metrics)
             run.log(0, "evaluate", metrics)
-            summary_path = run.finish({"metrics": metrics, "backbone": str(backbone_file), "embedding": None})
+            summary_path = run.finish(
+                {"metrics": metrics, "backbone": str(backbone_file), "embedding": None, "compute": compute.as_dict()}
+            )
             return EvaluateResult(run.out, metrics, summary_path, None)
         if info.multi_label:
             raise ConfigError(
@@ -108,7 +113,7 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
             {"metrics": metrics, "backbone": str(backbone_file), "feature_dim": int(dim),
              "knn_k": knn_k,
              "num_samples": {split: len(x) for split, (x, _) in features.items()},
-             "embedding": str(embedding_path) if embedding_path else None}
+             "embedding": str(embedding_path) if embedding_path else None, "compute": compute.as_dict()}
         )  # fmt: skip
     return EvaluateResult(run.out, metrics, summary_path, embedding_path, knn_k)
 

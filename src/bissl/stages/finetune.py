@@ -43,6 +43,7 @@ from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream, steps_per_epoch
 from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, use_channels_last
 from bissl.models.lora import set_trainable
+from bissl.utils.compute import ComputeCounter
 from bissl.utils.numerics import clip_gradients
 from bissl.utils.seed import derive_seed, seed_everything
 
@@ -82,13 +83,15 @@ def finetune(
         seed_everything(derive_seed(cfg.seed, "head"))
         head = task.build_head_for(backbone).to(run.device)
         use_channels_last(backbone.to(run.device), cfg.channels_last)
+        compute = ComputeCounter()
+        compute.watch(backbone)
         objective = Objective(lambda batch: task.loss(backbone, head, batch), backbone=backbone, head=head)
         model = wrap_ddp(objective, run.device, sync_batchnorm=cfg.distributed.sync_batchnorm)
         params = [*trainable(backbone.parameters()), *head.parameters()]
         per_epoch = steps_per_epoch(len(splits["train"]), cfg.batch_size)
         optimizer, scheduler = build_optimization(cfg.optim, params, cfg.epochs * per_epoch, per_epoch)
         primary = task.primary()
-        saved = run.resume(backbone=backbone, head=head, optimizer=optimizer, scheduler=scheduler)
+        saved = run.resume(backbone=backbone, head=head, optimizer=optimizer, scheduler=scheduler, compute=compute)
         epoch = int(saved.get("epoch", 0))
         best = saved.get("best", {"score": primary.worst, "epoch": 0, "backbone": None, "head": None})
         plan.check_resumed(saved.get("augment_shards", plan.augment_shards))
@@ -147,7 +150,7 @@ def finetune(
         run.log(epoch, "final", {**metrics, "best_epoch": best["epoch"]})
         run.finish(
             {"epochs": epoch, "best_epoch": best["epoch"], "processes": world(), "metrics": metrics,
-             "backbone_init": str(resolve_backbone_file(cfg.backbone))},
+             "backbone_init": str(resolve_backbone_file(cfg.backbone)), "compute": compute.as_dict()},
             [lambda out: export_backbone(out / BACKBONE_FILE, backbone, spec),
              lambda out: export_head(out / DOWNSTREAM_HEAD_FILE, head, kind="downstream", name=cfg.downstream.task,
                                      params=run.config_dict["downstream"], plugins=cfg.plugins)],

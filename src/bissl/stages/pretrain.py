@@ -36,6 +36,7 @@ from bissl.engine.run import Run
 from bissl.engine.runtime import check_batch_size
 from bissl.engine.sampling import BatchStream, steps_per_epoch
 from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, use_channels_last
+from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import ConfigError
 from bissl.utils.numerics import clip_gradients
 from bissl.utils.seed import seed_everything
@@ -92,6 +93,8 @@ def pretrain(
         )
         use_channels_last(backbone.to(run.device), cfg.channels_last)
         method = build_pretext_on(cfg.pretext.name, cfg.pretext.params, backbone).to(run.device)
+        compute = ComputeCounter()
+        compute.watch(backbone)
         augment = view_augmentation(cfg.pretext, method, cfg.data, train_set.info)
         model = wrap_ddp(
             Objective(lambda views: method.loss(backbone, views), backbone=backbone, pretext=method), run.device,
@@ -100,7 +103,7 @@ def pretrain(
         trainable = [*(p for p in backbone.parameters() if p.requires_grad), *method.head_parameters()]
         per_epoch = steps_per_epoch(len(train_set), cfg.data.batch_size)
         optimizer, scheduler = build_optimization(cfg.optim, trainable, cfg.epochs * per_epoch, per_epoch)
-        saved = run.resume(backbone=backbone, pretext=method, optimizer=optimizer, scheduler=scheduler)
+        saved = run.resume(backbone=backbone, pretext=method, optimizer=optimizer, scheduler=scheduler, compute=compute)
         step = int(saved.get("step", 0))
         plan.check_resumed(saved.get("augment_shards", plan.augment_shards))
         require_in_sync(model, "the backbone or pretext heads (BYOL: with its EMA target)")
@@ -144,7 +147,7 @@ def pretrain(
         out = run.out
         run.finish(
             {"steps": step, "processes": world(), "metrics": metrics, "backbone": str(out / BACKBONE_FILE),
-             "pretext_head": str(out / PRETEXT_HEAD_FILE)},
+             "pretext_head": str(out / PRETEXT_HEAD_FILE), "compute": compute.as_dict()},
             [lambda out: export_backbone(out / BACKBONE_FILE, backbone, spec),
              lambda out: export_head(out / PRETEXT_HEAD_FILE, method, kind="pretext", name=cfg.pretext.name,
                                      params=cfg.pretext.params, plugins=cfg.plugins)],
