@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import RegressViewPretext, TinyBackbone, TinyTask, _batches
-from test_trainer_cycle import upper_batches
 
 from bissl.bilevel import BilevelSettings, BiSSLTrainer, SolverSpec
 from bissl.bilevel.rivals import MultitaskTrainer, PenaltyTrainer, cycle_backward_passes, penalty_gradients
 from bissl.config import BilevelConfig
 from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import ConfigError
+from helpers.models import RegressViewPretext, TinyBackbone, TinyClassify, regression_batches, upper_batches
 
 LAM, RHO, GAMMA = 0.3, 2.5, 0.7
 
@@ -59,8 +58,8 @@ def _trainer(cls: type[BiSSLTrainer] = BiSSLTrainer, **settings) -> tuple[BiSSLT
     compute = ComputeCounter()
     sgd = lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9)  # noqa: E731
     trainer = cls(
-        backbone=TinyBackbone().double(), pretext=RegressViewPretext(3).double(), task=TinyTask(),
-        head=TinyTask().build_head(3).double(),
+        backbone=TinyBackbone().double(), pretext=RegressViewPretext(3).double(), task=TinyClassify(),
+        head=TinyClassify().build_head(3).double(),
         settings=BilevelSettings(lam=LAM, damping=20.0, gamma=GAMMA, solver=SolverSpec("cg", maxiter=5, rtol=None),
                                  **settings),
         make_lower_optimizer=sgd, make_upper_optimizer=sgd, compute=compute,
@@ -71,7 +70,7 @@ def _trainer(cls: type[BiSSLTrainer] = BiSSLTrainer, **settings) -> tuple[BiSSLT
 
 
 def _cycle(trainer: BiSSLTrainer, n_lower: int, n_upper: int) -> None:
-    views, _ = _batches()
+    views, _ = regression_batches()
     batches = upper_batches(n_lower + n_upper)
     trainer.run_cycle([views] * n_lower, lambda: views, batches[:n_upper], n_lower)
 
@@ -89,7 +88,7 @@ def test_one_cycle_counts_its_passes_and_products() -> None:
     assert compute.as_dict() == {"forward": 3 + 2 * 3, "backward": 3 + 2 * 3, "hvp": 0, "images": 16 * 5 + 12 * 4}
     assert compute.backward == cycle_backward_passes(BilevelConfig(n_lower=3, n_upper=2, rule="penalty"), n_views=1)
     multitask, compute = _trainer(MultitaskTrainer, n_lower=3, n_upper=0)
-    views, _ = _batches()
+    views, _ = regression_batches()
     for batch in upper_batches(3):
         multitask.lower_step(views, 3, batch)
     multitask_cfg = BilevelConfig(n_lower=3, n_upper=0, rule="multitask")
@@ -98,11 +97,11 @@ def test_one_cycle_counts_its_passes_and_products() -> None:
 
 def test_penalty_trainer_steps_z_phi_and_omega_along_the_penalty_gradient() -> None:
     trainer, _ = _trainer(PenaltyTrainer, n_lower=2, n_upper=1, penalty_rho=RHO)
-    views, _ = _batches()
+    views, _ = regression_batches()
     (batch,) = upper_batches(1)
     trainer.lower_step(views, 2)
     grads, stats = trainer.hypergradient(batch, views)
-    l_d = lambda net: TinyTask().loss(net, trainer.head, batch)  # noqa: E731
+    l_d = lambda net: TinyClassify().loss(net, trainer.head, batch)  # noqa: E731
 
     def f(net: torch.nn.Module, params: list[torch.Tensor]) -> torch.Tensor:
         prox = sum((t - p).square().sum() for t, p in zip(params, trainer.phi, strict=True))
@@ -119,11 +118,11 @@ def test_penalty_trainer_steps_z_phi_and_omega_along_the_penalty_gradient() -> N
 
 def test_multitask_rule_steps_one_backbone_and_head_on_the_joint_loss() -> None:
     trainer, compute = _trainer(MultitaskTrainer, n_lower=2, n_upper=0, multitask_weight=0.5)
-    views, _ = _batches()
+    views, _ = regression_batches()
     (batch,) = upper_batches(1)
     head0 = [p.detach().clone() for p in trainer.head.parameters()]
     with torch.no_grad():
-        want = 0.5 * TinyTask().loss(trainer.lower_backbone, trainer.head, batch).item()
+        want = 0.5 * TinyClassify().loss(trainer.lower_backbone, trainer.head, batch).item()
     stats = trainer.lower_step(views, 2, batch)
     assert stats["proximal"] == pytest.approx(want)  # the lower term is w L_D, no proximal term
     assert all(not torch.equal(a, b) for a, b in zip(head0, trainer.head.parameters(), strict=True))

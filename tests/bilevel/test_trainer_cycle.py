@@ -18,7 +18,14 @@ from bissl.bilevel.hvp import preserve_buffers
 from bissl.config import BilevelConfig
 from bissl.utils.errors import ConfigError
 from helpers.dense import dense_hessian, dense_implicit, flat, random_like, rel_err
-from helpers.models import RegressViewPretext, TinyBackbone, TinyClassify, conv_problem, regression_batches
+from helpers.models import (
+    RegressViewPretext,
+    TinyBackbone,
+    TinyClassify,
+    conv_problem,
+    regression_batches,
+    upper_batches,
+)
 
 
 class CountingPretext(RegressViewPretext):
@@ -46,12 +53,6 @@ def make_trainer(solver: str = "cg", **settings) -> BiSSLTrainer:
         for p in trainer.phi:
             p.add_(0.1 * torch.randn_like(p))
     return trainer
-
-
-def upper_batches(n: int):
-    gen = torch.Generator().manual_seed(5)
-    return [(torch.randn(12, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen))
-            for _ in range(n)]  # fmt: skip
 
 
 def test_one_operator_per_cycle_gives_the_results_of_rebuilding_it_every_step() -> None:

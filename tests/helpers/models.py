@@ -92,6 +92,13 @@ def regression_batches() -> tuple[list[Tensor], tuple[Tensor, Tensor]]:
     return views, down
 
 
+def upper_batches(n: int) -> list[tuple[Tensor, Tensor]]:
+    """``n`` seeded float64 batches of ``TinyClassify`` (12 samples, 4 features, 3 classes)."""
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(12, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen))
+            for _ in range(n)]  # fmt: skip
+
+
 def nt_xent(z: Tensor, temperature: float = 0.5) -> Tensor:
     """SimCLR's loss on ``2n`` embeddings, views ``i`` and ``i + n`` positive."""
     z = F.normalize(z, dim=1)
