@@ -1,9 +1,9 @@
 """The ``bissl`` command line: one verb per stage; each parses a config plus overrides and calls one function.
 
 Every verb takes ``--config`` (a YAML path or a shipped config name), dotted ``key=value`` overrides and a
-few flags that are shorthands for overrides. Plug-ins (``--plugin MODULE``, repeatable, and the ``bissl.plugins``
-entry points of installed packages) are imported before the config is read; ``--plugin`` ones are added to the
-config's ``plugins``, so the run folder records them. Errors on bad input are one line on stderr (exit code 2).
+few flags that are shorthands for overrides. Plug-ins (the ``bissl.plugins`` entry points of installed packages and
+``--plugin MODULE``, repeatable) are imported before the config is read and added to the config's ``plugins``, so
+the run folder records them. Errors on bad input are one line on stderr (exit code 2).
 """
 
 from __future__ import annotations
@@ -171,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
+def load_verb_config(verb: Verb, args: argparse.Namespace, plugins: Sequence[str] = ()) -> Any:
     """The verb's config: file, then ``quick`` preset (pipeline), then flags, then explicit overrides; the
-    ``--plugin`` modules are added to its ``plugins``."""
+    imported ``plugins`` (entry points and ``--plugin``) are added to its ``plugins``."""
     from bissl import config
     from bissl.engine.names import validate_names
 
@@ -186,9 +186,8 @@ def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
     if getattr(args, "quick", False):
         flags = [*config.load_config(cls, args.config).quick, *flags]
     cfg = config.load_config(cls, args.config, [*flags, *args.overrides])
-    if args.plugin:
-        plugins = merge_plugins(cfg.plugins, args.plugin)
-        cfg = config.build_config(cls, {**cfg.model_dump(mode="json"), "plugins": plugins})
+    if plugins:
+        cfg = config.build_config(cls, {**cfg.model_dump(mode="json"), "plugins": merge_plugins(cfg.plugins, plugins)})
     validate_names(cfg)
     return cfg
 
@@ -204,9 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        load_entry_point_plugins()
+        plugins = [*load_entry_point_plugins(), *args.plugin]
         import_plugins(args.plugin)
-        verb.run(load_verb_config(verb, args), args)
+        verb.run(load_verb_config(verb, args, plugins), args)
     except RunTerminated as exc:
         print(f"bissl {args.verb}: {exc}", file=sys.stderr)
         return 143
