@@ -105,3 +105,37 @@ def test_missing_extends_target_names_both_files(tmp_path):
         ConfigError, match=r"child\.yaml: 'extends: no_base\.yaml': config file 'no_base\.yaml' not found"
     ):
         load_config(PretrainConfig, tmp_path / "child.yaml")
+
+
+def test_plugin_files_in_a_yaml_are_relative_to_it(tmp_path, monkeypatch):
+    """#20 item 9: a study run from another folder finds the plug-ins its YAML names, at every level."""
+    (tmp_path / "study" / "plugins").mkdir(parents=True)
+    (tmp_path / "study" / "plugins" / "mine.py").write_text("")
+    (tmp_path / "study" / "base.yaml").write_text("plugins: [plugins/mine.py, a_module]\n")
+    (tmp_path / "study" / "study.yaml").write_text("extends: base.yaml\npretrain: {plugins: [./plugins/mine.py]}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(PipelineConfig, "study/study.yaml")
+    mine = str(tmp_path / "study" / "plugins" / "mine.py")
+    assert cfg.plugins == [mine, "a_module"] and cfg.pretrain.plugins == [mine, "a_module"]
+
+
+def test_a_new_method_name_drops_the_old_params_and_replace_clears_a_mapping(tmp_path):
+    """#20 item 10: another pretext method over pipeline_digits' SimCLR, by YAML and by override."""
+    (tmp_path / "vicreg.yaml").write_text("extends: pipeline_digits\npretrain: {pretext: {name: vicreg}}\n")
+    cfg = load_config(PipelineConfig, tmp_path / "vicreg.yaml")
+    validate_names(cfg)
+    assert cfg.pretrain.pretext.name == "vicreg" and cfg.pretrain.pretext.params == {}
+    for given in ({}, {"sim_coeff": 20}):  # an override's new params stay, before or after the new name
+        overrides = ["pretrain.pretext.name=vicreg", *(f"pretrain.pretext.params.{k}={v}" for k, v in given.items())]
+        cfg = load_config(PipelineConfig, "pipeline_digits", overrides[::-1])
+        validate_names(cfg)
+        assert cfg.pretrain.pretext.params == given
+    (tmp_path / "cleared.yaml").write_text(
+        "extends: pipeline_digits\npretrain:\n  pretext: {params: !replace {}}\n  backbone: !replace {name: resnet18}\n"
+    )
+    cfg = load_config(PipelineConfig, tmp_path / "cleared.yaml")
+    assert cfg.pretrain.pretext.name == "simclr" and cfg.pretrain.pretext.params == {}
+    assert cfg.pretrain.backbone.name == "resnet18" and cfg.pretrain.backbone.kwargs == {}
+    (tmp_path / "bad.yaml").write_text("extends: pipeline_digits\nseeds: !replace [1]\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2:8: !replace applies to a mapping only"):
+        load_config(PipelineConfig, tmp_path / "bad.yaml")

@@ -16,7 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bissl.utils.errors import ConfigError
-from bissl.utils.plugins import merge_plugins
+from bissl.utils.plugins import is_path, merge_plugins
 
 Device = Literal["auto", "cpu", "cuda"]
 #: modules (or .py files, recorded as absolute paths) imported before a config's names are checked: bissl.utils.plugins
@@ -419,11 +419,34 @@ class PipelineConfig(StrictModel):
         return FinetuneConfig.model_validate(deep_merge(self.finetune.model_dump(mode="json"), task.finetune))
 
 
+class Replace(dict):  # type: ignore[type-arg]
+    """A mapping tagged ``!replace`` in YAML: merged over another mapping, it replaces it instead of merging into it
+    (``params: !replace {}`` clears a method's parameters that a base config set)."""
+
+
+#: keys that name a registered object, and the keys holding that object's own settings: a new name drops them
+NAMING_KEYS = ("name", "task")
+NAMED_SETTINGS = ("params", "kwargs")
+
+
+def _forget_renamed(section: dict[str, Any], update: dict[str, Any]) -> None:
+    """Remove the named object's settings (``params``, ``kwargs``) from ``section`` when ``update`` names another
+    object: ``pretext.name: vicreg`` over SimCLR's section drops SimCLR's ``temperature``."""
+    for key in NAMING_KEYS:
+        old, new = section.get(key), update.get(key)
+        if isinstance(old, str) and isinstance(new, str) and old.lower() != new.lower():
+            for setting in NAMED_SETTINGS:
+                section.pop(setting, None)
+
+
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``base`` with ``update`` merged in recursively (``update`` wins at the leaves)."""
+    """A copy of ``base`` with ``update`` merged in recursively (``update`` wins at the leaves; a :class:`Replace`
+    mapping replaces; a section whose name changes loses the old object's settings: :func:`_forget_renamed`)."""
     out = copy.deepcopy(base)
+    _forget_renamed(out, update)
     for key, value in update.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        merge = isinstance(value, dict) and not isinstance(value, Replace) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if merge else value
     return out
 
 
@@ -473,21 +496,34 @@ def resolve_config_path(path_or_name: str | Path) -> Path:
     )
 
 
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``key.subkey=value`` as its key path and its value parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {item!r}; write it as key.subkey=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Set ``key.subkey=value`` overrides (values parsed as YAML) in a copy of ``data``; a value replaces
-    whatever was there, so ``pretext.params={}`` clears a method's parameters."""
+    whatever was there, so ``pretext.params={}`` clears a method's parameters. A new ``pretext.name`` drops the
+    old method's ``params`` from ``data`` first (:func:`_forget_renamed`), so ``pretext.params=...`` given with it
+    stays, in either order."""
     out = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"bad override {item!r}; write it as key.subkey=value")
+    parsed = [_parse_override(item) for item in overrides]
+    for parts, value in parsed:
+        node: Any = out
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            _forget_renamed(node, {parts[-1]: value})
+    for parts, value in parsed:
         node = out
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = value
     return out
 
 
@@ -518,6 +554,41 @@ class _StrictLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_replace(self, node: yaml.Node) -> Replace:
+        """``!replace {...}``: a mapping that replaces the base config's instead of merging into it."""
+        if not isinstance(node, yaml.MappingNode):
+            mark = node.start_mark
+            raise ConfigError(
+                f"{mark.name}:{mark.line + 1}:{mark.column + 1}: !replace applies to a mapping only (a list or a "
+                "value replaces the base's anyway); remove the tag"
+            )
+        return Replace(self.construct_mapping(node, deep=True))
+
+
+_StrictLoader.add_constructor("!replace", _StrictLoader.construct_replace)
+
+
+def _plugins_next_to(node: Any, folder: Path) -> Any:
+    """``node`` with every relative ``.py`` path in a ``plugins:`` list made relative to ``folder`` (that of the
+    YAML file naming it, as for ``extends:``), unless only the path as written exists."""
+    if isinstance(node, list):
+        return [_plugins_next_to(item, folder) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = type(node)({key: _plugins_next_to(value, folder) for key, value in node.items()})
+    refs = out.get("plugins")
+    if isinstance(refs, list):
+        out["plugins"] = [_next_to(ref, folder) if isinstance(ref, str) and is_path(ref) else ref for ref in refs]
+    return out
+
+
+def _next_to(ref: str, folder: Path) -> str:
+    """A plug-in file path of a YAML file in ``folder``, as the path to use."""
+    path = Path(ref).expanduser()
+    if path.is_absolute() or (path.is_file() and not (folder / path).is_file()):
+        return ref
+    return str(folder / path)
+
 
 def _load_yaml(path: Path) -> Any:
     """The YAML document in ``path``; a syntax error or a duplicate key is one line ``file:line:column: ...``."""
@@ -543,6 +614,8 @@ def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> 
     ``extends: BASE`` (a shipped config name, or a path relative to the file) loads ``BASE`` first and merges
     this file over it: mappings merge key by key, any other value (a list, a scalar) replaces the base's. So a
     study that differs from ``pipeline_digits`` only in its arms is ``extends: pipeline_digits`` plus ``arms:``.
+    A mapping tagged ``!replace`` replaces the base's; a new ``name`` (or ``task``) drops the old object's
+    ``params`` / ``kwargs`` (:func:`deep_merge`). ``plugins:`` files are relative to the file naming them.
     """
     path = Path(path_or_name)
     if _seen and not path.is_absolute():
@@ -560,7 +633,7 @@ def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> 
     loaded = _load_yaml(path)
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    data: dict[str, Any] = loaded or {}
+    data: dict[str, Any] = _plugins_next_to(loaded or {}, path.parent)
     base = data.pop(EXTENDS_KEY, None)
     if base is None:
         return data
