@@ -70,6 +70,14 @@ class PretextSection(StrictModel):
     augmentation_params: dict[str, Any] = Field(default_factory=dict)
 
 
+class AlignPretextSection(PretextSection):
+    """The lower level's pretext section in ``align``: the method and its params are the pretrained run's
+    (``pretext_head.pt``); ``name`` / ``params`` set here must match them (``params`` may add
+    ``gather_distributed``), the view augmentation may change."""
+
+    name: str | None = None  # type: ignore[assignment]  # None: the pretrained run's method
+
+
 class OptimConfig(StrictModel):
     """Optimizer, cosine learning-rate schedule with linear warm-up, and gradient clipping."""
 
@@ -206,7 +214,7 @@ class AlignConfig(StrictModel):
     # LoRA adapters {r, alpha, dropout, targets} added to the pretrained backbone: theta and phi are then each their
     # own adapters on one shared frozen base (BiSSLight); None: the whole backbone
     lora: dict[str, Any] | None = None
-    pretext: PretextSection | None = None  # None: the method and heads saved by pretraining
+    pretext: AlignPretextSection | None = None  # None: the method, heads and views saved by pretraining
     pretext_data: DataConfig = Field(default_factory=DataConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     lower: LevelConfig = Field(default_factory=LevelConfig)

@@ -78,7 +78,7 @@ def validate_names(config: BaseModel) -> None:
                 f"bad config value for {key!r}: unknown {kinds} {value!r}; choose one of: {names} "
                 "(or a plug-in's: --plugin MODULE, or plugins: [MODULE])"
             )
-        if isinstance(section, PretextSection):
+        if isinstance(section, PretextSection) and section.name is not None:  # None: align's, from the pretrained run
             _check_params(PRETEXT_METHODS.get(section.name).Config, section.params, path)
         if isinstance(section, DownstreamConfig):
             _check_params(DOWNSTREAM_TASKS.get(section.task).Config, section.params, path)
