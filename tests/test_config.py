@@ -1,5 +1,6 @@
 import pytest
 
+from bissl.cli import VERBS, build_parser, load_verb_config
 from bissl.config import (
     PipelineConfig,
     PretrainConfig,
@@ -7,6 +8,7 @@ from bissl.config import (
     config_class_for,
     load_config,
     shipped_config_names,
+    value_at,
 )
 from bissl.engine.names import validate_names
 from bissl.utils.errors import ConfigError
@@ -139,3 +141,23 @@ def test_a_new_method_name_drops_the_old_params_and_replace_clears_a_mapping(tmp
     (tmp_path / "bad.yaml").write_text("extends: pipeline_digits\nseeds: !replace [1]\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml:2:8: !replace applies to a mapping only"):
         load_config(PipelineConfig, tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_config_names() if n.startswith("pipeline_")])
+def test_every_quick_preset_wins_over_the_tasks_and_is_small(name):
+    """#20 item 14: `--quick` is a smoke test for every shipped study: the preset's fine-tuning and alignment values
+    hold on every task (pipeline_detection_synthetic's task sets `finetune.epochs: 3`, its preset 1), and each stage
+    is a few epochs / cycles."""
+    cfg = load_verb_config(VERBS["pipeline"], build_parser().parse_args(["pipeline", "--config", name, "--quick"]))
+    assert len(cfg.seeds) <= 2 and cfg.pretrain.epochs <= 8 and cfg.search.trials <= 2
+    keys = [item.partition("=")[0].split(".") for item in cfg.quick]
+    for task in cfg.tasks:
+        finetune = cfg.task_finetune(task)
+        assert finetune.epochs <= 3 and finetune.hpo.trials == 0
+        for _section, *key in (k for k in keys if k[0] == "finetune"):
+            assert value_at(finetune.model_dump(), key) == value_at(cfg.finetune.model_dump(), key), (task.name, key)
+        for arm in cfg.arms:
+            align = cfg.arm_align(arm, task)
+            assert align.bilevel.cycles <= 2 and align.bilevel.head_warmup_epochs <= 2
+            for _section, *key in (k for k in keys if k[0] == "align" and value_at(arm.align, k[1:]) is None):
+                assert value_at(align.model_dump(), key) == value_at(cfg.align.model_dump(), key), (arm.name, key)

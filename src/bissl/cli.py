@@ -183,9 +183,8 @@ def load_verb_config(verb: Verb, args: argparse.Namespace, plugins: Sequence[str
         flags += [f"{key}.root={args.data_root}"] if args.data_root else []
         flags += [f"{key}.download=true"] if args.download else []
     flags += [f"{key}={value}" for key, _ in verb.flags.values() if (value := getattr(args, key.replace(".", "_")))]
-    if getattr(args, "quick", False):
-        flags = [*config.load_config(cls, args.config).quick, *flags]
-    cfg = config.load_config(cls, args.config, [*flags, *args.overrides])
+    preset = config.load_config(cls, args.config).quick if getattr(args, "quick", False) else []
+    cfg = config.load_config(cls, args.config, [*flags, *args.overrides], preset=preset)
     if plugins:
         cfg = config.build_config(cls, {**cfg.model_dump(mode="json"), "plugins": merge_plugins(cfg.plugins, plugins)})
     validate_names(cfg)

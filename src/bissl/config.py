@@ -379,7 +379,8 @@ class PipelineConfig(StrictModel):
     baseline: str = "conventional"
     embedding: bool = True
     embedding_max_points: int = Field(1000, ge=10)
-    quick: list[str] = Field(default_factory=list)  # dotted overrides applied by `bissl pipeline --quick`
+    # dotted overrides applied by `bissl pipeline --quick`; they win over the tasks' own values (apply_preset)
+    quick: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _stages_inherit_plugins(self) -> PipelineConfig:
@@ -512,6 +513,22 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
+def value_at(data: Any, parts: list[str]) -> Any:
+    """The value at a key path in nested mappings; ``None`` where it is missing."""
+    for part in parts:
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _set_at(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set the value at a key path, making (or replacing non-mapping values by) mappings on the way."""
+    for part in parts[:-1]:
+        if not isinstance(data.get(part), dict):
+            data[part] = {}
+        data = data[part]
+    data[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Set ``key.subkey=value`` overrides (values parsed as YAML) in a copy of ``data``; a value replaces
     whatever was there, so ``pretext.params={}`` clears a method's parameters. A new ``pretext.name`` drops the
@@ -520,18 +537,31 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     out = copy.deepcopy(data)
     parsed = [_parse_override(item) for item in overrides]
     for parts, value in parsed:
-        node: Any = out
-        for part in parts[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
+        node = value_at(out, parts[:-1])
         if isinstance(node, dict):
             _forget_renamed(node, {parts[-1]: value})
     for parts, value in parsed:
-        node = out
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+        _set_at(out, parts, value)
+    return out
+
+
+#: the study sections a task of a study overrides for itself (``TaskSpec``)
+TASK_SECTIONS = ("finetune", "align")
+
+
+def apply_preset(
+    data: dict[str, Any], preset: list[str] | tuple[str, ...], overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``data`` with a preset's overrides (``bissl pipeline --quick``), then ``overrides``. The preset wins over a
+    study task's own values: each of its ``finetune.*`` / ``align.*`` keys is also set, at its final value (an
+    explicit override of it still wins), on every task of ``tasks``; an arm's ``align`` still wins, so a control
+    arm (``n_upper: 0``) stays one."""
+    out = apply_overrides(data, [*preset, *overrides])
+    for parts, _ in map(_parse_override, preset):
+        if parts[0] in TASK_SECTIONS and len(parts) > 1:
+            for task in out.get("tasks") or []:
+                if isinstance(task, dict):
+                    _set_at(task, parts, copy.deepcopy(value_at(out, parts)))
     return out
 
 
@@ -651,11 +681,15 @@ def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> 
 
 
 def load_config(
-    cls: type[ConfigT], path_or_name: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    cls: type[ConfigT],
+    path_or_name: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    preset: list[str] | tuple[str, ...] = (),
 ) -> ConfigT:
-    """Load a YAML file (or shipped config name; ``extends:`` resolved), apply dotted overrides, validate."""
+    """Load a YAML file (or shipped config name; ``extends:`` resolved), apply a ``preset`` (:func:`apply_preset`)
+    and dotted overrides, validate."""
     data = read_config_file(path_or_name) if path_or_name is not None else {}
-    return build_config(cls, apply_overrides(data, overrides))
+    return build_config(cls, apply_preset(data, preset, overrides))
 
 
 def to_yaml(config: BaseModel) -> str:

@@ -76,12 +76,19 @@ def test_quick_pipeline_writes_a_complete_report(quick_study, capsys):
         assert (quick_study / png).stat().st_size > 1000, png
 
 
+def _search_times(study):
+    searched = json.loads((study / "results.json").read_text())["search"][TASK]
+    return {arm: s["wall_time_s"] for arm, s in searched.items()}
+
+
 def test_rerun_resumes_from_finished_stages(quick_study, capsys):
     before = (quick_study / TASK / "bissl" / "seed0" / "align" / "summary.json").stat().st_mtime_ns
+    searched = _search_times(quick_study)
     assert main(["pipeline", "--quick", "--out-dir", str(quick_study), *FAST]) == 0
     after = (quick_study / TASK / "bissl" / "seed0" / "align" / "summary.json").stat().st_mtime_ns
     assert before == after  # reused, not re-run
     assert "report:" in capsys.readouterr().out
+    assert _search_times(quick_study) == searched and min(searched.values()) > 0.1  # #20 item 16: carried over
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,6 @@ def has_class_labels(task: TaskSpec) -> bool:
 
 def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone: Path) -> dict[str, Any]:
     """Search ``arm``'s fine-tuning lr / weight decay on validation, from the first seed's starting backbone."""
-    start = time.perf_counter()
     stage = finetune_config(cfg, task, arm, cfg.seeds[0], backbone, {})
     stage = stage.model_copy(update={"out_dir": str(arm_dir(cfg, task, arm) / "search")})
     result = search(stage, cfg.search.hpo())
@@ -173,7 +172,8 @@ def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone:
         "best_val": result.best_value,
         "metric": f"val_{result.metric}",
         "trials": [{"params": t["params"], "value": t["value"], "state": t["state"]} for t in result.trials],
-        "wall_time_s": time.perf_counter() - start,  # this call only: ~0 when the search finished earlier
+        # the trials' durations, of this call and of the earlier ones a resumed study continues
+        "wall_time_s": sum(t["duration_s"] or 0.0 for t in result.trials),
     }
 
 
