@@ -105,7 +105,10 @@ def run_pipeline(cfg: Any, args: argparse.Namespace) -> None:
         )
     from bissl.pipeline import run_study
 
-    result = run_study(cfg)
+    result = run_study(cfg, until=args.until)
+    if result.report_path is None:
+        _print(f"pretrained: {result.pretrained} (backbone.pt); run the same command without --until to continue")
+        return
     _print(result.report_path.read_text().split("## Paired")[0].strip())
     _print(f"\nreport: {result.report_path}")
     _print(f"results: {result.results_path}")
@@ -158,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--plugin", action="append", default=[], metavar="MODULE",
-            help="import a module (name or .py file) that registers backbones, pretext methods or tasks; repeatable",
+            help="import a module (name or .py file) registering backbones, methods, tasks or datasets; repeatable",
         )  # fmt: skip
         sub.add_argument(
             "--threads", type=_positive_int, metavar="N",
@@ -166,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         )  # fmt: skip
         if name == "pipeline":
             sub.add_argument("--quick", action="store_true", help="apply the config's `quick` preset (smoke test)")
+            sub.add_argument(
+                "--until", choices=["pretrain"],
+                help="stop after this stage (resuming as usual); the same command without it continues the study",
+            )  # fmt: skip
         for flag, (key, help_text) in verb.flags.items():
             sub.add_argument(flag, dest=key.replace(".", "_"), help=f"{help_text} (same as {key}=...)")
     return parser

@@ -112,3 +112,15 @@ def test_interrupted_stage_resumes_and_corruption_is_named(quick_study, capsys):
     (finetune_dir / "checkpoints" / "last.pt").write_bytes(b"\0garbage")
     assert main(["pipeline", "--quick", "--out-dir", str(quick_study), *FAST]) == 2
     assert "last.pt is corrupted" in capsys.readouterr().err
+
+
+def test_until_pretrain_runs_only_the_pretraining(quick_study, tmp_path, capsys):
+    """#20 item 13: `--until pretrain` pretrains (or reuses the pretraining of a study) and stops there."""
+    out = tmp_path / "premise"
+    assert main(["pipeline", "--quick", "--until", "pretrain", "--out-dir", str(out), *FAST]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "pretrain"]
+    assert (out / "pretrain" / "summary.json").is_file() and "without --until" in capsys.readouterr().out
+    summary = quick_study / "pretrain" / "summary.json"
+    files = {p: p.read_bytes() for p in (summary, quick_study / "results.json", quick_study / "report.md")}
+    assert main(["pipeline", "--quick", "--until", "pretrain", "--out-dir", str(quick_study), *FAST]) == 0
+    assert files == {p: p.read_bytes() for p in files}  # reused as it was, nothing re-run or rewritten

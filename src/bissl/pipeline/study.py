@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -75,8 +75,9 @@ class RunRecord:
 class StudyResult:
     out_dir: Path
     records: list[RunRecord]
-    results_path: Path
-    report_path: Path
+    results_path: Path | None  # None: stopped before the runs (``until``)
+    report_path: Path | None
+    pretrained: Path | None = None  # the folder of the backbone every run starts from
 
 
 def run_stage(cfg: BaseModel, runner: Callable[[Any], Any], label: str) -> dict[str, Any]:
@@ -217,8 +218,9 @@ def write_config(cfg: PipelineConfig) -> None:
     atomic_write(Path(cfg.out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), mode="w")
 
 
-def run_study(cfg: PipelineConfig) -> StudyResult:
-    """Run (or resume) every stage of the study, then write ``results.json``, ``report.md`` and plots."""
+def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None) -> StudyResult:
+    """Run (or resume) every stage of the study, then write ``results.json``, ``report.md`` and plots; with
+    ``until="pretrain"`` stop once the pretrained backbone is there (a later call without it continues)."""
     from bissl.pipeline.report import write_report
 
     validate_names(cfg)
@@ -237,6 +239,8 @@ def run_study(cfg: PipelineConfig) -> StudyResult:
         summary = run_stage(pretrain_config(cfg), partial(pretrain, resume=True), "pretrain")
         pretrained = Path(summary["backbone"]).parent
         stage_times["pretrain"] = summary["wall_time_s"]
+    if until == "pretrain":
+        return StudyResult(out, [], None, None, pretrained)
 
     records: list[RunRecord] = []
     searches: dict[str, dict[str, Any]] = {}
@@ -261,4 +265,4 @@ def run_study(cfg: PipelineConfig) -> StudyResult:
     report_path = write_report(cfg, results, pretrained)
     save_json(results, out / RESULTS_FILE)
     write_config(cfg)
-    return StudyResult(out, records, out / RESULTS_FILE, report_path)
+    return StudyResult(out, records, out / RESULTS_FILE, report_path, pretrained)
