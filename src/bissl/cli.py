@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_verb_config(verb: Verb, args: argparse.Namespace, plugins: Sequence[str] = ()) -> Any:
-    """The verb's config: file, then ``quick`` preset (pipeline), then flags, then explicit overrides; the
-    imported ``plugins`` (entry points and ``--plugin``) are added to its ``plugins``."""
+    """The verb's config: file, then ``quick`` preset (pipeline; it wins over a task's own values:
+    :func:`bissl.config.apply_preset`), then flags, then explicit overrides; the imported ``plugins`` (entry points
+    and ``--plugin``) are added to its ``plugins``."""
     from bissl import config
     from bissl.engine.names import validate_names
 
