@@ -64,8 +64,8 @@ def test_a_failing_plugin_names_its_file_and_line(tmp_path: Path, monkeypatch) -
 
 @pytest.fixture
 def installed_package(tmp_path: Path, monkeypatch) -> Iterator[Path]:
-    """A package on ``sys.path`` whose ``bissl.plugins`` entry point registers the backbone ``ep_linear``; the
-    modules and registry entries it adds are removed afterwards."""
+    """A package on ``sys.path`` whose ``bissl.plugins`` entry point registers the backbone ``ep_linear``; its
+    modules and registry entries are removed afterwards."""
     site = tmp_path / "site"
     (site / "ep_bissl_pkg").mkdir(parents=True)
     (site / "ep_bissl_pkg" / "__init__.py").write_text("")
@@ -83,10 +83,10 @@ def installed_package(tmp_path: Path, monkeypatch) -> Iterator[Path]:
     )
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(BACKBONES, "_entries", dict(BACKBONES._entries))
-    modules = set(sys.modules)
     yield site
-    for name in set(sys.modules) - modules:
-        del sys.modules[name]
+    for name, module in list(sys.modules.items()):  # only the test's own: bissl's stay one copy each
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
 
 
 def uninstall(site: Path, registered: dict[str, object]) -> None:
