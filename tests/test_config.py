@@ -1,5 +1,6 @@
 import pytest
 
+from bissl.cli import VERBS, build_parser, load_verb_config
 from bissl.config import (
     ArmSpec,
     PipelineConfig,
@@ -8,6 +9,7 @@ from bissl.config import (
     config_class_for,
     load_config,
     shipped_config_names,
+    value_at,
 )
 from bissl.engine.names import validate_names
 from bissl.utils.errors import ConfigError
@@ -124,3 +126,57 @@ def test_arm_kinds_keep_bissl_true_and_size_rivals_by_a_bissl_arm():
     with pytest.raises(ConfigError, match="n_upper=0"):
         load_config(PipelineConfig, "pipeline_rivals_digits", ["arms=[{name: conventional}, {name: m, kind: multitask, "
                                                                "align: {bilevel: {n_upper: 2}}}]"])  # fmt: skip
+
+
+def test_plugin_files_in_a_yaml_are_relative_to_it(tmp_path, monkeypatch):
+    """#20 item 9: a study run from another folder finds the plug-ins its YAML names, at every level."""
+    (tmp_path / "study" / "plugins").mkdir(parents=True)
+    (tmp_path / "study" / "plugins" / "mine.py").write_text("")
+    (tmp_path / "study" / "base.yaml").write_text("plugins: [plugins/mine.py, a_module]\n")
+    (tmp_path / "study" / "study.yaml").write_text("extends: base.yaml\npretrain: {plugins: [./plugins/mine.py]}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(PipelineConfig, "study/study.yaml")
+    mine = str(tmp_path / "study" / "plugins" / "mine.py")
+    assert cfg.plugins == [mine, "a_module"] and cfg.pretrain.plugins == [mine, "a_module"]
+
+
+def test_a_new_method_name_drops_the_old_params_and_replace_clears_a_mapping(tmp_path):
+    """#20 item 10: another pretext method over pipeline_digits' SimCLR, by YAML and by override."""
+    (tmp_path / "vicreg.yaml").write_text("extends: pipeline_digits\npretrain: {pretext: {name: vicreg}}\n")
+    cfg = load_config(PipelineConfig, tmp_path / "vicreg.yaml")
+    validate_names(cfg)
+    assert cfg.pretrain.pretext.name == "vicreg" and cfg.pretrain.pretext.params == {}
+    for given in ({}, {"sim_coeff": 20}):  # an override's new params stay, before or after the new name
+        overrides = ["pretrain.pretext.name=vicreg", *(f"pretrain.pretext.params.{k}={v}" for k, v in given.items())]
+        cfg = load_config(PipelineConfig, "pipeline_digits", overrides[::-1])
+        validate_names(cfg)
+        assert cfg.pretrain.pretext.params == given
+    (tmp_path / "cleared.yaml").write_text(
+        "extends: pipeline_digits\npretrain:\n  pretext: {params: !replace {}}\n  backbone: !replace {name: resnet18}\n"
+    )
+    cfg = load_config(PipelineConfig, tmp_path / "cleared.yaml")
+    assert cfg.pretrain.pretext.name == "simclr" and cfg.pretrain.pretext.params == {}
+    assert cfg.pretrain.backbone.name == "resnet18" and cfg.pretrain.backbone.kwargs == {}
+    (tmp_path / "bad.yaml").write_text("extends: pipeline_digits\nseeds: !replace [1]\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2:8: !replace applies to a mapping only"):
+        load_config(PipelineConfig, tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("name", [n for n in shipped_config_names() if n.startswith("pipeline_")])
+def test_every_quick_preset_wins_over_the_tasks_and_is_small(name):
+    """#20 item 14: `--quick` is a smoke test for every shipped study: the preset's fine-tuning and alignment values
+    hold on every task (pipeline_detection_synthetic's task sets `finetune.epochs: 3`, its preset 1), and each stage
+    is a few epochs / cycles."""
+    cfg = load_verb_config(VERBS["pipeline"], build_parser().parse_args(["pipeline", "--config", name, "--quick"]))
+    assert len(cfg.seeds) <= 2 and cfg.pretrain.epochs <= 8 and cfg.search.trials <= 2
+    keys = [item.partition("=")[0].split(".") for item in cfg.quick]
+    for task in cfg.tasks:
+        finetune = cfg.task_finetune(task)
+        assert finetune.epochs <= 3 and finetune.hpo.trials == 0
+        for _section, *key in (k for k in keys if k[0] == "finetune"):
+            assert value_at(finetune.model_dump(), key) == value_at(cfg.finetune.model_dump(), key), (task.name, key)
+        for arm in cfg.arms:
+            align = cfg.arm_align(arm, task)
+            assert align.bilevel.cycles <= 2 and align.bilevel.head_warmup_epochs <= 2
+            for _section, *key in (k for k in keys if k[0] == "align" and value_at(arm.align, k[1:]) is None):
+                assert value_at(align.model_dump(), key) == value_at(cfg.align.model_dump(), key), (arm.name, key)

@@ -1,9 +1,9 @@
 """The ``bissl`` command line: one verb per stage; each parses a config plus overrides and calls one function.
 
 Every verb takes ``--config`` (a YAML path or a shipped config name), dotted ``key=value`` overrides and a
-few flags that are shorthands for overrides. Plug-ins (``--plugin MODULE``, repeatable, and the ``bissl.plugins``
-entry points of installed packages) are imported before the config is read; ``--plugin`` ones are added to the
-config's ``plugins``, so the run folder records them. Errors on bad input are one line on stderr (exit code 2).
+few flags that are shorthands for overrides. Plug-ins (the ``bissl.plugins`` entry points of installed packages and
+``--plugin MODULE``, repeatable) are imported before the config is read and added to the config's ``plugins``, so
+the run folder records them. Errors on bad input are one line on stderr (exit code 2).
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ def run_pipeline(cfg: Any, args: argparse.Namespace) -> None:
         )
     from bissl.pipeline import run_study
 
-    result = run_study(cfg)
+    result = run_study(cfg, until=args.until)
+    if result.report_path is None:
+        _print(f"pretrained: {result.pretrained} (backbone.pt); run the same command without --until to continue")
+        return
     _print(result.report_path.read_text().split("## Paired")[0].strip())
     _print(f"\nreport: {result.report_path}")
     _print(f"results: {result.results_path}")
@@ -160,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--plugin", action="append", default=[], metavar="MODULE",
-            help="import a module (name or .py file) that registers backbones, pretext methods or tasks; repeatable",
+            help="import a module (name or .py file) registering backbones, methods, tasks or datasets; repeatable",
         )  # fmt: skip
         sub.add_argument(
             "--threads", type=_positive_int, metavar="N",
@@ -168,14 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
         )  # fmt: skip
         if name == "pipeline":
             sub.add_argument("--quick", action="store_true", help="apply the config's `quick` preset (smoke test)")
+            sub.add_argument(
+                "--until", choices=["pretrain"],
+                help="stop after this stage (resuming as usual); the same command without it continues the study",
+            )  # fmt: skip
         for flag, (key, help_text) in verb.flags.items():
             sub.add_argument(flag, dest=key.replace(".", "_"), help=f"{help_text} (same as {key}=...)")
     return parser
 
 
-def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
-    """The verb's config: file, then ``quick`` preset (pipeline), then flags, then explicit overrides; the
-    ``--plugin`` modules are added to its ``plugins``."""
+def load_verb_config(verb: Verb, args: argparse.Namespace, plugins: Sequence[str] = ()) -> Any:
+    """The verb's config: file, then ``quick`` preset (pipeline; it wins over a task's own values:
+    :func:`bissl.config.apply_preset`), then flags, then explicit overrides; the imported ``plugins`` (entry points
+    and ``--plugin``) are added to its ``plugins``."""
     from bissl import config
     from bissl.engine.names import validate_names
 
@@ -185,12 +193,10 @@ def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
         flags += [f"{key}.root={args.data_root}"] if args.data_root else []
         flags += [f"{key}.download=true"] if args.download else []
     flags += [f"{key}={value}" for key, _ in verb.flags.values() if (value := getattr(args, key.replace(".", "_")))]
-    if getattr(args, "quick", False):
-        flags = [*config.load_config(cls, args.config).quick, *flags]
-    cfg = config.load_config(cls, args.config, [*flags, *args.overrides])
-    if args.plugin:
-        plugins = merge_plugins(cfg.plugins, args.plugin)
-        cfg = config.build_config(cls, {**cfg.model_dump(mode="json"), "plugins": plugins})
+    preset = config.load_config(cls, args.config).quick if getattr(args, "quick", False) else []
+    cfg = config.load_config(cls, args.config, [*flags, *args.overrides], preset=preset)
+    if plugins:
+        cfg = config.build_config(cls, {**cfg.model_dump(mode="json"), "plugins": merge_plugins(cfg.plugins, plugins)})
     validate_names(cfg)
     return cfg
 
@@ -206,9 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        load_entry_point_plugins()
+        plugins = [*load_entry_point_plugins(), *args.plugin]
         import_plugins(args.plugin)
-        verb.run(load_verb_config(verb, args), args)
+        verb.run(load_verb_config(verb, args, plugins), args)
     except RunTerminated as exc:
         print(f"bissl {args.verb}: {exc}", file=sys.stderr)
         return 143

@@ -16,7 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bissl.utils.errors import ConfigError
-from bissl.utils.plugins import merge_plugins
+from bissl.utils.plugins import is_path, merge_plugins
 
 Device = Literal["auto", "cpu", "cuda"]
 #: modules (or .py files, recorded as absolute paths) imported before a config's names are checked: bissl.utils.plugins
@@ -68,6 +68,14 @@ class PretextSection(StrictModel):
     params: dict[str, Any] = Field(default_factory=dict)
     augmentation: str | None = None  # default: the method's own
     augmentation_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AlignPretextSection(PretextSection):
+    """The lower level's pretext section in ``align``: the method and its params are the pretrained run's
+    (``pretext_head.pt``); ``name`` / ``params`` set here must match them (``params`` may add
+    ``gather_distributed``), the view augmentation may change."""
+
+    name: str | None = None  # type: ignore[assignment]  # None: the pretrained run's method
 
 
 class OptimConfig(StrictModel):
@@ -218,7 +226,7 @@ class AlignConfig(StrictModel):
     # LoRA adapters {r, alpha, dropout, targets} added to the pretrained backbone: theta and phi are then each their
     # own adapters on one shared frozen base (BiSSLight); None: the whole backbone
     lora: dict[str, Any] | None = None
-    pretext: PretextSection | None = None  # None: the method and heads saved by pretraining
+    pretext: AlignPretextSection | None = None  # None: the method, heads and views saved by pretraining
     pretext_data: DataConfig = Field(default_factory=DataConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     lower: LevelConfig = Field(default_factory=LevelConfig)
@@ -430,7 +438,8 @@ class PipelineConfig(StrictModel):
     baseline: str = "conventional"
     embedding: bool = True
     embedding_max_points: int = Field(1000, ge=10)
-    quick: list[str] = Field(default_factory=list)  # dotted overrides applied by `bissl pipeline --quick`
+    # dotted overrides applied by `bissl pipeline --quick`; they win over the tasks' own values (apply_preset)
+    quick: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _stages_inherit_plugins(self) -> PipelineConfig:
@@ -495,11 +504,34 @@ class PipelineConfig(StrictModel):
         return FinetuneConfig.model_validate(deep_merge(self.finetune.model_dump(mode="json"), task.finetune))
 
 
+class Replace(dict):  # type: ignore[type-arg]
+    """A mapping tagged ``!replace`` in YAML: merged over another mapping, it replaces it instead of merging into it
+    (``params: !replace {}`` clears a method's parameters that a base config set)."""
+
+
+#: keys that name a registered object, and the keys holding that object's own settings: a new name drops them
+NAMING_KEYS = ("name", "task")
+NAMED_SETTINGS = ("params", "kwargs")
+
+
+def _forget_renamed(section: dict[str, Any], update: dict[str, Any]) -> None:
+    """Remove the named object's settings (``params``, ``kwargs``) from ``section`` when ``update`` names another
+    object: ``pretext.name: vicreg`` over SimCLR's section drops SimCLR's ``temperature``."""
+    for key in NAMING_KEYS:
+        old, new = section.get(key), update.get(key)
+        if isinstance(old, str) and isinstance(new, str) and old.lower() != new.lower():
+            for setting in NAMED_SETTINGS:
+                section.pop(setting, None)
+
+
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``base`` with ``update`` merged in recursively (``update`` wins at the leaves)."""
+    """A copy of ``base`` with ``update`` merged in recursively (``update`` wins at the leaves; a :class:`Replace`
+    mapping replaces; a section whose name changes loses the old object's settings: :func:`_forget_renamed`)."""
     out = copy.deepcopy(base)
+    _forget_renamed(out, update)
     for key, value in update.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        merge = isinstance(value, dict) and not isinstance(value, Replace) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if merge else value
     return out
 
 
@@ -549,21 +581,63 @@ def resolve_config_path(path_or_name: str | Path) -> Path:
     )
 
 
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``key.subkey=value`` as its key path and its value parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {item!r}; write it as key.subkey=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def value_at(data: Any, parts: list[str]) -> Any:
+    """The value at a key path in nested mappings; ``None`` where it is missing."""
+    for part in parts:
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _set_at(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set the value at a key path, making (or replacing non-mapping values by) mappings on the way."""
+    for part in parts[:-1]:
+        if not isinstance(data.get(part), dict):
+            data[part] = {}
+        data = data[part]
+    data[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Set ``key.subkey=value`` overrides (values parsed as YAML) in a copy of ``data``; a value replaces
-    whatever was there, so ``pretext.params={}`` clears a method's parameters."""
+    whatever was there, so ``pretext.params={}`` clears a method's parameters. A new ``pretext.name`` drops the
+    old method's ``params`` from ``data`` first (:func:`_forget_renamed`), so ``pretext.params=...`` given with it
+    stays, in either order."""
     out = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"bad override {item!r}; write it as key.subkey=value")
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    parsed = [_parse_override(item) for item in overrides]
+    for parts, value in parsed:
+        node = value_at(out, parts[:-1])
+        if isinstance(node, dict):
+            _forget_renamed(node, {parts[-1]: value})
+    for parts, value in parsed:
+        _set_at(out, parts, value)
+    return out
+
+
+#: the study sections a task of a study overrides for itself (``TaskSpec``)
+TASK_SECTIONS = ("finetune", "align")
+
+
+def apply_preset(
+    data: dict[str, Any], preset: list[str] | tuple[str, ...], overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``data`` with a preset's overrides (``bissl pipeline --quick``), then ``overrides``. The preset wins over a
+    study task's own values: each of its ``finetune.*`` / ``align.*`` keys is also set, at its final value (an
+    explicit override of it still wins), on every task of ``tasks``; an arm's ``align`` still wins, so a control
+    arm (``n_upper: 0``) stays one."""
+    out = apply_overrides(data, [*preset, *overrides])
+    for parts, _ in map(_parse_override, preset):
+        if parts[0] in TASK_SECTIONS and len(parts) > 1:
+            for task in out.get("tasks") or []:
+                if isinstance(task, dict):
+                    _set_at(task, parts, copy.deepcopy(value_at(out, parts)))
     return out
 
 
@@ -594,6 +668,41 @@ class _StrictLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_replace(self, node: yaml.Node) -> Replace:
+        """``!replace {...}``: a mapping that replaces the base config's instead of merging into it."""
+        if not isinstance(node, yaml.MappingNode):
+            mark = node.start_mark
+            raise ConfigError(
+                f"{mark.name}:{mark.line + 1}:{mark.column + 1}: !replace applies to a mapping only (a list or a "
+                "value replaces the base's anyway); remove the tag"
+            )
+        return Replace(self.construct_mapping(node, deep=True))
+
+
+_StrictLoader.add_constructor("!replace", _StrictLoader.construct_replace)
+
+
+def _plugins_next_to(node: Any, folder: Path) -> Any:
+    """``node`` with every relative ``.py`` path in a ``plugins:`` list made relative to ``folder`` (that of the
+    YAML file naming it, as for ``extends:``), unless only the path as written exists."""
+    if isinstance(node, list):
+        return [_plugins_next_to(item, folder) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = type(node)({key: _plugins_next_to(value, folder) for key, value in node.items()})
+    refs = out.get("plugins")
+    if isinstance(refs, list):
+        out["plugins"] = [_next_to(ref, folder) if isinstance(ref, str) and is_path(ref) else ref for ref in refs]
+    return out
+
+
+def _next_to(ref: str, folder: Path) -> str:
+    """A plug-in file path of a YAML file in ``folder``, as the path to use."""
+    path = Path(ref).expanduser()
+    if path.is_absolute() or (path.is_file() and not (folder / path).is_file()):
+        return ref
+    return str(folder / path)
+
 
 def _load_yaml(path: Path) -> Any:
     """The YAML document in ``path``; a syntax error or a duplicate key is one line ``file:line:column: ...``."""
@@ -619,6 +728,8 @@ def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> 
     ``extends: BASE`` (a shipped config name, or a path relative to the file) loads ``BASE`` first and merges
     this file over it: mappings merge key by key, any other value (a list, a scalar) replaces the base's. So a
     study that differs from ``pipeline_digits`` only in its arms is ``extends: pipeline_digits`` plus ``arms:``.
+    A mapping tagged ``!replace`` replaces the base's; a new ``name`` (or ``task``) drops the old object's
+    ``params`` / ``kwargs`` (:func:`deep_merge`). ``plugins:`` files are relative to the file naming them.
     """
     path = Path(path_or_name)
     if _seen and not path.is_absolute():
@@ -636,7 +747,7 @@ def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> 
     loaded = _load_yaml(path)
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    data: dict[str, Any] = loaded or {}
+    data: dict[str, Any] = _plugins_next_to(loaded or {}, path.parent)
     base = data.pop(EXTENDS_KEY, None)
     if base is None:
         return data
@@ -646,11 +757,15 @@ def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> 
 
 
 def load_config(
-    cls: type[ConfigT], path_or_name: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    cls: type[ConfigT],
+    path_or_name: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    preset: list[str] | tuple[str, ...] = (),
 ) -> ConfigT:
-    """Load a YAML file (or shipped config name; ``extends:`` resolved), apply dotted overrides, validate."""
+    """Load a YAML file (or shipped config name; ``extends:`` resolved), apply a ``preset`` (:func:`apply_preset`)
+    and dotted overrides, validate."""
     data = read_config_file(path_or_name) if path_or_name is not None else {}
-    return build_config(cls, apply_overrides(data, overrides))
+    return build_config(cls, apply_preset(data, preset, overrides))
 
 
 def to_yaml(config: BaseModel) -> str:

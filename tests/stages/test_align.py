@@ -8,7 +8,7 @@ import torch
 from bissl.config import AlignConfig, load_config
 from bissl.engine.checkpoint import load_backbone
 from bissl.engine.logger import read_metrics
-from bissl.stages.align import align
+from bissl.stages.align import _pretext_params, align
 from bissl.utils.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from bissl.utils.io import load_torch
 
@@ -107,3 +107,11 @@ def test_bf16_without_cuda_warns_and_runs_exactly_as_fp32(tmp_path, tiny_align_o
 def test_unknown_precision_rejected(tiny_align_overrides):
     with pytest.raises(ConfigError, match="precision"):
         _cfg(tiny_align_overrides, "precision=fp16")
+
+
+def test_the_shipped_config_takes_the_method_from_the_pretrained_run(tmp_path):
+    """#20 item 11: align_digits sets only the views; a VICReg (or plug-in) run aligns without pretext=null."""
+    heads = {"name": "vicreg", "params": {"sim_coeff": 20.0}}
+    assert _pretext_params(_cfg([]), heads, tmp_path / "backbone.pt") == heads["params"]
+    with pytest.raises(ConfigError, match=r"pretext.name='simclr' but .*pretext_head.pt holds 'vicreg' heads"):
+        _pretext_params(_cfg(["pretext.name=simclr"]), heads, tmp_path / "backbone.pt")

@@ -80,12 +80,19 @@ def test_quick_pipeline_writes_a_complete_report(quick_study, capsys):
         assert (quick_study / png).stat().st_size > 1000, png
 
 
+def _search_times(study):
+    searched = json.loads((study / "results.json").read_text())["search"][TASK]
+    return {arm: s["wall_time_s"] for arm, s in searched.items()}
+
+
 def test_rerun_resumes_from_finished_stages(quick_study, capsys):
     before = (quick_study / TASK / "bissl" / "seed0" / "align" / "summary.json").stat().st_mtime_ns
+    searched = _search_times(quick_study)
     assert main(["pipeline", "--quick", "--out-dir", str(quick_study), *FAST]) == 0
     after = (quick_study / TASK / "bissl" / "seed0" / "align" / "summary.json").stat().st_mtime_ns
     assert before == after  # reused, not re-run
     assert "report:" in capsys.readouterr().out
+    assert _search_times(quick_study) == searched and min(searched.values()) > 0.1  # #20 item 16: carried over
 
 
 @pytest.mark.parametrize(
@@ -140,3 +147,15 @@ def test_a_task_not_scored_on_class_labels_is_scored_before_fine_tuning_by_its_o
     assert "the task's own head trained on it (2 epochs" in before
     assert "| arm | head probe magnitude MAE ↓ | head probe parity accuracy (%) ↑ |" in before
     assert "kNN" not in report and "linear probe" not in report
+
+
+def test_until_pretrain_runs_only_the_pretraining(quick_study, tmp_path, capsys):
+    """#20 item 13: `--until pretrain` pretrains (or reuses the pretraining of a study) and stops there."""
+    out = tmp_path / "premise"
+    assert main(["pipeline", "--quick", "--until", "pretrain", "--out-dir", str(out), *FAST]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "pretrain"]
+    assert (out / "pretrain" / "summary.json").is_file() and "without --until" in capsys.readouterr().out
+    summary = quick_study / "pretrain" / "summary.json"
+    files = {p: p.read_bytes() for p in (summary, quick_study / "results.json", quick_study / "report.md")}
+    assert main(["pipeline", "--quick", "--until", "pretrain", "--out-dir", str(quick_study), *FAST]) == 0
+    assert files == {p: p.read_bytes() for p in files}  # reused as it was, nothing re-run or rewritten

@@ -28,6 +28,7 @@ from bissl.config import (
     format_validation_error,
 )
 from bissl.data import AUGMENTATIONS, DATASETS
+from bissl.data.build import dataset_builder
 from bissl.downstream import DOWNSTREAM_TASKS
 from bissl.engine.optim import OPTIMIZERS
 from bissl.models import BACKBONES
@@ -70,16 +71,18 @@ def validate_names(config: BaseModel) -> None:
             if value is None:
                 continue
             choices = registries if isinstance(registries, tuple) else (registries,)
-            if any(value in registry for registry in choices):
-                continue
             key = f"{path}.{field}" if path else field
+            if any(value in registry for registry in choices):
+                if registries is DATASETS:
+                    dataset_builder(value, key)  # a plug-in's builder with the wrong signature: one line, now
+                continue
             names = ", ".join(sorted(name for registry in choices for name in registry))
             kinds = " or ".join(registry.kind for registry in choices)
             raise ConfigError(
                 f"bad config value for {key!r}: unknown {kinds} {value!r}; choose one of: {names} "
                 "(or a plug-in's: --plugin MODULE, or plugins: [MODULE])"
             )
-        if isinstance(section, PretextSection):
+        if isinstance(section, PretextSection) and section.name is not None:  # None: align's, from the pretrained run
             _check_params(PRETEXT_METHODS.get(section.name).Config, section.params, path)
         if isinstance(section, DownstreamConfig):
             DOWNSTREAM_TASKS.get(section.task).check_contract()

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -81,8 +81,9 @@ class RunRecord:
 class StudyResult:
     out_dir: Path
     records: list[RunRecord]
-    results_path: Path
-    report_path: Path
+    results_path: Path | None  # None: stopped before the runs (``until``)
+    report_path: Path | None
+    pretrained: Path | None = None  # the folder of the backbone every run starts from
 
 
 def run_stage(cfg: BaseModel, runner: Callable[[Any], Any], label: str) -> dict[str, Any]:
@@ -189,7 +190,6 @@ def finetune_config(
 
 def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone: Path) -> dict[str, Any]:
     """Search ``arm``'s fine-tuning lr / weight decay on validation, from the first seed's starting backbone."""
-    start = time.perf_counter()
     stage = finetune_config(cfg, task, arm, cfg.seeds[0], backbone, {})
     stage = stage.model_copy(update={"out_dir": str(arm_dir(cfg, task, arm) / "search")})
     result = search(stage, cfg.search.hpo())
@@ -200,7 +200,8 @@ def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone:
         "best_val": result.best_value,
         "metric": f"val_{result.metric}",
         "trials": [{"params": t["params"], "value": t["value"], "state": t["state"]} for t in result.trials],
-        "wall_time_s": time.perf_counter() - start,  # this call only: ~0 when the search finished earlier
+        # the trials' durations, of this call and of the earlier ones a resumed study continues
+        "wall_time_s": sum(t["duration_s"] or 0.0 for t in result.trials),
     }
 
 
@@ -264,8 +265,9 @@ def write_config(cfg: PipelineConfig) -> None:
     atomic_write(Path(cfg.out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), mode="w")
 
 
-def run_study(cfg: PipelineConfig) -> StudyResult:
-    """Run (or resume) every stage of the study, then write ``results.json``, ``report.md`` and plots."""
+def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None) -> StudyResult:
+    """Run (or resume) every stage of the study, then write ``results.json``, ``report.md`` and plots; with
+    ``until="pretrain"`` stop once the pretrained backbone is there (a later call without it continues)."""
     from bissl.pipeline.report import write_report
 
     validate_names(cfg)
@@ -284,6 +286,8 @@ def run_study(cfg: PipelineConfig) -> StudyResult:
         summary = run_stage(pretrain_config(cfg), partial(pretrain, resume=True), "pretrain")
         pretrained = Path(summary["backbone"]).parent
         stage_times["pretrain"] = summary["wall_time_s"]
+    if until == "pretrain":
+        return StudyResult(out, [], None, None, pretrained)
 
     records: list[RunRecord] = []
     searches: dict[str, dict[str, Any]] = {}
@@ -307,4 +311,4 @@ def run_study(cfg: PipelineConfig) -> StudyResult:
     report_path = write_report(cfg, results, pretrained)
     save_json(results, out / RESULTS_FILE)
     write_config(cfg)
-    return StudyResult(out, records, out / RESULTS_FILE, report_path)
+    return StudyResult(out, records, out / RESULTS_FILE, report_path, pretrained)

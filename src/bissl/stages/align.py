@@ -378,9 +378,10 @@ def _pretext_params(cfg: AlignConfig, head_file: dict[str, Any], backbone_path: 
     """The pretext parameters the pretrained heads were trained with (``pretext`` in the config may only repeat
     them, or set ``gather_distributed``)."""
     head_path = backbone_path.parent / PRETEXT_HEAD_FILE
-    if cfg.pretext is not None and cfg.pretext.name.lower() != str(head_file["name"]).lower():
+    name = cfg.pretext.name if cfg.pretext is not None else None
+    if name is not None and name.lower() != str(head_file["name"]).lower():
         raise ConfigError(
-            f"pretext.name={cfg.pretext.name!r} but {head_path} holds {head_file['name']!r} heads; "
+            f"pretext.name={name!r} but {head_path} holds {head_file['name']!r} heads; "
             "remove pretext.name or point pretrained at a matching run"
         )
     params = dict(head_file["params"])

@@ -320,6 +320,7 @@ def fail_stale_trials(optuna: ModuleType, study: optuna.Study, grace_s: float) -
 
 
 def _trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    start, end = trial.datetime_start, trial.datetime_complete
     return {
         "number": trial.number,
         "state": trial.state.name,
@@ -327,6 +328,7 @@ def _trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "value": trial.value,
         "intermediate_values": trial.intermediate_values,
         "user_attrs": trial.user_attrs,
+        "duration_s": (end - start).total_seconds() if start and end else None,  # None: not finished
     }
 
 

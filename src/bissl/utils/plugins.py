@@ -12,10 +12,10 @@ import hashlib
 import importlib
 import importlib.util
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 
 from bissl.utils.errors import ConfigError
 
@@ -68,21 +68,45 @@ def _import_file(path: Path) -> ModuleType:
     return module
 
 
+def _in_module(name: str) -> Callable[[FrameType], bool]:
+    """Whether a frame runs code of module ``name`` or of one of its submodules."""
+
+    def owns(frame: FrameType) -> bool:
+        module = str(frame.f_globals.get("__name__", ""))
+        return module == name or module.startswith(f"{name}.")
+
+    return owns
+
+
+def _failure_site(exc: BaseException, owns: Callable[[FrameType], bool]) -> str:
+    """`` at FILE:LINE`` of a syntax error, else of the deepest traceback frame that ``owns`` (the plug-in's own
+    code, not the library it called, e.g. a registry refusing a name); ``""`` when no frame is the plug-in's."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" at {exc.filename}:{exc.lineno}"
+    site, tb = "", exc.__traceback__
+    while tb is not None:
+        if owns(tb.tb_frame):
+            site = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return site
+
+
 def import_plugin(ref: str) -> ModuleType:
-    """Import one plug-in (module name or ``.py`` path); any failure is one :class:`PluginImportError` naming it."""
+    """Import one plug-in (module name or ``.py`` path); any failure is one :class:`PluginImportError` naming it
+    and the file and line of its code that failed."""
     path = Path(plugin_ref(ref)) if is_path(ref) else None
     if path is not None and not path.is_file():
         raise PluginImportError(ref, f"plug-in file {ref!r} not found (looked at {path})", "check the path")
     try:
         return importlib.import_module(ref) if path is None else _import_file(path)
-    except ModuleNotFoundError as exc:
-        if exc.name and (ref == exc.name or ref.startswith(f"{exc.name}.")):
-            fix = "make it importable (pip install it, or add its folder to PYTHONPATH) or pass its .py file"
-            raise PluginImportError(ref, f"cannot import plug-in {ref!r} (no module named {exc.name!r})", fix) from None
-        raise PluginImportError(ref, f"plug-in {ref!r} failed to import ({exc})", "install what it needs") from exc
     except Exception as exc:
-        reason = f"plug-in {ref!r} failed to import ({type(exc).__name__}: {exc})"
-        raise PluginImportError(ref, reason, "fix the plug-in") from exc
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if missing and (ref == missing or ref.startswith(f"{missing}.")):
+            fix = "make it importable (pip install it, or add its folder to PYTHONPATH) or pass its .py file"
+            raise PluginImportError(ref, f"cannot import plug-in {ref!r} (no module named {missing!r})", fix) from None
+        own = _in_module(ref) if path is None else (lambda frame: frame.f_code.co_filename == str(path))
+        reason = f"plug-in {ref!r} failed to import ({type(exc).__name__}: {exc}){_failure_site(exc, own)}"
+        raise PluginImportError(ref, reason, "install what it needs" if missing else "fix the plug-in") from exc
 
 
 def import_plugins(refs: Iterable[str]) -> list[ModuleType]:
@@ -91,7 +115,8 @@ def import_plugins(refs: Iterable[str]) -> list[ModuleType]:
 
 
 def load_entry_point_plugins() -> list[str]:
-    """Import the modules installed packages declare in the ``bissl.plugins`` entry-point group; their names."""
+    """Import the modules installed packages declare in the ``bissl.plugins`` entry-point group; their module
+    names, which a run records like ``--plugin`` ones (a later process that lacks the package then names it)."""
     loaded = []
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         try:
@@ -100,7 +125,8 @@ def load_entry_point_plugins() -> list[str]:
             dist = entry.dist.name if entry.dist else "an installed package"
             raise ConfigError(
                 f"entry point {entry.name!r} ({entry.value}) of {dist} in group {ENTRY_POINT_GROUP!r} failed to "
-                f"import ({type(exc).__name__}: {exc}); fix or uninstall that package"
+                f"import ({type(exc).__name__}: {exc}){_failure_site(exc, _in_module(entry.module))}; fix or "
+                "uninstall that package"
             ) from None
-        loaded.append(entry.value)
+        loaded.append(entry.module)
     return loaded

@@ -8,8 +8,10 @@ Users register their own entries with the same decorator the built-ins use::
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from bissl.utils.errors import ConfigError
 
@@ -22,11 +24,20 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str, *, overwrite: bool = False) -> Callable[[T], T]:
+        """Register ``obj`` as ``name``. A name taken by another definition is an error unless ``overwrite``; the
+        same definition again (one module imported twice, e.g. by an entry point and by ``--plugin FILE``) keeps
+        the first."""
         key = name.lower()
 
         def decorator(obj: T) -> T:
-            if key in self._entries and not overwrite:
-                raise ValueError(f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it")
+            old = self._entries.get(key)
+            if old is not None and not overwrite:
+                if _same_definition(old, obj):
+                    return obj
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered (by {_origin(old)}); rename yours or pass "
+                    "overwrite=True to replace it"
+                )
             self._entries[key] = obj
             return obj
 
@@ -48,3 +59,22 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+
+def _source_file(obj: Any) -> Path | None:
+    """The file of the module that defines ``obj``, if it has one."""
+    file = getattr(sys.modules.get(getattr(obj, "__module__", "") or ""), "__file__", None)
+    return Path(file).resolve() if file else None
+
+
+def _origin(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _same_definition(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are one definition: the same object, or objects of the same qualified name defined
+    in the same source file (its module executed twice, under two module names)."""
+    if a is b:
+        return True
+    qualname, file = getattr(a, "__qualname__", None), _source_file(a)
+    return None not in (qualname, file) and qualname == getattr(b, "__qualname__", None) and file == _source_file(b)
