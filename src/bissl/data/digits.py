@@ -4,6 +4,25 @@
 ``image_size`` (antialiased bilinear) and kept in memory as uint8. Split: seeded and stratified, 60 / 20 / 20
 per cent, i.e. 1,079 train / 359 val / 359 test images for every seed; the same seed gives the same split in
 every run. ``mean``/``std`` are measured on the train split at the requested size.
+
+Positive controls (``digits_rot90``, ``digits_mirror``): the same images, each transformed by its label (turned by
+``k * 90`` degrees; mirrored or not), for a study whose pretext augmentation removes exactly that factor
+(``rot90_p: 0.75``; ``flip_p: 0.5``), so that the downstream label needs what the pretext is trained to ignore.
+Premise, measured (small_cnn width 32, 8 px, SimCLR 40 epochs on ``digits_rot90``; frozen test kNN k=20 / linear
+probe, %, few-shot means over 3 draws; chance 25):
+
+=========================  ===========  ============  ================
+backbone                   5-shot       10-shot       all 1,079 labels
+=========================  ===========  ============  ================
+SimCLR, turned views       55.7 / 53.3  55.8 / 57.4   87.5 / 83.8
+SimCLR, upright views      55.7 / 55.6  57.8 / 59.2   89.4 / 85.0
+random init                54.2 / 53.9  55.5 / 58.8   87.2 / 76.6
+=========================  ===========  ============  ================
+
+So the invariance stays in SimCLR's projector (so did it at temperature 0.1, with a linear projector, and for
+mirroring: 90.0 % kNN with all labels after flip-invariant views, 94.2 % at random init); the backbone keeps
+the factor but few labels cannot find it (55 % vs 87-89 %): the headroom an upper level that sees the labels
+can take, and a frozen few-shot probe of the pretrained backbone far below what the task allows.
 """
 
 from __future__ import annotations
@@ -55,8 +74,12 @@ TURN_SEED = 0  # which image gets which transform is part of the dataset: the sa
 
 
 def _transformed_digits(
-    name: str, classes: list[str], transform: Callable[[torch.Tensor, int], torch.Tensor], image_size: int,
-    split: Split, seed: int,
+    name: str,
+    classes: list[str],
+    transform: Callable[[torch.Tensor, int], torch.Tensor],
+    image_size: int,
+    split: Split,
+    seed: int,
 ) -> TensorImageDataset:
     """Every digit image transformed by ``transform(images, k)`` for a balanced label ``k`` (a fixed seeded
     permutation of the 1,797 images, ``k = rank mod len(classes)``), split like the digits, stratified by ``k``."""
@@ -73,7 +96,8 @@ def _transformed_digits(
 def build_digits_rot90(
     split: Split, *, root: str | None = None, image_size: int, download: bool = False, seed: int = 0
 ) -> TensorImageDataset:
-    """The digits, each turned by ``k * 90`` degrees; the label is ``k`` (4 classes, balanced)."""
+    """The digits, each turned by ``k * 90`` degrees; the label is ``k`` (4 classes, balanced; premise measured in
+    the module docstring)."""
     turn = lambda images, k: torch.rot90(images, k, dims=(2, 3))  # noqa: E731
     return _transformed_digits("digits_rot90", ["0", "90", "180", "270"], turn, image_size, split, seed)
 

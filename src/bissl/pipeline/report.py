@@ -156,7 +156,7 @@ def protocol_lines(cfg: PipelineConfig) -> list[str]:
         "minimum detectable effect: the smallest true difference a paired t-test at these seeds and this spread "
         "would find with 80 % power (two-sided 5 %); a null rules out only differences larger than about it. "
         "d_z is the mean paired difference over its standard deviation; the Wilcoxon signed-rank p assumes no "
-        "normality (with 5 seeds it cannot go below 0.0625).",
+        f"normality (with {len(cfg.seeds)} seeds it cannot go below {2 / 2 ** len(cfg.seeds):.3g}).",
     ]
 
 
