@@ -109,15 +109,15 @@ def test_interrupted_stage_resumes_and_corruption_is_named(quick_study, capsys):
 
 @pytest.mark.slow
 def test_positive_control_study_runs_quick(tmp_path):
-    """The positive control (digits turned by k x 90 degrees, label k; pretext views turned at random) runs its
-    --quick preset; its report gives every arm's frozen scores, Wilcoxon p and the MDE of its nulls."""
+    """The positive control (digits, half mirrored, label "mirrored?"; pretext views flipped at random) runs its
+    --quick preset; its report gives every arm's frozen scores and the Wilcoxon p of its comparisons."""
     out = tmp_path / "pc"
     assert main(["pipeline", "--config", "pipeline_positive_control", "--quick", "--out-dir", str(out), *FAST]) == 0
     results = json.loads((out / "results.json").read_text())
     for side in ("pretrain", "align"):
-        assert results["config"][side]["pretext"]["augmentation_params"]["rot90_p"] == 0.75
+        assert results["config"][side]["pretext"]["augmentation_params"]["flip_p"] == 0.5
     runs = results["runs"]
-    assert {r["arm"] for r in runs} == ARMS and all(r["task"] == "rot90_5shot" for r in runs)
+    assert {r["arm"] for r in runs} == ARMS and all(r["task"] == "mirror_10shot" for r in runs)
     assert all(0 <= r["frozen"]["knn_test"] <= 1 for r in runs)
     report = (out / "report.md").read_text()
-    assert "## rot90_5shot" in report and "p (Wilcoxon)" in report and "nan" not in report.lower()
+    assert "## mirror_10shot" in report and "p (Wilcoxon)" in report and "nan" not in report.lower()
