@@ -62,7 +62,6 @@ _STUDY_IGNORES = (
     "log",
     "optim.lr",
     "optim.weight_decay",
-    "l2sp",
     "downstream.data.root",
     "downstream.data.num_workers",
     "hpo.trials",
