@@ -241,7 +241,8 @@ class AlignConfig(StrictModel):
 
 
 class HPOConfig(StrictModel):
-    """Random/TPE search over ``optim.lr`` and ``optim.weight_decay`` (Optuna), then the best setting per seed.
+    """Random/TPE search over ``optim.lr`` and ``optim.weight_decay`` (and the L2-SP weight ``l2sp`` when
+    ``l2sp_range`` is set; Optuna), then the best setting per seed.
 
     Defaults follow the paper: random search, lr in [1e-4, 1], weight decay in [1e-5, 1e-2] (log-uniform).
     """
@@ -255,11 +256,12 @@ class HPOConfig(StrictModel):
     study_name: str = "finetune"
     heartbeat_s: int = Field(30, gt=0)  # a RUNNING trial without a heartbeat for 2x this is failed and re-queued
     final_seeds: list[int] = Field(default_factory=lambda: [0])  # runs of the best setting; []: search only
+    l2sp_range: tuple[float, float] | None = None  # also search the L2-SP weight ``l2sp`` (log-uniform) when set
 
-    @field_validator("lr_range", "weight_decay_range")
+    @field_validator("lr_range", "weight_decay_range", "l2sp_range")
     @classmethod
-    def _positive_increasing(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] < value[1]:
+    def _positive_increasing(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] < value[1]:
             raise ValueError("must be [low, high] with 0 < low < high")
         return value
 
@@ -284,6 +286,10 @@ class FinetuneConfig(StrictModel):
     # model selection (0: the head starts fresh)
     head_warmup_epochs: int = Field(0, ge=0)
     head_warmup_lr: float = Field(0.05, gt=0)
+    # L2-SP (Li et al. 2018): the loss gains l2sp / 2 * ||w - w0||^2 over the backbone's trainable parameters, w0
+    # the backbone fine-tuning starts from, so fine-tuning keeps what the task does not need changed (0: off)
+    l2sp: float = Field(0.0, ge=0)
+    backbone_lr_factor: float = Field(1.0, ge=0)  # backbone lr = this x optim.lr (the head's); 0: backbone not stepped
     log: LogConfig = Field(default_factory=LogConfig)
     hpo: HPOConfig = Field(default_factory=HPOConfig)
     precision: Precision = "fp32"  # bf16: autocast on CUDA (fp32 with a warning elsewhere)
@@ -396,15 +402,16 @@ KIND_ALIGN: dict[str, dict[str, Any]] = {
 
 
 class SearchSpec(StrictModel):
-    """A study's fine-tuning search: ``trials`` settings of ``optim.lr`` / ``optim.weight_decay`` (log-uniform in
-    the ranges) per arm and task, scored on validation, the same budget and candidates for every arm; ``trials: 0``
-    fine-tunes every arm with the study's fixed settings."""
+    """A study's fine-tuning search: ``trials`` settings of ``optim.lr`` / ``optim.weight_decay`` (and ``l2sp``
+    with ``l2sp_range``; log-uniform in the ranges) per arm and task, scored on validation, the same budget and
+    candidates for every arm; ``trials: 0`` fine-tunes every arm with the study's fixed settings."""
 
     trials: int = Field(0, ge=0)
     sampler: Literal["random", "tpe"] = "random"
     pruner: Literal["median", "none"] = "none"
     lr_range: tuple[float, float] = (1e-3, 0.3)
     weight_decay_range: tuple[float, float] = (1e-5, 1e-2)
+    l2sp_range: tuple[float, float] | None = None  # also search fine-tuning's L2-SP weight (log-uniform) when set
 
     def hpo(self) -> HPOConfig:
         """The search as a fine-tuning stage's ``hpo`` section (no final runs: the study runs its seeds)."""

@@ -82,6 +82,24 @@ def test_full_crop_without_other_stages_is_the_identity(channels: int) -> None:
     torch.testing.assert_close(flipped, batch.flip(-1), atol=1e-6, rtol=0)
 
 
+def test_rot90_turns_each_view_by_a_uniform_multiple_of_90_degrees() -> None:
+    batch = images(600, 1, 8)
+    full = {"crop_scale": (1.0, 1.0), "flip_p": 0.0}
+    (view,) = pipeline("supervised", 1, 8, rot90_p=0.75, **full)(batch, gen(), raw=True)
+    turns = []
+    for image, turned in zip(batch, view, strict=True):  # each view is its image turned exactly by k * 90 degrees
+        matches = [k for k in range(4) if torch.allclose(torch.rot90(image, k, dims=(1, 2)), turned, atol=1e-6)]
+        assert len(matches) == 1
+        turns += matches
+    counts = torch.bincount(torch.tensor(turns), minlength=4) / len(turns)
+    assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.05)  # rot90_p = 0.75: uniform over 0..270
+    (plain,) = pipeline("supervised", 1, 8, rot90_p=0.0, **full)(batch, gen(), raw=True)
+    (default,) = pipeline("supervised", 1, 8, **full)(batch, gen(), raw=True)
+    assert torch.equal(plain, default)  # off: the random stream and the views are those of before
+    with pytest.raises(ConfigError, match="rot90_p must lie in"):
+        ViewConfig(rot90_p=1.5)
+
+
 @pytest.mark.parametrize(("scale", "ratio"), [((0.5, 1.0), (3 / 4, 4 / 3)), ((0.1, 0.3), (0.5, 2.0))])
 def test_crops_respect_area_and_ratio_and_stay_inside(scale, ratio) -> None:
     size, batch = 16, 512

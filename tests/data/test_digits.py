@@ -88,3 +88,27 @@ def test_build_dataset_rejects_bad_arguments() -> None:
         build_dataset("digitz", "train", image_size=8)
     with pytest.raises(ConfigError, match="image_size"):
         build_dataset("digits", "train", image_size=0)
+
+
+def _all_rows(name: str, seed: int, undo=None) -> list[tuple[bytes, int]]:
+    """Every image of every split (undone by its label with ``undo``), as sorted byte rows."""
+    rows = []
+    for split in SIZES:
+        data = build_dataset(name, split, image_size=8, seed=seed)
+        pairs = zip(data.images, data.targets, strict=True)
+        images = data.images if undo is None else torch.stack([undo(x, k) for x, k in pairs])
+        rows += _rows(images, [0] * len(data))
+    return sorted(rows)
+
+
+@pytest.mark.parametrize(
+    ("name", "undo"),
+    [("digits_rot90", lambda image, k: torch.rot90(image, -k, dims=(1, 2))),
+     ("digits_mirror", lambda image, k: image.flip(-1) if k else image)],
+)  # fmt: skip
+def test_positive_controls_label_the_transform_of_each_digit(name, undo) -> None:
+    """Undoing each image's label-transform gives back exactly the digits; labels are balanced in every split."""
+    assert _all_rows(name, 1, undo) == _all_rows("digits", 0)
+    for split in SIZES:
+        counts = torch.bincount(torch.tensor(build_dataset(name, split, image_size=8).targets))
+        assert counts.max() - counts.min() <= 1

@@ -4,6 +4,7 @@ frozen-probe warning of a top-1 task, Holm over arms, the control arm's label.""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from bissl.config import PipelineConfig
 from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask, Metric
 from bissl.pipeline.analysis import analyse
 from bissl.pipeline.report import write_report
+from bissl.pipeline.stats import minimum_detectable_effect
 
 
 @DOWNSTREAM_TASKS.register("toy_mae", overwrite=True)
@@ -103,3 +105,20 @@ def test_finetuning_below_the_linear_probe_is_flagged(tmp_path):
     before = analysis["comparisons"]["bissl"]["before"]["linear_probe_test"]
     assert before["mean_diff"] == pytest.approx(-0.15) and before["p_value"] < 0.05
     assert analysis["arms"]["pretext_only"]["kind"] == "control" and analysis["arms"]["bissl"]["kind"] == "bissl"
+
+
+def test_a_null_prints_its_minimum_detectable_effect_and_wilcoxon(tmp_path):
+    top1 = {
+        "conventional": [0.90, 0.92, 0.91],
+        "bissl": [0.92, 0.91, 0.93],  # differences +.02, -.01, +.02: sd sqrt(3e-4), not significant
+        "pretext_only": [0.91, 0.93, 0.92],  # +0.01 on every seed: sd 0, no MDE
+    }
+    values = {a: [{"top1": v, "mean_per_class": v, "loss": 0.3} for v in vs] for a, vs in top1.items()}
+    cfg, results = _study(tmp_path, "classification", values)
+    report = write_report(cfg, results, tmp_path / "pretrain").read_text()
+    bissl = results["analysis"]["t"]["comparisons"]["bissl"]["after"]["top1"]
+    mde = minimum_detectable_effect(math.sqrt(3e-4), 3) * 100  # in points
+    assert bissl["p_holm"] >= 0.05 and bissl["mde"] * 100 == pytest.approx(mde)
+    assert f"(MDE ±{mde:.2f})" in report and f"would detect ±{mde:.2f} with 80 % power" in bissl["verdict"]
+    assert "p (Wilcoxon)" in report and f"| {bissl['wilcoxon_p']:.3g} |" in report
+    assert f"{bissl['d_z']:+.2f} [{bissl['d_z_ci'][0]:+.2f}, {bissl['d_z_ci'][1]:+.2f}]" in report

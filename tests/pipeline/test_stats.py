@@ -1,9 +1,17 @@
 import math
 
+import numpy as np
 import pytest
 from scipy import stats
 
-from bissl.pipeline.stats import holm, paired_comparison, summarize
+from bissl.pipeline.stats import (
+    d_z_interval,
+    holm,
+    minimum_detectable_effect,
+    paired_comparison,
+    summarize,
+    wilcoxon_p,
+)
 
 
 def test_summarize_by_hand():
@@ -43,3 +51,39 @@ def test_holm_by_hand():
     assert holm([None, 0.2, 0.01]) == [None, pytest.approx(0.2), pytest.approx(0.02)]
     assert holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1, monotone
     assert holm([0.03]) == [pytest.approx(0.03)] and holm([]) == []
+
+
+def test_wilcoxon_by_hand():
+    # All four differences positive: W- = 0, the exact null puts 1/16 there; two-sided p = 2/16.
+    assert wilcoxon_p([0.02, 0.04, 0.01, 0.03]) == pytest.approx(0.125)
+    # Ranks 1..5, the negative one has rank 2: W- = 2; subsets of {1..5} summing to <= 2: {}, {1}, {2} -> 3/32.
+    assert wilcoxon_p([1.0, -2.0, 3.0, 4.0, 5.0]) == pytest.approx(6 / 32)
+    assert wilcoxon_p([0.0, 0.0, 0.3]) is None and wilcoxon_p([0.1]) is None  # fewer than two non-zero
+
+
+def test_effect_size_and_its_interval():
+    c = paired_comparison([0.92, 0.95, 0.90, 0.93], [0.90, 0.91, 0.89, 0.90])
+    diffs = [0.02, 0.04, 0.01, 0.03]
+    assert c.d_z == pytest.approx(0.025 / math.sqrt(sum((d - 0.025) ** 2 for d in diffs) / 3))
+    low, high = c.d_z_ci
+    assert low < c.d_z < high
+    # Large n: the normal approximation d_z +- 1.96 sqrt(1/n + d_z^2 / (2n)) (0.5, n = 200: +-0.1470).
+    low, high = d_z_interval(0.5, 200)
+    assert (low, high) == (pytest.approx(0.5 - 0.1470, abs=3e-3), pytest.approx(0.5 + 0.1470, abs=3e-3))
+    assert d_z_interval(0.0, 7) == (pytest.approx(-d_z_interval(0.0, 7)[1]), pytest.approx(d_z_interval(0.0, 7)[1]))
+
+
+def test_minimum_detectable_effect_has_80_percent_power():
+    # Simulated without scipy: n = 10 paired differences ~ N(mde, 1), paired t against t_0.975(9) = 2.262157.
+    mde = minimum_detectable_effect(1.0, 10)
+    assert mde == pytest.approx(0.996, abs=1e-3)  # G*Power, one-sample t, n = 10, power 0.8: d_z = 0.996
+    gen = np.random.default_rng(0)
+    diffs = gen.normal(mde, 1.0, size=(200_000, 10))
+    t = diffs.mean(1) / (diffs.std(1, ddof=1) / math.sqrt(10))
+    assert np.mean(np.abs(t) > 2.262157) == pytest.approx(0.80, abs=4e-3)
+    # Large n: (z_0.975 + z_0.8) sd / sqrt(n) = 2.8016 sd / sqrt(n); scales with sd.
+    assert minimum_detectable_effect(2.0, 1000) == pytest.approx(2 * 2.8016 / math.sqrt(1000), rel=2e-3)
+    assert minimum_detectable_effect(1.0, 1) is None and minimum_detectable_effect(0.0, 5) is None
+    assert paired_comparison([0.9, 0.8, 0.85], [0.88, 0.81, 0.8]).mde == pytest.approx(
+        minimum_detectable_effect(math.sqrt(sum((d - 0.02) ** 2 for d in (0.02, -0.01, 0.05)) / 2), 3)
+    )

@@ -1,3 +1,4 @@
+import importlib
 import math
 
 import pytest
@@ -109,3 +110,37 @@ def test_probe_first_makes_the_probe_a_candidate(pretrained, tmp_path):
     half = _cfg(pretrained, tmp_path / "half", *extra)
     finetune(half, until_epoch=1)
     assert finetune(half, resume=True).metrics == result.metrics
+
+
+def _parameters(path):
+    backbone, _ = load_backbone(path)
+    return {name: p.detach() for name, p in backbone.named_parameters()}
+
+
+def test_l2sp_and_backbone_lr_factor(pretrained, tmp_path, monkeypatch):
+    """Defaults: exactly the single-group optimizer of before; factor 0: the backbone's weights never step (its
+    BatchNorm statistics still follow the data); L2-SP: the weights end nearer the start, the penalty is logged."""
+    start = _parameters(pretrained / "backbone.pt")
+    default = finetune(_cfg(pretrained, tmp_path / "default"))
+    module = importlib.import_module("bissl.stages.finetune")
+    flat = module.build_optimization
+    monkeypatch.setattr(
+        module,
+        "build_optimization",
+        lambda optim, groups, *a: flat(optim, [p for g in groups for p in g["params"]], *a),
+    )
+    before = finetune(_cfg(pretrained, tmp_path / "one_group"))
+    monkeypatch.undo()
+    assert before.metrics == default.metrics
+    ends = _parameters(default.out_dir / "backbone.pt")
+    assert all(torch.equal(p, _parameters(before.out_dir / "backbone.pt")[k]) for k, p in ends.items())
+
+    frozen = finetune(_cfg(pretrained, tmp_path / "frozen", "backbone_lr_factor=0"))
+    assert all(torch.equal(p, start[k]) for k, p in _parameters(frozen.out_dir / "backbone.pt").items())
+
+    anchored = finetune(_cfg(pretrained, tmp_path / "l2sp", "l2sp=5.0"))
+    distance = lambda weights: sum(((p - start[k]) ** 2).sum() for k, p in weights.items())  # noqa: E731
+    assert distance(_parameters(anchored.out_dir / "backbone.pt")) < 0.5 * distance(ends)
+    logged = read_metrics(anchored.out_dir / "metrics.jsonl", "epoch")
+    assert all(e["l2sp_penalty"] > 0 for e in logged)
+    assert "l2sp_penalty" not in read_metrics(default.out_dir / "metrics.jsonl", "epoch")[0]

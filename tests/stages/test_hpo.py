@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import bissl.stages.hpo as hpo_module
 from bissl.config import FinetuneConfig, load_config
 from bissl.engine.checkpoint import backbone_spec, export_backbone
 from bissl.models import build_backbone
-from bissl.stages.hpo import final_runs, open_study, search
+from bissl.stages.hpo import final_runs, open_study, search, with_params
 from bissl.utils.errors import BisslError, ConfigError
 from bissl.utils.io import load_torch
 
@@ -293,3 +294,13 @@ def test_a_lower_is_better_primary_metric_is_minimised(make_cfg, monkeypatch):
     found = search(cfg)
     values = [t["value"] for t in found.trials if t["state"] == "COMPLETE"]
     assert found.metric == "loss" and found.best_value == min(values)
+
+
+def test_l2sp_is_searched_only_when_a_range_is_given(make_cfg, tmp_path):
+    found = search(make_cfg("hpo.trials=2", "hpo.l2sp_range=[0.01, 1.0]"))
+    assert all(0.01 <= t["params"]["l2sp"] <= 1.0 for t in found.trials)
+    run = yaml.safe_load((tmp_path / "hpo" / "trials" / "0" / "config.yaml").read_text())
+    assert run["l2sp"] == found.trials[0]["params"]["l2sp"] and "l2sp" not in run["optim"]
+    assert "l2sp" not in search(make_cfg("hpo.trials=1", out="plain")).best_params
+    cfg = with_params(make_cfg(), {"lr": 0.1, "weight_decay": 1e-3, "l2sp": 0.5})  # what a study's runs get
+    assert (cfg.l2sp, cfg.optim.lr, cfg.optim.weight_decay) == (0.5, 0.1, 1e-3)

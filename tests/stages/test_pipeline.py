@@ -159,3 +159,19 @@ def test_until_pretrain_runs_only_the_pretraining(quick_study, tmp_path, capsys)
     files = {p: p.read_bytes() for p in (summary, quick_study / "results.json", quick_study / "report.md")}
     assert main(["pipeline", "--quick", "--until", "pretrain", "--out-dir", str(quick_study), *FAST]) == 0
     assert files == {p: p.read_bytes() for p in files}  # reused as it was, nothing re-run or rewritten
+
+
+@pytest.mark.e2e
+def test_positive_control_study_runs_quick(tmp_path):
+    """The positive control (digits, half mirrored, label "mirrored?"; pretext views flipped at random) runs its
+    --quick preset; its report gives every arm's frozen scores and the Wilcoxon p of its comparisons."""
+    out = tmp_path / "pc"
+    assert main(["pipeline", "--config", "pipeline_positive_control", "--quick", "--out-dir", str(out), *FAST]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for side in ("pretrain", "align"):
+        assert results["config"][side]["pretext"]["augmentation_params"]["flip_p"] == 0.5
+    runs = results["runs"]
+    assert {r["arm"] for r in runs} == ARMS and all(r["task"] == "mirror_10shot" for r in runs)
+    assert all(0 <= r["frozen"]["knn_test"] <= 1 for r in runs)
+    report = (out / "report.md").read_text()
+    assert "## mirror_10shot" in report and "p (Wilcoxon)" in report and "nan" not in report.lower()

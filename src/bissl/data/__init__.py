@@ -1,9 +1,9 @@
 """Datasets, splits, task subsets and batched view augmentations.
 
 Every dataset is built by name through one registry: ``build_dataset(name, split, image_size=...)`` looks up
-``DATASETS``; importing this package registers the built-in datasets (``digits``, ``mnist``,
-``fashion_mnist``, the paper's datasets and image folders, and the detection sets ``synthetic_detection``,
-``voc_detection``, ``coco_detection``). Users add their own with
+``DATASETS``; importing this package registers the built-in datasets (``digits`` and its positive controls
+``digits_rot90`` / ``digits_mirror``, ``mnist``, ``fashion_mnist``, the paper's datasets and image folders, and the
+detection sets ``synthetic_detection``, ``voc_detection``, ``coco_detection``). Users add their own with
 ``@DATASETS.register("name")`` and the same keyword arguments.
 """
 

@@ -15,6 +15,10 @@ One view applies, in this order (each with its own probability, per sample):
   so its sampling grid is built by broadcasting, cheaper than ``affine_grid``'s batched matmul; no antialiasing,
   so views much smaller than the stored images alias: store images at the view size);
 * horizontal flip (folded into the crop's affine map);
+* rotation by a multiple of 90 degrees (folded into the crop's sampling grid, an exact pixel permutation of the
+  square view): with probability ``rot90_p`` by 90, 180 or 270 degrees, uniformly; ``rot90_p = 0.75`` makes the
+  view's rotation uniform over all four, so a pretext trained on such views learns to ignore it. Its uniforms are
+  drawn after the others, and only when ``rot90_p > 0``, so views without it are the same as before it existed;
 * colour jitter, in the fixed order brightness, contrast, saturation, hue (torchvision shuffles the order per
   call): ``x*b``; ``c*x + (1-c)*mean(gray(x))``; ``s*x + (1-s)*gray(x)``; hue rotated by ``h`` in HSV space;
   factors ``b, c, s ~ U(max(0, 1-k), 1+k)`` and ``h ~ U(-k, k)``, results clamped to [0, 1];
@@ -76,6 +80,7 @@ class ViewConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
     solarize_threshold: float = 0.5
+    rot90_p: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("crop_scale", "crop_ratio", "blur_sigma"):
@@ -85,7 +90,7 @@ class ViewConfig:
             object.__setattr__(self, name, value)
         if self.crop_scale[1] > 1:
             raise ConfigError(f"augmentation crop_scale is an area fraction in (0, 1], got {self.crop_scale}")
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "solarize_threshold"):
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "solarize_threshold", "rot90_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"augmentation {name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("brightness", "contrast", "saturation"):
@@ -222,11 +227,23 @@ class ViewAugmentation:
         grid_y = (scale_y.view(-1, 1, 1) * centres.view(1, size, 1) + shift_y.view(-1, 1, 1)).expand(-1, size, size)
         return torch.stack((grid_x, grid_y), dim=-1)
 
+    def rotate_grid(self, grid: Tensor, u: Tensor) -> Tensor:
+        """``grid[B, S, S, 2]`` turned by ``k * 90`` degrees per sample: ``k = 0`` where ``u >= rot90_p``, else
+        ``1 + floor(3 u / rot90_p)`` (``u / rot90_p`` is uniform on [0, 1) there, so k is uniform on 1, 2, 3)."""
+        p = self.config.rot90_p
+        turns = torch.where(u < p, 1 + torch.floor(3 * u / p).clamp_(max=2), 0).to(device=grid.device)
+        rotated = grid
+        for k in (1, 2, 3):
+            rotated = torch.where((turns == k).view(-1, 1, 1, 1), torch.rot90(grid, k, dims=(1, 2)), rotated)
+        return rotated
+
     def __call__(self, batch: Tensor, generator: torch.Generator) -> Tensor:
         cfg, batch_size = self.config, batch.shape[0]
         u = torch.rand(batch_size, N_UNIFORMS, generator=generator, device=generator.device)
         u = u.to(device=batch.device, dtype=batch.dtype)
         grid = self.crop_grid(u, *batch.shape[-2:])
+        if cfg.rot90_p > 0:
+            grid = self.rotate_grid(grid, torch.rand(batch_size, generator=generator, device=generator.device))
         x = F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if cfg.jitter_p > 0:
             x = self._jitter(x, u)

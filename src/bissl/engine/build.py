@@ -15,7 +15,7 @@ from bissl.data.augment import ViewPipeline, build_view_augmentation
 from bissl.data.base import DatasetInfo
 from bissl.dist import world
 from bissl.engine.checkpoint import backbone_spec
-from bissl.engine.optim import build_optimizer, cosine_with_warmup
+from bissl.engine.optim import ParamGroup, build_optimizer, cosine_with_warmup
 from bissl.models import build_backbone
 from bissl.models.lora import apply_lora, lora_spec
 from bissl.models.weights import load_backbone_weights
@@ -90,9 +90,10 @@ def view_augmentation(
 
 
 def build_optimization(
-    cfg: OptimConfig, params: Sequence[nn.Parameter], total_steps: int, steps_per_epoch: int = 1
+    cfg: OptimConfig, params: Sequence[nn.Parameter] | Sequence[ParamGroup], total_steps: int, steps_per_epoch: int = 1
 ) -> tuple[Optimizer, LambdaLR]:
-    """The configured optimizer over ``params`` and its cosine schedule (warm-up given in epochs)."""
+    """The configured optimizer over ``params`` (or param groups, e.g. with their own ``lr``) and its cosine
+    schedule (warm-up given in epochs; it scales every group's lr alike)."""
     optimizer = build_optimizer(cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     return optimizer, cosine_with_warmup(optimizer, warmup, total_steps, min_lr_ratio=cfg.min_lr_ratio)

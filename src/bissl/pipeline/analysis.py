@@ -79,7 +79,9 @@ def verdict(comparison: Mapping[str, Any], arm: str, baseline: str, metric: Metr
         return f"{arm} vs {baseline}: {diff} from {comparison['n']} seed(s); too few seeds to test"
     which = "Holm-adjusted p" if "p_holm" in comparison else "p"
     if p >= ALPHA:
-        return f"{arm} and {baseline} do not differ significantly: {diff} ({which} = {p:.3g})."
+        mde = comparison.get("mde")
+        could = "" if not mde else f"; the study would detect ±{mde * metric.scale:.2f} with 80 % power"
+        return f"{arm} and {baseline} do not differ significantly: {diff} ({which} = {p:.3g}{could})."
     better = metric.better(comparison["mean_diff"], 0.0)
     return f"{arm} is {'better' if better else 'worse'} than {baseline}: {diff} ({which} = {p:.3g})."
 

@@ -19,11 +19,21 @@ def _mean_std(metric: Metric, summary: dict[str, float] | None) -> str:
 
 
 def _diff(metric: Metric, c: dict[str, Any] | None) -> str:
-    """Paired difference with its 95 % CI, in display units."""
+    """Paired difference with its 95 % CI, in display units; beside a non-significant one, the minimum detectable
+    effect (80 % power), so that a null says how large a difference it could have missed."""
     if c is None:
         return "n/a"
     ci = "" if c["ci_low"] is None else f" [{c['ci_low'] * metric.scale:+.2f}, {c['ci_high'] * metric.scale:+.2f}]"
-    return f"{c['mean_diff'] * metric.scale:+.2f}{ci}"
+    p = c.get("p_holm", c["p_value"])
+    mde = f" (MDE ±{c['mde'] * metric.scale:.2f})" if p is not None and p >= ALPHA and c.get("mde") else ""
+    return f"{c['mean_diff'] * metric.scale:+.2f}{ci}{mde}"
+
+
+def _d_z(c: dict[str, Any] | None) -> str:
+    """Effect size d_z with its 95 % CI."""
+    if c is None or c.get("d_z") is None:
+        return "n/a"
+    return f"{c['d_z']:+.2f} [{c['d_z_ci'][0]:+.2f}, {c['d_z_ci'][1]:+.2f}]"
 
 
 def _p(c: dict[str, Any] | None, key: str = "p_value") -> str:
@@ -56,15 +66,19 @@ def before_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) ->
         c = result["comparisons"].get(arm, {}).get("before", {})
         cells = [_mean_std(m, s["before"][m.key]) for m in metrics]
         if arm == cfg.baseline:
-            cells += ["baseline"] * (2 * len(metrics))
+            cells += ["baseline"] * (3 * len(metrics))
         else:
             for m in metrics:
-                cells += [_diff(m, c.get(m.key)), _p(c.get(m.key))]
+                cells += [_diff(m, c.get(m.key)), _p(c.get(m.key)), _p(c.get(m.key), "wilcoxon_p")]
         rows.append([arm, *cells])
     header = ["arm", *(m.header() for m in metrics)]
     for m in metrics:
         unit = "points" if m.unit == "%" else m.unit
-        header += [f"Δ {m.name} vs {cfg.baseline} ({unit + ', ' if unit else ''}95% CI)", "p"]
+        header += [
+            f"Δ {m.name} vs {cfg.baseline} ({unit + ', ' if unit else ''}95% CI)",
+            "p (paired t)",
+            "p (Wilcoxon)",
+        ]
     return _table(header, rows)
 
 
@@ -95,12 +109,14 @@ def comparison_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]
     """Paired differences against the baseline on the headline metric, raw and Holm-adjusted p, verdict."""
     metric = task_metrics(task)[0]
     rows = [
-        [arm, _diff(metric, c["after"][metric.key]), _p(c["after"][metric.key]),
-         _p(c["after"][metric.key], "p_holm"), c["after"][metric.key]["verdict"]]
+        [arm, _diff(metric, c["after"][metric.key]), _d_z(c["after"][metric.key]), _p(c["after"][metric.key]),
+         _p(c["after"][metric.key], "wilcoxon_p"), _p(c["after"][metric.key], "p_holm"),
+         c["after"][metric.key]["verdict"]]
         for arm, c in result["comparisons"].items()
     ]  # fmt: skip
     unit = f" ({metric.unit})" if metric.unit else ""
-    header = [f"arm − {cfg.baseline}", f"Δ test {metric.name}{unit}, 95% CI", "p (paired t)", "p (Holm)", "verdict"]
+    header = [f"arm − {cfg.baseline}", f"Δ test {metric.name}{unit}, 95% CI", "d_z, 95% CI", "p (paired t)",
+              "p (Wilcoxon)", "p (Holm)", "verdict"]  # fmt: skip
     return _table(header, rows)
 
 
@@ -181,7 +197,11 @@ def protocol_lines(cfg: PipelineConfig) -> list[str]:
         *budget,
         settings,
         f"Verdicts test at the {ALPHA:.0%} level; with several arms the headline p-values are Holm-adjusted over "
-        "the arms' comparisons with the baseline, per task.",
+        "the arms' comparisons with the baseline, per task. Beside each non-significant difference, MDE is the "
+        "minimum detectable effect: the smallest true difference a paired t-test at these seeds and this spread "
+        "would find with 80 % power (two-sided 5 %); a null rules out only differences larger than about it. "
+        "d_z is the mean paired difference over its standard deviation; the Wilcoxon signed-rank p assumes no "
+        f"normality (with {len(cfg.seeds)} seeds it cannot go below {2 / 2 ** len(cfg.seeds):.3g}).",
     ]
 
 

@@ -45,7 +45,7 @@ from bissl.pretext.base import PRETEXT_METHODS
 from bissl.stages.align import align
 from bissl.stages.evaluate import evaluate
 from bissl.stages.finetune import finetune
-from bissl.stages.hpo import search
+from bissl.stages.hpo import search, with_params
 from bissl.stages.pretrain import pretrain
 from bissl.utils.errors import ConfigError
 from bissl.utils.io import atomic_write, save_json
@@ -176,15 +176,12 @@ def evaluate_config(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int
 
 
 def finetune_config(
-    cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, backbone: Path, optim: dict[str, float]
+    cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, backbone: Path, params: dict[str, float]
 ) -> FinetuneConfig:
-    """Fine-tuning of one run, with ``optim`` (e.g. the searched lr / weight decay) set on the task's settings."""
-    stage = cfg.task_finetune(task)
-    update = {
-        **_run_fields(cfg, task, arm, seed, "finetune"),
-        "backbone": str(backbone),
-        "optim": stage.optim.model_copy(update=optim),
-    }
+    """Fine-tuning of one run, with ``params`` (e.g. the searched lr / weight decay / l2sp) set on the task's
+    settings."""
+    stage = with_params(cfg.task_finetune(task), params)
+    update = {**_run_fields(cfg, task, arm, seed, "finetune"), "backbone": str(backbone)}
     return with_data_source(cfg, stage.model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
 
 

@@ -1,8 +1,9 @@
 """``bissl finetune``: supervised fine-tuning of a backbone on a downstream task, selected on validation.
 
-The backbone and a fresh task head are trained together (cosine schedule, optional warm-up); the weights with
-the best validation value of the task's primary metric (in the direction the task declares) are kept and
-evaluated once on the TEST split. Batches and augmentations are seeded by ``(seed, step)``; ``--resume``
+The backbone and a fresh task head are trained together (cosine schedule, optional warm-up; optionally the
+backbone at ``backbone_lr_factor`` times the head's lr and pulled toward its starting weights by L2-SP, ``l2sp``);
+the weights with the best validation value of the task's primary metric (in the direction the task declares) are
+kept and evaluated once on the TEST split. Batches and augmentations are seeded by ``(seed, step)``; ``--resume``
 continues exactly.
 
 Under ``torchrun`` every rank trains on its shard of each global batch of ``batch_size`` in
@@ -26,6 +27,7 @@ from bissl.config import FinetuneConfig
 from bissl.data.base import ImageDataset
 from bissl.dist import require_in_sync, world, wrap_ddp
 from bissl.downstream.base import DownstreamTask, build_task
+from bissl.engine.anchor import L2SP
 from bissl.engine.build import add_lora, build_optimization, trainable
 from bissl.engine.checkpoint import (
     BACKBONE_FILE,
@@ -87,9 +89,13 @@ def finetune(
         compute.watch(backbone)
         objective = Objective(lambda batch: task.loss(backbone, head, batch), backbone=backbone, head=head)
         model = wrap_ddp(objective, run.device, sync_batchnorm=cfg.distributed.sync_batchnorm)
-        params = [*trainable(backbone.parameters()), *head.parameters()]
+        backbone_params = trainable(backbone.parameters())
+        anchor = L2SP(backbone_params, cfg.l2sp) if cfg.l2sp > 0 else None  # w0: the backbone as loaded (not resumed)
+        params = [*backbone_params, *head.parameters()]
+        groups = [{"params": backbone_params, "lr": cfg.optim.lr * cfg.backbone_lr_factor},
+                  {"params": list(head.parameters())}]  # fmt: skip
         per_epoch = steps_per_epoch(len(splits["train"]), cfg.batch_size)
-        optimizer, scheduler = build_optimization(cfg.optim, params, cfg.epochs * per_epoch, per_epoch)
+        optimizer, scheduler = build_optimization(cfg.optim, groups, cfg.epochs * per_epoch, per_epoch)
         primary = task.primary()
         saved = run.resume(backbone=backbone, head=head, optimizer=optimizer, scheduler=scheduler, compute=compute)
         epoch = int(saved.get("epoch", 0))
@@ -121,12 +127,16 @@ def finetune(
                 optimizer.zero_grad(set_to_none=True)
                 loss = accumulate_gradients(model, batches, precision=run.precision, device=run.device)
                 guard.check(step, loss, backbone.parameters())
+                if anchor is not None:
+                    anchor.add_gradient()
                 clip_gradients(params, cfg.optim.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 losses.append(loss.item())
             epoch += 1
-            record = {"train_loss": sum(losses) / per_epoch, "lr": optimizer.param_groups[0]["lr"]}
+            record = {"train_loss": sum(losses) / per_epoch, "lr": optimizer.param_groups[-1]["lr"]}  # the head's
+            if anchor is not None:
+                record["l2sp_penalty"] = anchor.penalty().item()
             val = score("val") if epoch % cfg.eval_every_epochs == 0 or epoch == cfg.epochs else {}
             record.update({f"val_{k}": v for k, v in val.items()})
             if val and primary.better(val[primary.key], best["score"]):

@@ -30,7 +30,7 @@ import shutil
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -237,12 +237,21 @@ def open_study(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> optuna.Stud
     return study
 
 
-def run_config(cfg: FinetuneConfig, out_dir: Path, params: dict[str, float], seed: int | None = None) -> FinetuneConfig:
-    """The plain fine-tuning config of one trial or final run: ``params`` set in ``optim``, no search."""
+STAGE_PARAMS = ("l2sp",)  # searched settings of the fine-tuning stage itself; the others belong to ``optim``
+
+
+def with_params(cfg: FinetuneConfig, params: Mapping[str, float]) -> FinetuneConfig:
+    """``cfg`` with searched ``params`` set: ``l2sp`` on the stage, the others (lr, weight decay) in ``optim``."""
     data = cfg.model_dump(mode="json")
-    data["optim"].update(params)
-    data.update(out_dir=str(out_dir), seed=cfg.seed if seed is None else seed, hpo={})
+    data.update({k: v for k, v in params.items() if k in STAGE_PARAMS})
+    data["optim"].update({k: v for k, v in params.items() if k not in STAGE_PARAMS})
     return build_config(FinetuneConfig, data)
+
+
+def run_config(cfg: FinetuneConfig, out_dir: Path, params: dict[str, float], seed: int | None = None) -> FinetuneConfig:
+    """The plain fine-tuning config of one trial or final run: ``params`` set (:func:`with_params`), no search."""
+    update = {"out_dir": str(out_dir), "seed": cfg.seed if seed is None else seed, "hpo": HPOConfig()}
+    return with_params(cfg.model_copy(update=update), params)
 
 
 class _Skipped(Exception):
@@ -262,6 +271,8 @@ def _objective(optuna: ModuleType, cfg: FinetuneConfig, hpo: HPOConfig, metric: 
             "lr": trial.suggest_float("lr", *hpo.lr_range, log=True),
             "weight_decay": trial.suggest_float("weight_decay", *hpo.weight_decay_range, log=True),
         }
+        if hpo.l2sp_range is not None:
+            params["l2sp"] = trial.suggest_float("l2sp", *hpo.l2sp_range, log=True)
         # A retry of a dead trial inherits its user attrs, so it restarts the dead trial's folder.
         run_dir = Path(trial.user_attrs.get("run_dir") or Path(cfg.out_dir) / "trials" / str(trial.number))
         trial.set_user_attr("run_dir", str(run_dir))
