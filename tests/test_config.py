@@ -2,11 +2,13 @@ import pytest
 
 from bissl.cli import VERBS, build_parser, load_verb_config
 from bissl.config import (
+    KIND_ALIGN,
     ArmSpec,
     PipelineConfig,
     PretrainConfig,
     apply_overrides,
     config_class_for,
+    deep_merge,
     load_config,
     shipped_config_names,
     value_at,
@@ -178,5 +180,6 @@ def test_every_quick_preset_wins_over_the_tasks_and_is_small(name):
         for arm in cfg.arms:
             align = cfg.arm_align(arm, task)
             assert align.bilevel.cycles <= 2 and align.bilevel.head_warmup_epochs <= 2
-            for _section, *key in (k for k in keys if k[0] == "align" and value_at(arm.align, k[1:]) is None):
+            own = deep_merge(KIND_ALIGN.get(arm.kind, {}), arm.align)  # what the arm's kind and the arm set win
+            for _section, *key in (k for k in keys if k[0] == "align" and value_at(own, k[1:]) is None):
                 assert value_at(align.model_dump(), key) == value_at(cfg.align.model_dump(), key), (arm.name, key)

@@ -26,3 +26,17 @@ TINY_ALIGN = [
     "log.progress=false",
     "log.tensorboard=false",
 ]
+
+#: a study's stages made tiny (the pipeline tests' `--quick` studies)
+FAST = [
+    "pretrain.data.batch_size=128",
+    "pretrain.backbone.kwargs.width=8",
+    "align.bilevel.n_lower=4",
+    "align.bilevel.n_upper=2",
+    "pretrain.log.progress=false",
+    "align.log.progress=false",
+    "finetune.log.progress=false",
+    "pretrain.log.tensorboard=false",
+    "align.log.tensorboard=false",
+    "finetune.log.tensorboard=false",
+]

@@ -87,3 +87,20 @@ def test_minimum_detectable_effect_has_80_percent_power():
     assert paired_comparison([0.9, 0.8, 0.85], [0.88, 0.81, 0.8]).mde == pytest.approx(
         minimum_detectable_effect(math.sqrt(sum((d - 0.02) ** 2 for d in (0.02, -0.01, 0.05)) / 2), 3)
     )
+
+
+def test_differences_equal_up_to_float_rounding_are_degenerate_not_a_crash():
+    """Scores equal but for float rounding (1e-17) are identical differences: no noncentral-t root search."""
+    base = [0.5, 0.6, 0.7]
+    c = paired_comparison([b + 0.1 + e for b, e in zip(base, (0.0, 1e-17, -1e-17), strict=True)], base)
+    assert c.mean_diff == pytest.approx(0.1) and c.p_value == 0.0 and c.ci_low == c.ci_high
+
+
+@pytest.mark.parametrize("t", [-35306.0, -50.0, 50.0, 1000.0])
+def test_d_z_interval_of_a_huge_t_falls_back_to_the_normal_interval(t):
+    """Where scipy's noncentral t is NaN (|t| large at few pairs), the interval is the large-sample one, not a crash."""
+    n = 2
+    d_z = t / math.sqrt(n)
+    low, high = d_z_interval(d_z, n)
+    half = stats.norm.ppf(0.975) * math.sqrt(1 / n + d_z**2 / (2 * n))
+    assert (low, high) == (pytest.approx(d_z - half), pytest.approx(d_z + half)) and low < d_z < high

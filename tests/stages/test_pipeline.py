@@ -10,20 +10,9 @@ from pathlib import Path
 import pytest
 
 from bissl.cli import main
+from helpers.stages import FAST
 
 # --quick, made smaller still for CI (every number of the preset is kept but the per-cycle step counts).
-FAST = [
-    "pretrain.data.batch_size=128",
-    "pretrain.backbone.kwargs.width=8",
-    "align.bilevel.n_lower=4",
-    "align.bilevel.n_upper=2",
-    "pretrain.log.progress=false",
-    "align.log.progress=false",
-    "finetune.log.progress=false",
-    "pretrain.log.tensorboard=false",
-    "align.log.tensorboard=false",
-    "finetune.log.tensorboard=false",
-]
 TASK = "digits_5shot"
 
 

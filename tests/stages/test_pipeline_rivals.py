@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 
-from test_pipeline import FAST
+import pytest
 
 from bissl.cli import main
+from helpers.stages import FAST
 
 RIVALS = ["tapt", "multitask", "penalty", "probe"]
 TINY = [*FAST, "arms=[{name: conventional}, {name: bissl, kind: bissl}, {name: tapt, kind: tapt}, "
@@ -15,6 +16,7 @@ TINY = [*FAST, "arms=[{name: conventional}, {name: bissl, kind: bissl}, {name: t
         "search.trials=0", "embedding=false"]  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_rival_arms_run_at_equal_compute_and_report_it(tmp_path):
     assert main(["pipeline", "--config", "pipeline_rivals_digits", "--quick", "--out-dir", str(tmp_path), *TINY]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

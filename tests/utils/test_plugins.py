@@ -97,6 +97,7 @@ def uninstall(site: Path, registered: dict[str, object]) -> None:
     BACKBONES._entries = registered
 
 
+@pytest.mark.e2e
 def test_entry_point_plugins_are_recorded_and_named_once_uninstalled(installed_package: Path, tmp_path: Path) -> None:
     registered = dict(BACKBONES._entries)
     out = tmp_path / "pre"

@@ -60,7 +60,8 @@ def paired_comparison(arm: Sequence[float], baseline: Sequence[float], confidenc
     summary = summarize(diffs)
     if summary.n < 2:
         return PairedComparison(summary.mean, None, None, None, summary.n)
-    if summary.std == 0.0:  # identical differences: the interval collapses, the test is degenerate
+    if summary.std <= _RESOLUTION * max(1.0, abs(summary.mean)):  # identical differences (up to float rounding):
+        # the interval collapses and the tests are degenerate
         p_value = 1.0 if summary.mean == 0.0 else 0.0
         return PairedComparison(summary.mean, summary.mean, summary.mean, p_value, summary.n)
     half = stats.t.ppf(0.5 + confidence / 2, summary.n - 1) * summary.std / math.sqrt(summary.n)
@@ -70,6 +71,11 @@ def paired_comparison(arm: Sequence[float], baseline: Sequence[float], confidenc
         summary.mean, summary.mean - half, summary.mean + half, p_value, summary.n, wilcoxon_p(diffs), d_z,
         d_z_interval(d_z, summary.n, confidence), minimum_detectable_effect(summary.std, summary.n),
     )  # fmt: skip
+
+
+_RESOLUTION = 1e-12
+"""Differences whose spread is below this (relative to their mean, or absolute under 1) are identical: float
+rounding of equal scores, not a measured spread (a t of 1e4 and more is beyond the noncentral t's numerics)."""
 
 
 def wilcoxon_p(diffs: Sequence[float]) -> float | None:
@@ -96,7 +102,8 @@ def _noncentrality(target: Callable[[float], float], low: float, high: float) ->
 def d_z_interval(d_z: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Exact CI of the paired effect size ``d_z`` from ``n`` pairs: ``t = d_z sqrt(n)`` is noncentral t with
     ``n - 1`` df and noncentrality ``delta sqrt(n)``; the limits are the ``delta`` that put ``t`` at the
-    ``(1 ± confidence) / 2`` quantiles (Steiger and Fouladi's inversion)."""
+    ``(1 ± confidence) / 2`` quantiles (Steiger and Fouladi's inversion); where scipy's noncentral t has no
+    finite tail (a very large ``|t|``), the large-sample normal interval."""
     from scipy import stats
 
     if n < 2:
@@ -107,7 +114,15 @@ def d_z_interval(d_z: float, n: int, confidence: float = 0.95) -> tuple[float, f
     def limit(cdf_at_t: float) -> float:  # nct.cdf(t; ncp) falls as ncp grows: solve cdf = cdf_at_t
         return _noncentrality(lambda ncp: cdf_at_t - stats.nct.cdf(t, df, ncp), t - 10, t + 10) / root_n
 
-    return limit(1 - tail), limit(tail)
+    try:
+        low, high = limit(1 - tail), limit(tail)
+    except ValueError:  # scipy's nct.cdf is NaN far in its tails (|t| >~ 50 at 1 df): no exact inversion there
+        low = high = math.nan
+    if math.isfinite(low) and math.isfinite(high):
+        return low, high
+    # the large-sample interval d_z +- z sqrt(1/n + d_z^2 / (2n)) (Hedges and Olkin), where the exact one fails
+    half = stats.norm.ppf(1 - tail) * math.sqrt(1 / n + d_z**2 / (2 * n))
+    return d_z - half, d_z + half
 
 
 def minimum_detectable_effect(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float | None:
