@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 from bissl import __version__
@@ -193,6 +195,11 @@ def load_verb_config(verb: Verb, args: argparse.Namespace) -> Any:
     return cfg
 
 
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM outside a stage's loop (which checkpoints first): between the stages of a study, between trials."""
+    raise RunTerminated("terminated (SIGTERM) between stages; finished stages are kept: run the same command to go on")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -203,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         load_entry_point_plugins()
         import_plugins(args.plugin)
@@ -216,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bissl {args.verb}: interrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

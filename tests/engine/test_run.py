@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,70 @@ def test_a_non_finite_upper_step_names_the_cycle_and_the_settings():
     message = r"a Hessian-vector product is NaN.*cycle 3, upper step 7.*upper.optim.lr"
     with pytest.raises(NonFiniteError, match=message), _naming_the_step(3, 7):
         raise NonFiniteError("a Hessian-vector product is NaN/inf")
+
+
+def _sigterm_then(original, wait_s=3.0):
+    """``original``, called after this process sent itself SIGTERM and waited ``wait_s`` (work that goes on)."""
+
+    def call(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(wait_s)
+        return original(*args, **kwargs)
+
+    return call
+
+
+def test_sigterm_during_work_without_state_stops_at_once(tiny_pretrained, tiny_align_overrides, tmp_path, monkeypatch):
+    """Evaluation and a head warm-up hold nothing to checkpoint: SIGTERM stops them within seconds (they are redone)."""
+    import importlib
+
+    from bissl.config import EvaluateConfig
+    from bissl.utils.errors import RunTerminated
+
+    evaluate_module = importlib.import_module("bissl.stages.evaluate")  # bissl.stages.evaluate is also a function
+    align_module = importlib.import_module("bissl.stages.align")
+    monkeypatch.setattr(evaluate_module, "frozen_features", _sigterm_then(evaluate_module.frozen_features))
+    cfg = load_config(EvaluateConfig, "evaluate_digits", ["downstream.data.image_size=8", "log.progress=false",
+                      f"backbone={tiny_pretrained}", f"out_dir={tmp_path / 'eval'}"])  # fmt: skip
+    start = time.perf_counter()
+    with pytest.raises(RunTerminated, match=r"during the evaluation \(evaluate: no state to save\); run the same"):
+        evaluate_module.evaluate(cfg)
+    assert time.perf_counter() - start < 2.5 and not (tmp_path / "eval" / "summary.json").exists()
+
+    monkeypatch.setattr(align_module, "warm_up_head", _sigterm_then(align_module.warm_up_head))
+    start = time.perf_counter()
+    with pytest.raises(RunTerminated, match=r"during the head warm-up \(align"):
+        align(load_config(AlignConfig, "align_digits", tiny_align_overrides))
+    assert time.perf_counter() - start < 2.5 and not (tmp_path / "align" / "checkpoints").exists()
+
+
+def test_sigterm_after_the_last_checkpoint_stops_the_caller_once_the_run_finished(tiny_pretrain_overrides, monkeypatch):
+    from bissl.engine.run import Run
+    from bissl.utils.errors import RunTerminated
+
+    monkeypatch.setattr(Run, "finish", _sigterm_then(Run.finish, wait_s=0))
+    with pytest.raises(RunTerminated, match=r"after pretrain finished in .*; run the same command to go on"):
+        pretrain(_pretrain_cfg(tiny_pretrain_overrides))
+    assert (Path(_pretrain_cfg(tiny_pretrain_overrides).out_dir) / "summary.json").is_file()
+
+
+def test_sigterm_between_stages_exits_143_with_one_line(monkeypatch, capsys):
+    """Outside a stage's loop (between the stages of a study, between trials) SIGTERM ends the command: exit 143."""
+    import dataclasses
+
+    from bissl import cli
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # pytest's own process must survive the old code
+    try:
+        verb = dataclasses.replace(cli.VERBS["evaluate"], run=lambda cfg, args: _sigterm_then(lambda: None, 5.0)())
+        monkeypatch.setitem(cli.VERBS, "evaluate", verb)
+        start = time.perf_counter()
+        assert cli.main(["evaluate", "--backbone", "unused.pt"]) == 143
+        assert time.perf_counter() - start < 4
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            "bissl evaluate: terminated (SIGTERM) between stages; finished stages are kept: "
+            "run the same command to go on"
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -12,6 +12,10 @@ A stage reads like its paper loop; everything around the loop is a :class:`Run`:
             run.checkpoint(due=step % per_epoch == 0, step=step)               # also saves and stops on SIGTERM
         return run.finish({"metrics": metrics}, exports)
 
+SIGTERM stops a run at its next checkpoint call (saving it); inside :meth:`Run.interruptible` (work that holds no
+state worth saving: evaluation, a head warm-up redone on resume) at once; one that arrives after the last
+checkpoint stops the caller (e.g. a study) once the run has finished.
+
 The folder (:func:`open_run_dir`) is locked while the run writes to it and is never overwritten by accident: a
 finished run, another run's checkpoint or files the run did not write are refused unless ``overwrite`` is set.
 Under ``torchrun`` rank 0 alone writes files; the other ranks get no-op loggers.
@@ -160,6 +164,7 @@ class Run:
         self._progress = progress
         self._tracked: dict[str, Stateful] = {}
         self._terminated = False
+        self._interruptible: str | None = None  # what the run is doing while SIGTERM stops it at once
 
     @classmethod
     @contextlib.contextmanager
@@ -179,6 +184,10 @@ class Run:
                 signal.signal(signal.SIGTERM, previous)
                 if run._logger is not None:
                     run._logger.close()
+            if run._terminated:
+                raise RunTerminated(
+                    f"terminated (SIGTERM) after {stage} finished in {run.out}; run the same command to go on"
+                )
 
     # ------------------------------------------------------------------------------------------ resume, checkpoints
     def resume(self, **objects: Stateful) -> dict[str, Any]:
@@ -223,6 +232,18 @@ class Run:
                 "run the same command with --resume to continue"
             )
 
+    @contextlib.contextmanager
+    def interruptible(self, what: str) -> Iterator[None]:
+        """While inside, SIGTERM stops the run at once: ``what`` (e.g. "the head warm-up") holds no state worth a
+        checkpoint, and a resumed run does it again."""
+        self._interruptible = what
+        try:
+            if self._terminated:
+                _stop_during(self)
+            yield
+        finally:
+            self._interruptible = None
+
     def _terminated_on_any_rank(self) -> bool:
         return bool(all_reduce_sum(float(self._terminated)).item() > 0)
 
@@ -252,10 +273,19 @@ def _install_sigterm(run: Run) -> Any:
     """On SIGTERM, ask ``run`` to checkpoint and stop at its next checkpoint call (main thread only)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        log.warning("SIGTERM: %s will checkpoint and stop after this step", run.stage)
         run._terminated = True
+        if run._interruptible is not None:
+            _stop_during(run)
+        log.warning("SIGTERM: %s will checkpoint and stop after this step", run.stage)
 
     try:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave signals alone
         return signal.getsignal(signal.SIGTERM)
+
+
+def _stop_during(run: Run) -> None:
+    raise RunTerminated(
+        f"terminated (SIGTERM) during {run._interruptible} ({run.stage}: no state to save); "
+        "run the same command again to continue"
+    )

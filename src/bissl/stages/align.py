@@ -108,12 +108,10 @@ def align(
             return evaluate_split(task, model, trainer.head, splits[split], run.device, run.precision)
 
         if not run.has_state:
-            warm_loss = setup.warm_up_head()
-            run.log(
-                0,
-                "head_warmup",
-                {"loss": warm_loss, **{f"val_{k}": v for k, v in score(trainer.lower_backbone, "val").items()}},
-            )
+            with run.interruptible("the head warm-up"):
+                warm_loss = setup.warm_up_head()
+                val = score(trainer.lower_backbone, "val")
+            run.log(0, "head_warmup", {"loss": warm_loss, **{f"val_{k}": v for k, v in val.items()}})
             run.checkpoint(log_step=0, **setup.counters(0))
         lower_guard = DivergenceGuard("lower-level loss", "lower.optim.lr", "lower-level weights (theta)")
         upper_guard = DivergenceGuard("upper-level loss", "upper.optim.lr", "upper-level weights (phi)")
