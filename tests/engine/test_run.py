@@ -17,7 +17,7 @@ from bissl.engine.guard import DivergenceGuard
 from bissl.engine.run import LOCK_FILE, RunLocked, open_run_dir
 from bissl.stages.align import align
 from bissl.stages.pretrain import pretrain
-from bissl.utils.errors import ConfigError, NonFiniteError
+from bissl.utils.errors import ConfigError, NonFiniteError, RunTerminated
 from bissl.utils.io import load_torch
 
 
@@ -232,3 +232,24 @@ def test_sigterm_between_stages_exits_143_with_one_line(monkeypatch, capsys):
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("where", ["moved", "trailing slash", "relative"])
+def test_resume_finds_the_run_however_its_folder_is_named(tmp_path, monkeypatch, where):
+    """``out_dir`` says where the run is, not how it runs: a moved folder, or the same one named otherwise, resumes."""
+    import torch
+
+    from bissl.engine.run import Run
+
+    first = PretrainConfig(out_dir=str(tmp_path / "run"), log={"tensorboard": False, "progress": False})
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(RunTerminated), Run.start("pretrain", first) as run:
+        run.resume(net=net)
+        run._terminated = True
+        run.checkpoint(due=False, log_step=3, step=3)
+    monkeypatch.chdir(tmp_path)
+    out = {"moved": str(tmp_path / "moved"), "trailing slash": f"{tmp_path / 'run'}/", "relative": "run"}[where]
+    if where == "moved":
+        shutil.move(tmp_path / "run", tmp_path / "moved")
+    with Run.start("pretrain", first.model_copy(update={"out_dir": out}), resume=True) as run:
+        assert run.resume(net=torch.nn.Linear(2, 2))["step"] == 3

@@ -18,13 +18,15 @@ from bissl.utils.io import save_json
 STATE_FILE = "checkpoints/last.pt"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
-RESUMABLE_KEYS = ("log", "device")  # config keys that may differ between a run and its continuation
+# Config keys that may differ between a run and its continuation: ``out_dir`` is where the run is found (a folder
+# moved, or named with a trailing slash or a relative path, resumes), not how it runs.
+RESUMABLE_KEYS = ("out_dir", "log", "device")
 
 
 def require_same_config(out: Path, config: BaseModel) -> None:
     """Refuse to continue or reuse the run in ``out`` when it was made with another config.
 
-    ``log`` and ``device`` may change between a run and its continuation; every other key must not.
+    ``out_dir``, ``log`` and ``device`` may change between a run and its continuation; every other key must not.
     """
     path = out / CONFIG_FILE
     if not path.is_file():

@@ -48,7 +48,7 @@ import yaml
 from bissl.config import FinetuneConfig, HPOConfig, build_config
 from bissl.downstream import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import config_diff
-from bissl.engine.runtime import environment
+from bissl.engine.runtime import RESUMABLE_KEYS, environment
 from bissl.stages.finetune import FinetuneResult, finetune
 from bissl.utils.errors import BisslError, ConfigError, NonFiniteError
 from bissl.utils.io import save_json
@@ -448,7 +448,7 @@ def _finished_run(run_cfg: FinetuneConfig) -> FinetuneResult | None:
         diff = "no config.yaml"
     else:
         diff = config_diff(
-            yaml.safe_load(config_file.read_text()), run_cfg.model_dump(mode="json"), ignore=("log", "device")
+            yaml.safe_load(config_file.read_text()), run_cfg.model_dump(mode="json"), ignore=RESUMABLE_KEYS
         )
     if diff:
         log.warning("%s was run with other settings (%s); running it again", out, diff)
