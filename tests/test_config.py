@@ -105,3 +105,13 @@ def test_missing_extends_target_names_both_files(tmp_path):
         ConfigError, match=r"child\.yaml: 'extends: no_base\.yaml': config file 'no_base\.yaml' not found"
     ):
         load_config(PretrainConfig, tmp_path / "child.yaml")
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "", "x" * 101])
+@pytest.mark.parametrize("key", ["tasks", "arms"])
+def test_task_and_arm_names_are_folder_names(key, name):
+    """A task or arm names its folder in the study: ``..`` would write outside ``--out-dir``."""
+    extra = ["baseline=a.b-c_1"] if key == "arms" else []
+    with pytest.raises(ConfigError, match=rf"'{key}\.0\.name'.*is not a folder name: use 1-100 letters"):
+        load_config(PipelineConfig, "pipeline_digits", [f"{key}=[{{name: '{name}'}}]", *extra])
+    load_config(PipelineConfig, "pipeline_digits", [f"{key}=[{{name: 'a.b-c_1'}}]", *extra])

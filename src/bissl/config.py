@@ -23,6 +23,17 @@ Device = Literal["auto", "cpu", "cuda"]
 Plugins = Annotated[list[str], AfterValidator(lambda refs: merge_plugins(refs))]
 
 
+def _folder_name(name: str) -> str:
+    """A study's task or arm name, which names its folder: ``.``/``..`` would write outside the study."""
+    if not 0 < len(name) <= 100 or name in (".", "..") or not set(name) <= _FOLDER_CHARS:
+        raise ValueError(f"{name!r} is not a folder name: use 1-100 letters, digits, '_', '.', '-', not '.' or '..'")
+    return name
+
+
+_FOLDER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+FolderName = Annotated[str, AfterValidator(_folder_name)]
+
+
 class NestedValidationError(ValueError):
     """A validation error of a plug-in's own config (e.g. a pretext method's ``params``), reported by key."""
 
@@ -310,7 +321,7 @@ class TaskSpec(StrictModel):
     the study's ``finetune`` / ``align`` settings for this task (e.g. more epochs for a few-shot task),
     applied to every arm alike so that the arms stay comparable."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: FolderName
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     finetune: dict[str, Any] = Field(default_factory=dict)
     align: dict[str, Any] = Field(default_factory=dict)
@@ -323,7 +334,7 @@ class ArmSpec(StrictModel):
     solver or damping), so a new arm is a config entry, not code.
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: FolderName
     bissl: bool = False
     align: dict[str, Any] = Field(default_factory=dict)
 
