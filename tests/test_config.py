@@ -1,6 +1,7 @@
 import pytest
 
 from bissl.config import (
+    AlignConfig,
     PipelineConfig,
     PretrainConfig,
     apply_overrides,
@@ -115,3 +116,14 @@ def test_task_and_arm_names_are_folder_names(key, name):
     with pytest.raises(ConfigError, match=rf"'{key}\.0\.name'.*is not a folder name: use 1-100 letters"):
         load_config(PipelineConfig, "pipeline_digits", [f"{key}=[{{name: '{name}'}}]", *extra])
     load_config(PipelineConfig, "pipeline_digits", [f"{key}=[{{name: 'a.b-c_1'}}]", *extra])
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+@pytest.mark.parametrize(
+    ("cls", "name", "key"),
+    [(PretrainConfig, "pretrain_digits", "optim.lr"), (PretrainConfig, "pretrain_digits", "optim.weight_decay"),
+     (AlignConfig, "align_digits", "bilevel.lam"), (AlignConfig, "align_digits", "bilevel.head_warmup_lr")],
+)  # fmt: skip
+def test_inf_and_nan_are_refused_with_the_key_named(cls, name, key, value):
+    with pytest.raises(ConfigError, match=rf"'{key}'.*finite number"):
+        load_config(cls, name, [f"{key}={value}"])

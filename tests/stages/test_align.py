@@ -105,3 +105,10 @@ def test_bf16_without_cuda_warns_and_runs_exactly_as_fp32(tmp_path, tiny_align_o
 def test_unknown_precision_rejected(tiny_align_overrides):
     with pytest.raises(ConfigError, match="precision"):
         _cfg(tiny_align_overrides, "precision=fp16")
+
+
+def test_a_head_warm_up_that_blows_up_without_nan_is_stopped(tiny_align_overrides):
+    """lr 1e6 keeps the warm-up loss finite (3e5 where 1.7 is normal): the weights' range stops it, naming the key."""
+    message = r"head weights at step \d+ is .*x its start .*lower bilevel\.head_warmup_lr"
+    with pytest.raises(NonFiniteError, match=message):
+        align(_cfg(tiny_align_overrides, "bilevel.head_warmup_lr=1e6"))
