@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from types import FrameType
 from typing import Any
 
 from bissl import __version__
-from bissl.utils.errors import BisslError, RunTerminated
+from bissl.utils.errors import BisslError, RunTerminated, out_of_memory
 from bissl.utils.plugins import import_plugins, load_entry_point_plugins, merge_plugins
 
 
@@ -107,7 +108,7 @@ def run_pipeline(cfg: Any, args: argparse.Namespace) -> None:
         )
     from bissl.pipeline import run_study
 
-    result = run_study(cfg)
+    result = run_study(cfg, overwrite=args.overwrite)
     _print(result.report_path.read_text().split("## Paired")[0].strip())
     _print(f"\nreport: {result.report_path}")
     _print(f"results: {result.results_path}")
@@ -136,9 +137,13 @@ VERBS: dict[str, Verb] = {
 }  # fmt: skip
 
 
-def _positive_int(text: str) -> int:
+def _thread_count(text: str) -> int:
+    """1 to 4 threads per core: far more makes OpenMP run out of resources (100000 threads crash the process)."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    most = 4 * (os.cpu_count() or 1)
+    if int(text) > most:
+        raise argparse.ArgumentTypeError(f"at most {most} (4 per core), got {text!r}")
     return int(text)
 
 
@@ -163,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="import a module (name or .py file) that registers backbones, pretext methods or tasks; repeatable",
         )  # fmt: skip
         sub.add_argument(
-            "--threads", type=_positive_int, metavar="N",
+            "--threads", type=_thread_count, metavar="N",
             help="torch CPU threads (default: torch's, one per core); 1 where other jobs share the cores",
         )  # fmt: skip
         if name == "pipeline":
@@ -200,8 +205,19 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise RunTerminated("terminated (SIGTERM) between stages; finished stages are kept: run the same command to go on")
 
 
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides may also follow options (argparse takes them only before)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
@@ -220,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 143
     except BisslError as exc:
         print(f"bissl {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if (line := out_of_memory(exc)) is None:
+            raise
+        print(f"bissl {args.verb}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bissl {args.verb}: interrupted; run the same command with --resume to continue", file=sys.stderr)

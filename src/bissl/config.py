@@ -48,6 +48,19 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*")
+    @classmethod
+    def _in_machine_range(cls, value: Any) -> Any:
+        """Numbers torch can hold: a float within float32's range, an int (a seed) within int64's."""
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise ValueError(f"beyond float32's range (|x| <= {FLOAT32_MAX:.3g}); choose a smaller value")
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ValueError("beyond a 64-bit integer's range; choose a smaller value")
+        return value
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 class DataConfig(StrictModel):
     """Which dataset, where it lies, and how it is batched."""
@@ -532,7 +545,10 @@ class _StrictLoader(yaml.SafeLoader):
 
 def _load_yaml(path: Path) -> Any:
     """The YAML document in ``path``; a syntax error or a duplicate key is one line ``file:line:column: ...``."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (YAML) file; pass a YAML config") from None
     loader = _StrictLoader(text)
     loader.name = str(path)
     try:

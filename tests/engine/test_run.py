@@ -167,7 +167,7 @@ def test_a_non_finite_upper_step_names_the_cycle_and_the_settings():
         raise NonFiniteError("a Hessian-vector product is NaN/inf")
 
 
-def _sigterm_then(original, wait_s=3.0):
+def _sigterm_then(original, wait_s=8.0):
     """``original``, called after this process sent itself SIGTERM and waited ``wait_s`` (work that goes on)."""
 
     def call(*args, **kwargs):
@@ -193,13 +193,13 @@ def test_sigterm_during_work_without_state_stops_at_once(tiny_pretrained, tiny_a
     start = time.perf_counter()
     with pytest.raises(RunTerminated, match=r"during the evaluation \(evaluate: no state to save\); run the same"):
         evaluate_module.evaluate(cfg)
-    assert time.perf_counter() - start < 2.5 and not (tmp_path / "eval" / "summary.json").exists()
+    assert time.perf_counter() - start < 6 and not (tmp_path / "eval" / "summary.json").exists()
 
     monkeypatch.setattr(align_module, "warm_up_head", _sigterm_then(align_module.warm_up_head))
     start = time.perf_counter()
     with pytest.raises(RunTerminated, match=r"during the head warm-up \(align"):
         align(load_config(AlignConfig, "align_digits", tiny_align_overrides))
-    assert time.perf_counter() - start < 2.5 and not (tmp_path / "align" / "checkpoints").exists()
+    assert time.perf_counter() - start < 6 and not (tmp_path / "align" / "checkpoints").exists()
 
 
 def test_sigterm_after_the_last_checkpoint_stops_the_caller_once_the_run_finished(tiny_pretrain_overrides, monkeypatch):

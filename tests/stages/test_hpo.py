@@ -356,3 +356,15 @@ def test_an_interrupted_search_ends_as_an_uninterrupted_one(make_cfg, monkeypatc
             search(cfg)
     monkeypatch.setattr(hpo_module, "finetune", _smooth_finetune)
     assert outcome(cfg) == whole
+
+
+def test_a_failing_trial_is_logged_in_one_line_without_optunas_traceback(make_cfg, monkeypatch, capfd, caplog):
+    def broken(*args, **kwargs):
+        raise BisslError("dataset 'digits' is empty; check its root folder")
+
+    monkeypatch.setattr(hpo_module, "finetune", broken)
+    with pytest.raises(BisslError, match="is empty"):
+        search(make_cfg("hpo.trials=1"))
+    failed = [r for r in caplog.records if "failed with parameters" in r.getMessage()]
+    assert failed and all(r.exc_info is None for r in failed)
+    assert "Traceback" not in capfd.readouterr().err + caplog.text

@@ -105,3 +105,18 @@ def test_interrupted_stage_resumes_and_corruption_is_named(quick_study, capsys):
     (finetune_dir / "checkpoints" / "last.pt").write_bytes(b"\0garbage")
     assert main(["pipeline", "--quick", "--out-dir", str(quick_study), *FAST]) == 2
     assert "last.pt is corrupted" in capsys.readouterr().err
+
+
+def test_overwrite_runs_a_finished_study_afresh_and_keeps_other_files(quick_study, capsys):
+    """``--overwrite`` is honoured on a finished (here also changed and corrupted) study: every stage runs again."""
+    align_summary = quick_study / TASK / "bissl" / "seed0" / "align" / "summary.json"
+    before = align_summary.stat().st_mtime_ns
+    (quick_study / TASK / "conventional" / "seed1" / "finetune" / "checkpoints" / "last.pt").write_bytes(b"\0garbage")
+    (quick_study / "notes.txt").write_text("the user's own file")
+    assert main(["pipeline", "--quick", "--overwrite", "--out-dir", str(quick_study), *FAST, "finetune.epochs=4"]) == 0
+    assert align_summary.stat().st_mtime_ns != before
+    runs = json.loads((quick_study / "results.json").read_text())["runs"]
+    assert all(json.loads((quick_study / TASK / r["arm"] / f"seed{r['seed']}" / "finetune" / "summary.json")
+               .read_text())["epochs"] == 4 for r in runs)  # fmt: skip
+    assert (quick_study / "notes.txt").read_text() == "the user's own file"
+    capsys.readouterr()

@@ -28,6 +28,7 @@ import fcntl
 import logging
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -103,14 +104,9 @@ def open_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool, overwr
     another config; files the run did not write. ``overwrite`` deletes the earlier run's files (never others).
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out_dir {out} is a file, not a folder; choose another out_dir")
     run_folder = any((out / name).exists() for name in (LOCK_FILE, STATE_FILE, SUMMARY_FILE))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = (out / LOCK_FILE).open("a")
-    except OSError as exc:
-        raise ConfigError(f"cannot write to out_dir {out} ({exc.strerror}); choose a writable out_dir") from None
+    make_out_dir(out)
+    lock = (out / LOCK_FILE).open("a")
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -127,12 +123,30 @@ def open_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool, overwr
         yield has_state
 
 
+def make_out_dir(out: Path) -> None:
+    """Create ``out`` (and its parents) and check it takes files: a file, an unwritable folder, a name too long or
+    a symlink loop is one line naming it."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out_dir {out} is a file, not a folder; choose another out_dir")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to out_dir {out} ({exc.strerror}); choose a writable out_dir") from None
+
+
+def clear_run_dir(out: str | Path) -> None:
+    """Delete the files a stage wrote into ``out`` (never others): what ``overwrite`` does before a run."""
+    for name in RUN_FILES - {LOCK_FILE}:
+        path = Path(out) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def _check_folder(out: Path, config: BaseModel, *, resume: bool, overwrite: bool, run_folder: bool) -> bool:
     has_state = (out / STATE_FILE).is_file()
     if overwrite and run_folder:
-        for name in RUN_FILES - {LOCK_FILE}:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        clear_run_dir(out)
         return False
     if (out / SUMMARY_FILE).is_file():
         raise ConfigError(f"{out} holds a finished run (summary.json); choose another out_dir, or pass --overwrite")

@@ -31,13 +31,25 @@ def require_same_config(out: Path, config: BaseModel) -> None:
     path = out / CONFIG_FILE
     if not path.is_file():
         return
-    old = yaml.safe_load(path.read_text()) or {}
-    diff = config_diff(old, config.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
+    diff = config_diff(read_config_record(path), config.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
     if diff:
         raise ConfigError(
             f"{out} holds a run made with another config ({diff}); restore the config, or use a new out_dir "
             "(or delete that folder) to start over"
         )
+
+
+def read_config_record(path: Path) -> dict[str, Any]:
+    """The config a run folder recorded in ``path``; a damaged record (binary, bad YAML) is one line."""
+    try:
+        record = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        record = exc
+    if not isinstance(record, dict):
+        raise ConfigError(
+            f"{path} is not a readable config record; restore it, or pass --overwrite to run that folder afresh"
+        )
+    return record
 
 
 def check_batch_size(num_samples: int, batch_size: int, dataset: str, key: str) -> None:

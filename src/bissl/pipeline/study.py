@@ -38,11 +38,12 @@ from bissl.config import (
 from bissl.downstream.base import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import resolve_backbone_file
 from bissl.engine.names import validate_names
+from bissl.engine.run import clear_run_dir, make_out_dir
 from bissl.engine.runtime import SUMMARY_FILE, environment, require_same_config
 from bissl.stages.align import align
 from bissl.stages.evaluate import evaluate, single_label
 from bissl.stages.finetune import finetune
-from bissl.stages.hpo import search
+from bissl.stages.hpo import clear_search, search
 from bissl.stages.pretrain import pretrain
 from bissl.utils.io import atomic_write, save_json
 
@@ -217,8 +218,25 @@ def write_config(cfg: PipelineConfig) -> None:
     atomic_write(Path(cfg.out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), mode="w")
 
 
-def run_study(cfg: PipelineConfig) -> StudyResult:
-    """Run (or resume) every stage of the study, then write ``results.json``, ``report.md`` and plots."""
+STAGES = ("align", "evaluate", "finetune")  # the stage folders of one run of a study (align only in BiSSL arms)
+
+
+def clear_study(cfg: PipelineConfig) -> None:
+    """Delete what earlier runs of the study wrote into its stage folders and searches (never other files)."""
+    folders = [] if cfg.pretrained is not None else [Path(pretrain_config(cfg).out_dir)]
+    for task in cfg.tasks:
+        for arm in cfg.arms:
+            clear_search(arm_dir(cfg, task, arm) / "search")
+            folders += [run_dir(cfg, task, arm, seed) / stage for seed in cfg.seeds for stage in STAGES]
+    for folder in folders:
+        if folder.is_dir():
+            clear_run_dir(folder)
+    (Path(cfg.out_dir) / "config.yaml").unlink(missing_ok=True)
+
+
+def run_study(cfg: PipelineConfig, *, overwrite: bool = False) -> StudyResult:
+    """Run (or resume) every stage of the study, then write ``results.json``, ``report.md`` and plots;
+    ``overwrite``: first delete what earlier runs of the study wrote (:func:`clear_study`), to run it afresh."""
     from bissl.pipeline.report import write_report
 
     validate_names(cfg)
@@ -227,7 +245,9 @@ def run_study(cfg: PipelineConfig) -> StudyResult:
         for arm in cfg.arms:
             validate_names(cfg.arm_align(arm, task))
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
+    if overwrite:
+        clear_study(cfg)
     if not (out / "config.yaml").is_file():
         write_config(cfg)
     stage_times: dict[str, float] = {}

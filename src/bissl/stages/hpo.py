@@ -43,12 +43,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from bissl.config import FinetuneConfig, HPOConfig, build_config
 from bissl.downstream import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import config_diff
-from bissl.engine.runtime import RESUMABLE_KEYS, environment
+from bissl.engine.runtime import RESUMABLE_KEYS, environment, read_config_record
 from bissl.stages.finetune import FinetuneResult, finetune
 from bissl.utils.errors import BisslError, ConfigError, NonFiniteError
 from bissl.utils.io import save_json
@@ -438,6 +436,14 @@ def search(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> SearchResult:
     )
 
 
+def clear_search(out_dir: str | Path) -> None:
+    """Delete a search's files in ``out_dir`` (its SQLite study, trials, final runs and summary), to start over."""
+    out = Path(out_dir)
+    for name in (STUDY_FILE, SUMMARY_FILE, "trials", "final"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def _finished_run(run_cfg: FinetuneConfig) -> FinetuneResult | None:
     """The result of a finished run of exactly ``run_cfg``; a folder run with other settings is removed."""
     out = Path(run_cfg.out_dir)
@@ -447,9 +453,7 @@ def _finished_run(run_cfg: FinetuneConfig) -> FinetuneResult | None:
     if not config_file.is_file():
         diff = "no config.yaml"
     else:
-        diff = config_diff(
-            yaml.safe_load(config_file.read_text()), run_cfg.model_dump(mode="json"), ignore=RESUMABLE_KEYS
-        )
+        diff = config_diff(read_config_record(config_file), run_cfg.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
     if diff:
         log.warning("%s was run with other settings (%s); running it again", out, diff)
         shutil.rmtree(out)
