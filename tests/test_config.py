@@ -127,3 +127,11 @@ def test_task_and_arm_names_are_folder_names(key, name):
 def test_inf_and_nan_are_refused_with_the_key_named(cls, name, key, value):
     with pytest.raises(ConfigError, match=rf"'{key}'.*finite number"):
         load_config(cls, name, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_an_empty_or_comment_only_config_file_is_refused(tmp_path, text):
+    """It would run the defaults without a word."""
+    (tmp_path / "empty.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"empty\.yaml is empty \(or only comments\); write settings in it"):
+        load_config(PretrainConfig, tmp_path / "empty.yaml")

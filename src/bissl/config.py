@@ -585,9 +585,11 @@ def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> 
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise ConfigError(f"config files extend each other in a loop ({chain}); remove one 'extends:'")
     loaded = _load_yaml(path)
-    if loaded is not None and not isinstance(loaded, dict):
+    if loaded is None:  # would run the defaults without a word
+        raise ConfigError(f"config file {path} is empty (or only comments); write settings in it, or omit --config")
+    if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    data: dict[str, Any] = loaded or {}
+    data: dict[str, Any] = loaded
     base = data.pop(EXTENDS_KEY, None)
     if base is None:
         return data

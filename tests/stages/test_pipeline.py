@@ -120,3 +120,11 @@ def test_overwrite_runs_a_finished_study_afresh_and_keeps_other_files(quick_stud
                .read_text())["epochs"] == 4 for r in runs)  # fmt: skip
     assert (quick_study / "notes.txt").read_text() == "the user's own file"
     capsys.readouterr()
+
+
+def test_task_settings_are_checked_before_pretraining(tmp_path, capsys):
+    task = "tasks=[{name: t, downstream: {data: {name: digits}, few_shot: 1}, finetune: {batch_size: 64}}]"
+    assert main(["pipeline", "--quick", "--out-dir", str(tmp_path), *FAST, task]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than one batch of 64; lower task t: finetune.batch_size" in err and err.count("\n") == 1
+    assert not (tmp_path / "pretrain").exists()

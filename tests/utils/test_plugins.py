@@ -39,3 +39,12 @@ def test_a_broken_plugin_says_what_failed(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"plug-in '.*broken_plugin.py' failed to import \(RuntimeError: boom\)"):
         import_plugin(str(tmp_path / "broken_plugin.py"))
     assert "broken_plugin" not in sys.modules
+
+
+def test_a_plugin_calling_sys_exit_on_import_is_named(tmp_path):
+    """``sys.exit(3)`` in a plug-in would end bissl with exit 3 and no message."""
+    from bissl.utils.plugins import PluginImportError, import_plugin
+
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(PluginImportError, match=r"plug-in '.*quits\.py' called sys\.exit\(3\) on import; remove"):
+        import_plugin(str(tmp_path / "quits.py"))

@@ -39,7 +39,7 @@ from bissl.downstream.base import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import resolve_backbone_file
 from bissl.engine.names import validate_names
 from bissl.engine.run import clear_run_dir, make_out_dir
-from bissl.engine.runtime import SUMMARY_FILE, environment, require_same_config
+from bissl.engine.runtime import SUMMARY_FILE, check_batch_size, environment, require_same_config
 from bissl.stages.align import align
 from bissl.stages.evaluate import evaluate, single_label
 from bissl.stages.finetune import finetune
@@ -156,9 +156,20 @@ def finetune_config(
     return with_data_source(cfg, stage.model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
 
 
-def has_class_labels(task: TaskSpec) -> bool:
-    """Whether the task's data has single-label classes (``info.kind``: what frozen kNN and linear probes need)."""
-    return single_label(DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)["test"].info)
+def check_tasks(cfg: PipelineConfig) -> dict[str, bool]:
+    """Build every task's splits before the first stage, so a bad task setting (classes, few_shot, a batch larger
+    than the training split) is refused before pretraining runs; whether each task's data has single-label classes
+    (``info.kind``: what frozen kNN and linear probes need)."""
+    labelled = {}
+    for task in cfg.tasks:
+        splits = DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)
+        train, data = len(splits["train"]), task.downstream.data.name
+        check_batch_size(train, cfg.task_finetune(task).batch_size, data, f"task {task.name}: finetune.batch_size")
+        for arm in (arm for arm in cfg.arms if arm.bissl):
+            key = f"task {task.name}, arm {arm.name}: align.upper.batch_size"
+            check_batch_size(train, cfg.arm_align(arm, task).upper.batch_size, data, key)
+        labelled[task.name] = single_label(splits["test"].info)
+    return labelled
 
 
 def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone: Path) -> dict[str, Any]:
@@ -250,6 +261,7 @@ def run_study(cfg: PipelineConfig, *, overwrite: bool = False) -> StudyResult:
         clear_study(cfg)
     if not (out / "config.yaml").is_file():
         write_config(cfg)
+    labelled = check_tasks(cfg)
     stage_times: dict[str, float] = {}
     if cfg.pretrained is not None:
         pretrained = resolve_backbone_file(cfg.pretrained).parent
@@ -261,9 +273,8 @@ def run_study(cfg: PipelineConfig, *, overwrite: bool = False) -> StudyResult:
     records: list[RunRecord] = []
     searches: dict[str, dict[str, Any]] = {}
     for task in cfg.tasks:
-        labelled = has_class_labels(task)
         for arm in cfg.arms:
-            arm_records, searched = run_arm(cfg, task, arm, pretrained, labelled)
+            arm_records, searched = run_arm(cfg, task, arm, pretrained, labelled[task.name])
             records += arm_records
             if searched is not None:
                 searches.setdefault(task.name, {})[arm.name] = searched

@@ -80,6 +80,9 @@ def import_plugin(ref: str) -> ModuleType:
             fix = "make it importable (pip install it, or add its folder to PYTHONPATH) or pass its .py file"
             raise PluginImportError(ref, f"cannot import plug-in {ref!r} (no module named {exc.name!r})", fix) from None
         raise PluginImportError(ref, f"plug-in {ref!r} failed to import ({exc})", "install what it needs") from exc
+    except SystemExit as exc:  # would end bissl without a word
+        reason = f"plug-in {ref!r} called sys.exit({exc.code!r}) on import"
+        raise PluginImportError(ref, reason, "remove that call from the plug-in") from None
     except Exception as exc:
         reason = f"plug-in {ref!r} failed to import ({type(exc).__name__}: {exc})"
         raise PluginImportError(ref, reason, "fix the plug-in") from exc
