@@ -253,3 +253,18 @@ def test_resume_finds_the_run_however_its_folder_is_named(tmp_path, monkeypatch,
         shutil.move(tmp_path / "run", tmp_path / "moved")
     with Run.start("pretrain", first.model_copy(update={"out_dir": out}), resume=True) as run:
         assert run.resume(net=torch.nn.Linear(2, 2))["step"] == 3
+
+
+def test_an_error_starts_its_own_line_after_a_progress_bar(tmp_path, capsys):
+    """The progress bar of a run that fails is closed (its line ended) before the error is printed."""
+    import torch
+
+    from bissl.engine.run import Run
+
+    cfg = PretrainConfig(out_dir=str(tmp_path / "run"), log={"tensorboard": False, "progress": True})
+    with pytest.raises(ValueError), Run.start("pretrain", cfg) as run:
+        run.resume(net=torch.nn.Linear(1, 1))
+        bar = run.progress(10, 0, "step")  # held, as the failing stage's frame holds it while the error is printed
+        bar.update(3)
+        raise ValueError("boom")
+    assert capsys.readouterr().err.endswith("\n") and bar.disable  # closed

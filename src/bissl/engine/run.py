@@ -179,6 +179,7 @@ class Run:
         self._tracked: dict[str, Stateful] = {}
         self._terminated = False
         self._interruptible: str | None = None  # what the run is doing while SIGTERM stops it at once
+        self._bars: list[tqdm] = []
 
     @classmethod
     @contextlib.contextmanager
@@ -196,6 +197,8 @@ class Run:
                 yield run
             finally:
                 signal.signal(signal.SIGTERM, previous)
+                for bar in run._bars:  # ends the bar's line: an error printed next starts its own
+                    bar.close()
                 if run._logger is not None:
                     run._logger.close()
             if run._terminated:
@@ -266,7 +269,9 @@ class Run:
         self.logger.log(step, tag, values)
 
     def progress(self, total: int, initial: int, unit: str) -> tqdm:
-        return tqdm(total=total, initial=initial, desc=self.stage, unit=unit, disable=not self._progress)
+        bar = tqdm(total=total, initial=initial, desc=self.stage, unit=unit, disable=not self._progress)
+        self._bars.append(bar)
+        return bar
 
     # ------------------------------------------------------------------------------------------ the end
     def finish(self, summary: dict[str, Any], exports: Iterable[Callable[[Path], None]] = ()) -> Path:

@@ -43,9 +43,10 @@ from bissl.engine.runtime import SUMMARY_FILE, check_batch_size, environment, re
 from bissl.stages.align import align
 from bissl.stages.evaluate import evaluate, single_label
 from bissl.stages.finetune import finetune
-from bissl.stages.hpo import clear_search, search
+from bissl.stages.hpo import SearchChanged, clear_search, search
 from bissl.stages.pretrain import pretrain
-from bissl.utils.io import atomic_write, save_json
+from bissl.utils.errors import ConfigError
+from bissl.utils.io import atomic_write, remove_stale_temp_files, save_json
 
 log = logging.getLogger("bissl.pipeline")
 
@@ -177,7 +178,13 @@ def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone:
     start = time.perf_counter()
     stage = finetune_config(cfg, task, arm, cfg.seeds[0], backbone, {})
     stage = stage.model_copy(update={"out_dir": str(arm_dir(cfg, task, arm) / "search")})
-    result = search(stage, cfg.search.hpo())
+    try:
+        result = search(stage, cfg.search.hpo())
+    except SearchChanged as exc:  # its fix names hpo keys, which a study does not have
+        raise ConfigError(
+            f"the search in {stage.out_dir} was run with other settings ({exc.diff}); restore them, or pass "
+            "--overwrite to run the study afresh"
+        ) from None
     log.info("%s/%s: best of %d trials %s (val %s %.4f)", task.name, arm.name, cfg.search.trials,
              result.best_params, result.metric, result.best_value)  # fmt: skip
     return {
@@ -257,6 +264,7 @@ def run_study(cfg: PipelineConfig, *, overwrite: bool = False) -> StudyResult:
             validate_names(cfg.arm_align(arm, task))
     out = Path(cfg.out_dir)
     make_out_dir(out)
+    remove_stale_temp_files(out)  # a report or results file torn by a kill
     if overwrite:
         clear_study(cfg)
     if not (out / "config.yaml").is_file():

@@ -87,6 +87,14 @@ class SearchResult:
     new_trials: int  # trials finished while this call ran (by any worker of the study)
 
 
+class SearchChanged(ConfigError):
+    """A study's storage holds a search run with another config; ``diff`` names the first changed key."""
+
+    def __init__(self, message: str, diff: str) -> None:
+        super().__init__(message)
+        self.diff = diff
+
+
 def _optuna() -> ModuleType:
     try:
         import optuna
@@ -250,9 +258,10 @@ def open_study(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> optuna.Stud
     if stored is None:
         study.set_user_attr("config", config)
     elif diff := config_diff(stored, config, ignore=_STUDY_IGNORES):
-        raise ConfigError(
+        raise SearchChanged(
             f"study {hpo.study_name!r} in {_hide_password(url)} was run with another config ({diff}); restore it, "
-            "or set hpo.study_name (or out_dir) for a new study"
+            "or set hpo.study_name (or out_dir) for a new study",
+            diff,
         )
     return study
 
