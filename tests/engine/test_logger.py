@@ -100,3 +100,23 @@ def test_a_resumed_run_does_not_write_a_kept_record_twice(tmp_path):
         (5, "train"), (5, "final"), (6, "final")
     ]  # fmt: skip
     assert len(list(csv.DictReader((tmp_path / "metrics.csv").open()))) == 3
+
+
+def test_disk_full_in_tensorboards_writer_thread_is_one_warning_not_a_traceback(tmp_path, monkeypatch):
+    """TensorBoard writes from its own thread: a full disk there must not print the thread's traceback (Python's
+    ``threading.excepthook``); the logger warns once in the main thread instead."""
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    printed = []
+    monkeypatch.setattr(threading, "excepthook", printed.append)  # what would print the traceback
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch.object(RecordWriter, "write", side_effect=full), pytest.warns(UserWarning, match="TensorBoard"):
+        logger = MetricLogger(tmp_path, tensorboard=True)
+        for step in range(1, 30):
+            logger.log(step, "train", {"loss": 1.0})
+        logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 30))
+    assert printed == []

@@ -15,6 +15,7 @@ import csv
 import errno
 import json
 import math
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,7 @@ class MetricLogger:
                     stacklevel=2,
                 )
             else:
+                _quiet_writer_thread()
                 with self._tensorboard():
                     self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=resume_step)
 
@@ -133,3 +135,18 @@ def read_metrics(path: str | Path, tag: str | None = None) -> list[dict[str, Any
         if tag is None or record["tag"] == tag:
             records.append(record)
     return records
+
+
+def _quiet_writer_thread() -> None:
+    """Keep Python from printing the traceback of TensorBoard's writer thread when a write fails (a full disk):
+    the writer raises the same error in the main thread at its next call, where the logger warns once."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
