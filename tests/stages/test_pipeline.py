@@ -157,6 +157,6 @@ def test_a_changed_search_is_named_in_study_terms(monkeypatch):
 
     monkeypatch.setattr(study, "search", changed)
     cfg = load_config(PipelineConfig, "pipeline_digits", ["search.trials=2"])
-    message = r"search in .*search was run with other settings \(epochs\); restore them, or pass --overwrite to run"
+    message = r"search in .*search was run with another config \(epochs\); restore it, or pass --overwrite to run"
     with pytest.raises(ConfigError, match=message):
         study.search_settings(cfg, cfg.tasks[0], cfg.arms[0], Path("backbone.pt"))

@@ -182,7 +182,7 @@ def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone:
         result = search(stage, cfg.search.hpo())
     except SearchChanged as exc:  # its fix names hpo keys, which a study does not have
         raise ConfigError(
-            f"the search in {stage.out_dir} was run with other settings ({exc.diff}); restore them, or pass "
+            f"the search in {stage.out_dir} was run with another config ({exc.diff}); restore it, or pass "
             "--overwrite to run the study afresh"
         ) from None
     log.info("%s/%s: best of %d trials %s (val %s %.4f)", task.name, arm.name, cfg.search.trials,
