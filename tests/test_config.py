@@ -3,6 +3,7 @@ import pytest
 from bissl.cli import VERBS, build_parser, load_verb_config
 from bissl.config import (
     KIND_ALIGN,
+    AlignConfig,
     ArmSpec,
     PipelineConfig,
     PretrainConfig,
@@ -183,3 +184,32 @@ def test_every_quick_preset_wins_over_the_tasks_and_is_small(name):
             own = deep_merge(KIND_ALIGN.get(arm.kind, {}), arm.align)  # what the arm's kind and the arm set win
             for _section, *key in (k for k in keys if k[0] == "align" and value_at(own, k[1:]) is None):
                 assert value_at(align.model_dump(), key) == value_at(cfg.align.model_dump(), key), (arm.name, key)
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "", "x" * 101])
+@pytest.mark.parametrize("key", ["tasks", "arms"])
+def test_task_and_arm_names_are_folder_names(key, name):
+    """A task or arm names its folder in the study: ``..`` would write outside ``--out-dir``."""
+    extra = ["baseline=a.b-c_1"] if key == "arms" else []
+    with pytest.raises(ConfigError, match=rf"'{key}\.0\.name'.*is not a folder name: use 1-100 letters"):
+        load_config(PipelineConfig, "pipeline_digits", [f"{key}=[{{name: '{name}'}}]", *extra])
+    load_config(PipelineConfig, "pipeline_digits", [f"{key}=[{{name: 'a.b-c_1'}}]", *extra])
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+@pytest.mark.parametrize(
+    ("cls", "name", "key"),
+    [(PretrainConfig, "pretrain_digits", "optim.lr"), (PretrainConfig, "pretrain_digits", "optim.weight_decay"),
+     (AlignConfig, "align_digits", "bilevel.lam"), (AlignConfig, "align_digits", "bilevel.head_warmup_lr")],
+)  # fmt: skip
+def test_inf_and_nan_are_refused_with_the_key_named(cls, name, key, value):
+    with pytest.raises(ConfigError, match=rf"'{key}'.*finite number"):
+        load_config(cls, name, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_an_empty_or_comment_only_config_file_is_refused(tmp_path, text):
+    """It would run the defaults without a word."""
+    (tmp_path / "empty.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"empty\.yaml is empty \(or only comments\); write settings in it"):
+        load_config(PretrainConfig, tmp_path / "empty.yaml")

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 from bissl import __version__
-from bissl.utils.errors import BisslError, RunTerminated
+from bissl.utils.errors import BisslError, RunTerminated, out_of_memory
 from bissl.utils.plugins import import_plugins, load_entry_point_plugins, merge_plugins
 
 
@@ -107,7 +110,7 @@ def run_pipeline(cfg: Any, args: argparse.Namespace) -> None:
         )
     from bissl.pipeline import run_study
 
-    result = run_study(cfg, until=args.until)
+    result = run_study(cfg, until=args.until, overwrite=args.overwrite)
     if result.report_path is None:
         _print(f"pretrained: {result.pretrained} (backbone.pt); run the same command without --until to continue")
         return
@@ -139,9 +142,13 @@ VERBS: dict[str, Verb] = {
 }  # fmt: skip
 
 
-def _positive_int(text: str) -> int:
+def _thread_count(text: str) -> int:
+    """1 to 4 threads per core: far more makes OpenMP run out of resources (100000 threads crash the process)."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    most = 4 * (os.cpu_count() or 1)
+    if int(text) > most:
+        raise argparse.ArgumentTypeError(f"at most {most} (4 per core), got {text!r}")
     return int(text)
 
 
@@ -166,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="import a module (name or .py file) registering backbones, methods, tasks or datasets; repeatable",
         )  # fmt: skip
         sub.add_argument(
-            "--threads", type=_positive_int, metavar="N",
+            "--threads", type=_thread_count, metavar="N",
             help="torch CPU threads (default: torch's, one per core); 1 where other jobs share the cores",
         )  # fmt: skip
         if name == "pipeline":
@@ -201,8 +208,24 @@ def load_verb_config(verb: Verb, args: argparse.Namespace, plugins: Sequence[str
     return cfg
 
 
+def _stop(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM outside a stage's loop (which checkpoints first): between the stages of a study, between trials."""
+    raise RunTerminated("terminated (SIGTERM) between stages; finished stages are kept: run the same command to go on")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides may also follow options (argparse takes them only before)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
@@ -211,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         plugins = [*load_entry_point_plugins(), *args.plugin]
         import_plugins(args.plugin)
@@ -221,9 +245,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BisslError as exc:
         print(f"bissl {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if (line := out_of_memory(exc)) is None:
+            raise
+        print(f"bissl {args.verb}: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"bissl {args.verb}: interrupted; run the same command with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -23,6 +23,17 @@ Device = Literal["auto", "cpu", "cuda"]
 Plugins = Annotated[list[str], AfterValidator(lambda refs: merge_plugins(refs))]
 
 
+def _folder_name(name: str) -> str:
+    """A study's task or arm name, which names its folder: ``.``/``..`` would write outside the study."""
+    if not 0 < len(name) <= 100 or name in (".", "..") or not set(name) <= _FOLDER_CHARS:
+        raise ValueError(f"{name!r} is not a folder name: use 1-100 letters, digits, '_', '.', '-', not '.' or '..'")
+    return name
+
+
+_FOLDER_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+FolderName = Annotated[str, AfterValidator(_folder_name)]
+
+
 class NestedValidationError(ValueError):
     """A validation error of a plug-in's own config (e.g. a pretext method's ``params``), reported by key."""
 
@@ -33,9 +44,22 @@ class NestedValidationError(ValueError):
 
 
 class StrictModel(BaseModel):
-    """A config section: unknown keys are errors, assignments are validated."""
+    """A config section: unknown keys are errors, assignments are validated, and no number is NaN or inf."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _in_machine_range(cls, value: Any) -> Any:
+        """Numbers torch can hold: a float within float32's range, an int (a seed) within int64's."""
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise ValueError(f"beyond float32's range (|x| <= {FLOAT32_MAX:.3g}); choose a smaller value")
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ValueError("beyond a 64-bit integer's range; choose a smaller value")
+        return value
+
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class DataConfig(StrictModel):
@@ -336,7 +360,7 @@ class TaskSpec(StrictModel):
     the study's ``finetune`` / ``align`` settings for this task (e.g. more epochs for a few-shot task),
     applied to every arm alike so that the arms stay comparable."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: FolderName
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     finetune: dict[str, Any] = Field(default_factory=dict)
     align: dict[str, Any] = Field(default_factory=dict)
@@ -369,7 +393,7 @@ class ArmSpec(StrictModel):
     counts for in backward passes (1: a count; ~3.4 matches CPU time on the small conv net, benchmarks/README.md).
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: FolderName
     kind: ArmKind = "conventional"
     bissl: bool = False  # the same as kind: bissl (kept for configs written before kinds)
     align: dict[str, Any] = Field(default_factory=dict)
@@ -713,7 +737,10 @@ def _next_to(ref: str, folder: Path) -> str:
 
 def _load_yaml(path: Path) -> Any:
     """The YAML document in ``path``; a syntax error or a duplicate key is one line ``file:line:column: ...``."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (YAML) file; pass a YAML config") from None
     loader = _StrictLoader(text)
     loader.name = str(path)
     try:
@@ -752,9 +779,11 @@ def read_config_file(path_or_name: str | Path, _seen: tuple[Path, ...] = ()) -> 
         chain = " -> ".join(str(p) for p in (*_seen, path))
         raise ConfigError(f"config files extend each other in a loop ({chain}); remove one 'extends:'")
     loaded = _load_yaml(path)
-    if loaded is not None and not isinstance(loaded, dict):
+    if loaded is None:  # would run the defaults without a word
+        raise ConfigError(f"config file {path} is empty (or only comments); write settings in it, or omit --config")
+    if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    data: dict[str, Any] = _plugins_next_to(loaded or {}, path.parent)
+    data: dict[str, Any] = _plugins_next_to(loaded, path.parent)
     base = data.pop(EXTENDS_KEY, None)
     if base is None:
         return data

@@ -49,3 +49,13 @@ def test_same_seed_same_split_other_seed_other_split() -> None:
 def test_sizes_must_add_up() -> None:
     with pytest.raises(ValueError, match="sum to the dataset size"):
         stratified_split([0, 1, 0], [1, 1], seed=0)
+
+
+def test_a_class_too_small_for_every_part_is_said(caplog):
+    """A one-image class cannot reach val and test: the split says so instead of dropping it silently."""
+    parts = stratified_split([0] * 8 + [1], [5, 2, 2], seed=0)
+    assert sorted(i for part in parts for i in part) == list(range(9))
+    assert "holds no image of class(es) [1] (images in all: {1: 1})" in caplog.text
+    caplog.clear()
+    stratified_split([0, 1] * 5, [6, 2, 2], seed=0)
+    assert "holds no image" not in caplog.text

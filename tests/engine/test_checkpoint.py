@@ -21,3 +21,16 @@ def test_state_refuses_changed_config_and_foreign_files(tmp_path):
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a bissl training state"):
         load_state(tmp_path / "other.pt", {})
+
+
+def test_nan_weights_in_a_backbone_file_are_blamed_on_the_file(tmp_path):
+    from bissl.engine.checkpoint import backbone_spec, export_backbone, load_backbone
+    from bissl.models import build_backbone
+
+    net = build_backbone("small_cnn", in_channels=1, width=8)
+    with torch.no_grad():
+        next(net.parameters())[0] = float("nan")
+    path = tmp_path / "backbone.pt"
+    export_backbone(path, net, backbone_spec("small_cnn", 1, True, {"width": 8}))
+    with pytest.raises(CheckpointError, match=rf"backbone file {path} holds NaN/inf weights \(.*\): it is corrupt"):
+        load_backbone(path)

@@ -51,7 +51,7 @@ def test_garbage_before_the_last_line_is_one_line_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 1, "tag": "train", "loss": 1.0}\nGARBAGE\n{"step": 2, "tag": "t"}\n'
     )
-    with pytest.raises(BisslError, match=r"metrics.jsonl:2: not a metrics record .*without --resume") as info:
+    with pytest.raises(BisslError, match=r"metrics.jsonl:2: not a metrics record .*pass --overwrite") as info:
         MetricLogger(tmp_path, tensorboard=False, resume_step=2)
     assert "\n" not in str(info.value)
     assert "GARBAGE" in (tmp_path / "metrics.jsonl").read_text()  # nothing rewritten
@@ -84,3 +84,39 @@ def test_disk_full_in_csv_or_json_is_one_line_error(tmp_path):
 
     with mock.patch.object(Path, "open", full_open), pytest.raises(BisslError, match=r"disk full while logging"):
         logger.log(1, "train", {"loss": 1.0})
+
+
+def test_a_resumed_run_does_not_write_a_kept_record_twice(tmp_path):
+    """Resumed from its last checkpoint (its summary.json was deleted), a run logs its final record again: kept once."""
+    logger = MetricLogger(tmp_path, tensorboard=False)
+    logger.log(5, "train", {"loss": 0.5})
+    logger.log(5, "final", {"test_top1": 0.9})
+    logger.close()
+    logger = MetricLogger(tmp_path, tensorboard=False, resume_step=5)
+    logger.log(5, "final", {"test_top1": 0.9})
+    logger.log(6, "final", {"test_top1": 0.9})
+    logger.close()
+    assert [(r["step"], r["tag"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
+        (5, "train"), (5, "final"), (6, "final")
+    ]  # fmt: skip
+    assert len(list(csv.DictReader((tmp_path / "metrics.csv").open()))) == 3
+
+
+def test_disk_full_in_tensorboards_writer_thread_is_one_warning_not_a_traceback(tmp_path, monkeypatch):
+    """TensorBoard writes from its own thread: a full disk there must not print the thread's traceback (Python's
+    ``threading.excepthook``); the logger warns once in the main thread instead."""
+    import threading
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    printed = []
+    monkeypatch.setattr(threading, "excepthook", printed.append)  # what would print the traceback
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch.object(RecordWriter, "write", side_effect=full), pytest.warns(UserWarning, match="TensorBoard"):
+        logger = MetricLogger(tmp_path, tensorboard=True)
+        for step in range(1, 30):
+            logger.log(step, "train", {"loss": 1.0})
+        logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 30))
+    assert printed == []

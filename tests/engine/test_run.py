@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ from bissl.engine.guard import DivergenceGuard
 from bissl.engine.run import LOCK_FILE, RunLocked, open_run_dir
 from bissl.stages.align import align
 from bissl.stages.pretrain import pretrain
-from bissl.utils.errors import ConfigError, NonFiniteError
+from bissl.utils.errors import ConfigError, NonFiniteError, RunTerminated
 from bissl.utils.io import load_torch
 
 
@@ -168,3 +169,106 @@ def test_a_non_finite_upper_step_names_the_cycle_and_the_settings():
     message = r"a Hessian-vector product is NaN.*cycle 3, upper step 7.*upper.optim.lr"
     with pytest.raises(NonFiniteError, match=message), _naming_the_step(3, 7):
         raise NonFiniteError("a Hessian-vector product is NaN/inf")
+
+
+def _sigterm_then(original, wait_s=8.0):
+    """``original``, called after this process sent itself SIGTERM and waited ``wait_s`` (work that goes on)."""
+
+    def call(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(wait_s)
+        return original(*args, **kwargs)
+
+    return call
+
+
+def test_sigterm_during_work_without_state_stops_at_once(tiny_pretrained, tiny_align_overrides, tmp_path, monkeypatch):
+    """Evaluation and a head warm-up hold nothing to checkpoint: SIGTERM stops them within seconds (they are redone)."""
+    import importlib
+
+    from bissl.config import EvaluateConfig
+    from bissl.utils.errors import RunTerminated
+
+    evaluate_module = importlib.import_module("bissl.stages.evaluate")  # bissl.stages.evaluate is also a function
+    align_module = importlib.import_module("bissl.stages.align")
+    monkeypatch.setattr(evaluate_module, "frozen_features", _sigterm_then(evaluate_module.frozen_features))
+    cfg = load_config(EvaluateConfig, "evaluate_digits", ["downstream.data.image_size=8", "log.progress=false",
+                      f"backbone={tiny_pretrained}", f"out_dir={tmp_path / 'eval'}"])  # fmt: skip
+    start = time.perf_counter()
+    with pytest.raises(RunTerminated, match=r"during the evaluation \(evaluate: no state to save\); run the same"):
+        evaluate_module.evaluate(cfg)
+    assert time.perf_counter() - start < 6 and not (tmp_path / "eval" / "summary.json").exists()
+
+    monkeypatch.setattr(align_module, "warm_up_head", _sigterm_then(align_module.warm_up_head))
+    start = time.perf_counter()
+    with pytest.raises(RunTerminated, match=r"during the head warm-up \(align"):
+        align(load_config(AlignConfig, "align_digits", tiny_align_overrides))
+    assert time.perf_counter() - start < 6 and not (tmp_path / "align" / "checkpoints").exists()
+
+
+def test_sigterm_after_the_last_checkpoint_stops_the_caller_once_the_run_finished(tiny_pretrain_overrides, monkeypatch):
+    from bissl.engine.run import Run
+    from bissl.utils.errors import RunTerminated
+
+    monkeypatch.setattr(Run, "finish", _sigterm_then(Run.finish, wait_s=0))
+    with pytest.raises(RunTerminated, match=r"after pretrain finished in .*; run the same command to go on"):
+        pretrain(_pretrain_cfg(tiny_pretrain_overrides))
+    assert (Path(_pretrain_cfg(tiny_pretrain_overrides).out_dir) / "summary.json").is_file()
+
+
+def test_sigterm_between_stages_exits_143_with_one_line(monkeypatch, capsys):
+    """Outside a stage's loop (between the stages of a study, between trials) SIGTERM ends the command: exit 143."""
+    import dataclasses
+
+    from bissl import cli
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # pytest's own process must survive the old code
+    try:
+        verb = dataclasses.replace(cli.VERBS["evaluate"], run=lambda cfg, args: _sigterm_then(lambda: None, 5.0)())
+        monkeypatch.setitem(cli.VERBS, "evaluate", verb)
+        start = time.perf_counter()
+        assert cli.main(["evaluate", "--backbone", "unused.pt"]) == 143
+        assert time.perf_counter() - start < 4
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            "bissl evaluate: terminated (SIGTERM) between stages; finished stages are kept: "
+            "run the same command to go on"
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("where", ["moved", "trailing slash", "relative"])
+def test_resume_finds_the_run_however_its_folder_is_named(tmp_path, monkeypatch, where):
+    """``out_dir`` says where the run is, not how it runs: a moved folder, or the same one named otherwise, resumes."""
+    import torch
+
+    from bissl.engine.run import Run
+
+    first = PretrainConfig(out_dir=str(tmp_path / "run"), log={"tensorboard": False, "progress": False})
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(RunTerminated), Run.start("pretrain", first) as run:
+        run.resume(net=net)
+        run._terminated = True
+        run.checkpoint(due=False, log_step=3, step=3)
+    monkeypatch.chdir(tmp_path)
+    out = {"moved": str(tmp_path / "moved"), "trailing slash": f"{tmp_path / 'run'}/", "relative": "run"}[where]
+    if where == "moved":
+        shutil.move(tmp_path / "run", tmp_path / "moved")
+    with Run.start("pretrain", first.model_copy(update={"out_dir": out}), resume=True) as run:
+        assert run.resume(net=torch.nn.Linear(2, 2))["step"] == 3
+
+
+def test_an_error_starts_its_own_line_after_a_progress_bar(tmp_path, capsys):
+    """The progress bar of a run that fails is closed (its line ended) before the error is printed."""
+    import torch
+
+    from bissl.engine.run import Run
+
+    cfg = PretrainConfig(out_dir=str(tmp_path / "run"), log={"tensorboard": False, "progress": True})
+    with pytest.raises(ValueError), Run.start("pretrain", cfg) as run:
+        run.resume(net=torch.nn.Linear(1, 1))
+        bar = run.progress(10, 0, "step")  # held, as the failing stage's frame holds it while the error is printed
+        bar.update(3)
+        raise ValueError("boom")
+    assert capsys.readouterr().err.endswith("\n") and bar.disable  # closed

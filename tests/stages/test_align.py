@@ -115,3 +115,10 @@ def test_the_shipped_config_takes_the_method_from_the_pretrained_run(tmp_path):
     assert _pretext_params(_cfg([]), heads, tmp_path / "backbone.pt") == heads["params"]
     with pytest.raises(ConfigError, match=r"pretext.name='simclr' but .*pretext_head.pt holds 'vicreg' heads"):
         _pretext_params(_cfg(["pretext.name=simclr"]), heads, tmp_path / "backbone.pt")
+
+
+def test_a_head_warm_up_that_blows_up_without_nan_is_stopped(tiny_align_overrides):
+    """lr 1e6 keeps the warm-up loss finite (3e5 where 1.7 is normal): the weights' range stops it, naming the key."""
+    message = r"head weights at step \d+ is .*x its start .*lower bilevel\.head_warmup_lr"
+    with pytest.raises(NonFiniteError, match=message):
+        align(_cfg(tiny_align_overrides, "bilevel.head_warmup_lr=1e6"))

@@ -304,3 +304,84 @@ def test_l2sp_is_searched_only_when_a_range_is_given(make_cfg, tmp_path):
     assert "l2sp" not in search(make_cfg("hpo.trials=1", out="plain")).best_params
     cfg = with_params(make_cfg(), {"lr": 0.1, "weight_decay": 1e-3, "l2sp": 0.5})  # what a study's runs get
     assert (cfg.l2sp, cfg.optim.lr, cfg.optim.weight_decay) == (0.5, 0.1, 1e-3)
+
+
+def _smooth_finetune(run_cfg, on_eval=None, **_):
+    """Fine-tuning in a blink: validation and test metrics are fixed functions of the settings, over 2 epochs."""
+    import math
+
+    value = 1.0 / (1.0 + abs(math.log(run_cfg.optim.lr / 0.05)) + abs(math.log(run_cfg.optim.weight_decay / 1e-3)))
+    for epoch in (1, 2):
+        if on_eval is not None:
+            on_eval(epoch, {"top1": value * epoch / 2})
+    metrics = {"val_top1": value, "test_top1": value - 0.01 * run_cfg.seed}
+    return hpo_module.FinetuneResult(Path(run_cfg.out_dir), 2, True, best_epoch=2, metrics=metrics)
+
+
+def _interrupting(kill: str, at: int):
+    """A fine-tuning that fails like ``kill`` at its ``at``-th call, else runs like :func:`_smooth_finetune`."""
+    import errno
+
+    from bissl.utils.errors import RunTerminated
+
+    calls = []
+
+    def run(run_cfg, on_eval=None, **kwargs):
+        calls.append(1)
+        if len(calls) == at + 1:
+            if kill == "sigkill":
+                os._exit(137)
+            if kill == "sigterm":
+                raise RunTerminated("terminated (SIGTERM) at finetune step 3")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return _smooth_finetune(run_cfg, on_eval, **kwargs)
+
+    return run
+
+
+@pytest.mark.parametrize("kill", ["sigterm", "sigkill", "disk"])
+@pytest.mark.parametrize("at", [0, 3, 6])
+def test_an_interrupted_search_ends_as_an_uninterrupted_one(make_cfg, monkeypatch, kill, at):
+    """Killed in trial ``at`` (SIGTERM, kill -9 or a full disk) and run again, a search runs the same settings in the
+    same slots, prunes alike (the median pruner starts at trial 5), and ends with the same best setting and test
+    metric as a search that was never interrupted."""
+    import multiprocessing
+
+    def outcome(cfg):
+        found = search(cfg)
+        slots = sorted(
+            (t["user_attrs"]["slot"], t["state"], t["params"]["lr"], t["params"]["weight_decay"])
+            for t in found.trials
+            if t["state"] in ("COMPLETE", "PRUNED")
+        )
+        (final,) = final_runs(cfg, found.best_params, [1], search=found)
+        return slots, found.best_params, found.best_value, final.metrics["test_top1"]
+
+    monkeypatch.setattr(hpo_module, "finetune", _smooth_finetune)
+    whole = outcome(make_cfg("hpo.trials=7", out="whole"))
+    assert [s[0] for s in whole[0]] == list(range(7))
+
+    cfg = make_cfg("hpo.trials=7", out="cut")
+    monkeypatch.setattr(hpo_module, "finetune", _interrupting(kill, at))
+    if kill == "sigkill":
+        child = multiprocessing.get_context("fork").Process(target=search, args=(cfg,))
+        child.start()
+        child.join(timeout=120)
+        assert child.exitcode == 137
+    else:
+        with pytest.raises(BisslError if kill == "sigterm" else OSError):
+            search(cfg)
+    monkeypatch.setattr(hpo_module, "finetune", _smooth_finetune)
+    assert outcome(cfg) == whole
+
+
+def test_a_failing_trial_is_logged_in_one_line_without_optunas_traceback(make_cfg, monkeypatch, capfd, caplog):
+    def broken(*args, **kwargs):
+        raise BisslError("dataset 'digits' is empty; check its root folder")
+
+    monkeypatch.setattr(hpo_module, "finetune", broken)
+    with pytest.raises(BisslError, match="is empty"):
+        search(make_cfg("hpo.trials=1"))
+    failed = [r for r in caplog.records if "failed with parameters" in r.getMessage()]
+    assert failed and all(r.exc_info is None for r in failed)
+    assert "Traceback" not in capfd.readouterr().err + caplog.text

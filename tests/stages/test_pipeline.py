@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -164,3 +165,56 @@ def test_positive_control_study_runs_quick(tmp_path):
     assert all(0 <= r["frozen"]["knn_test"] <= 1 for r in runs)
     report = (out / "report.md").read_text()
     assert "## mirror_10shot" in report and "p (Wilcoxon)" in report and "nan" not in report.lower()
+
+
+def test_overwrite_runs_a_finished_study_afresh_and_keeps_other_files(quick_study, capsys):
+    """``--overwrite`` is honoured on a finished (here also changed and corrupted) study: every stage runs again."""
+    align_summary = quick_study / TASK / "bissl" / "seed0" / "align" / "summary.json"
+    before = align_summary.stat().st_mtime_ns
+    (quick_study / TASK / "conventional" / "seed1" / "finetune" / "checkpoints" / "last.pt").write_bytes(b"\0garbage")
+    (quick_study / "notes.txt").write_text("the user's own file")
+    assert main(["pipeline", "--quick", "--overwrite", "--out-dir", str(quick_study), *FAST, "finetune.epochs=4"]) == 0
+    assert align_summary.stat().st_mtime_ns != before
+    runs = json.loads((quick_study / "results.json").read_text())["runs"]
+    assert all(json.loads((quick_study / TASK / r["arm"] / f"seed{r['seed']}" / "finetune" / "summary.json")
+               .read_text())["epochs"] == 4 for r in runs)  # fmt: skip
+    assert (quick_study / "notes.txt").read_text() == "the user's own file"
+    capsys.readouterr()
+
+
+def test_task_settings_are_checked_before_pretraining(tmp_path, capsys):
+    task = "tasks=[{name: t, downstream: {data: {name: digits}, few_shot: 1}, finetune: {batch_size: 64}}]"
+    assert main(["pipeline", "--quick", "--out-dir", str(tmp_path), *FAST, task]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than one batch of 64; lower task t: finetune.batch_size" in err and err.count("\n") == 1
+    assert not (tmp_path / "pretrain").exists()
+
+
+def test_a_rerun_removes_the_temporary_files_a_kill_left_in_the_study_folder(tmp_path, capsys):
+    torn = tmp_path / ".headline.png.ab12cd34.tmp"  # a kill while the report was written
+    torn.write_bytes(b"half a png")
+    os.utime(torn, (0, 0))
+    task = "tasks=[{name: t, downstream: {data: {name: digits}, few_shot: 1}, finetune: {batch_size: 64}}]"
+    assert main(["pipeline", "--quick", "--out-dir", str(tmp_path), *FAST, task]) == 2  # stops before any stage
+    assert not torn.exists()
+    capsys.readouterr()
+
+
+def test_a_changed_search_is_named_in_study_terms(monkeypatch):
+    """The search's own fix names hpo.study_name, which a study has not: name the study's fix instead."""
+    import importlib
+
+    from bissl.config import PipelineConfig, load_config
+    from bissl.stages.hpo import SearchChanged
+    from bissl.utils.errors import ConfigError
+
+    study = importlib.import_module("bissl.pipeline.study")
+
+    def changed(*args, **kwargs):
+        raise SearchChanged("study 'finetune' in sqlite:///x was run with another config (epochs: 3 -> 4)", "epochs")
+
+    monkeypatch.setattr(study, "search", changed)
+    cfg = load_config(PipelineConfig, "pipeline_digits", ["search.trials=2"])
+    message = r"search in .*search was run with another config \(epochs\); restore it, or pass --overwrite to run"
+    with pytest.raises(ConfigError, match=message):
+        study.search_settings(cfg, cfg.tasks[0], cfg.arms[0], Path("backbone.pt"))

@@ -46,8 +46,12 @@ def test_missing_and_corrupted_checkpoints_are_named(tmp_path):
         load_torch(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"bad.pt is corrupted"):
+    with pytest.raises(CheckpointError, match=r"bad.pt is corrupted") as info:
         load_torch(bad)
+    # Deleting a finished stage's file leads to "does not exist", then to "pass --overwrite": say that at once.
+    assert "run the stage that wrote it again with --overwrite (in a study: bissl pipeline --overwrite)" in str(
+        info.value
+    )
 
 
 def test_torch_disk_full_runtime_error_is_one_line_and_old_file_kept(tmp_path, monkeypatch):

@@ -122,3 +122,12 @@ def test_the_same_module_again_is_no_clash_but_another_definition_is(installed_p
     )
     with pytest.raises(PluginImportError, match=r"'ep_linear' is already registered \(by ep_bissl_pkg.linear.build\)"):
         import_plugin(str(tmp_path / "other_linear.py"))
+
+
+def test_a_plugin_calling_sys_exit_on_import_is_named(tmp_path):
+    """``sys.exit(3)`` in a plug-in would end bissl with exit 3 and no message."""
+    from bissl.utils.plugins import PluginImportError, import_plugin
+
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(PluginImportError, match=r"plug-in '.*quits\.py' called sys\.exit\(3\) on import; remove"):
+        import_plugin(str(tmp_path / "quits.py"))

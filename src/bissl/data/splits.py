@@ -6,6 +6,7 @@ which is what makes train/val/test stable across the stages of a study.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 
 from bissl.utils.seed import derive_seed
+
+log = logging.getLogger("bissl.data")
 
 
 def fraction_sizes(n: int, fractions: Sequence[float]) -> list[int]:
@@ -51,4 +54,20 @@ def stratified_split(targets: Sequence[int] | torch.Tensor, sizes: Sequence[int]
     key = (rank + 0.5) / counts[shuffled]
     order = perm[np.argsort(key, kind="stable")]
     bounds = np.cumsum([0, *sizes])
-    return [sorted(order[lo:hi].tolist()) for lo, hi in pairwise(bounds)]
+    parts = [sorted(order[lo:hi].tolist()) for lo, hi in pairwise(bounds)]
+    _warn_missing_classes(labels, parts)
+    return parts
+
+
+def _warn_missing_classes(labels: np.ndarray, parts: list[list[int]]) -> None:
+    """Say which classes have too few images to reach every (non-empty) part: their scores there are missing."""
+    present = set(labels.tolist())
+    for j, part in enumerate(parts):
+        missing = sorted(present - set(labels[part].tolist())) if part else []
+        if missing:
+            counts = {c: int((labels == c).sum()) for c in missing[:5]}
+            log.warning(
+                "stratified split: part %d of %d (%d images) holds no image of class(es) %s (images in all: %s); "
+                "too few to spread over every part",
+                j, len(parts), len(part), missing, counts,
+            )  # fmt: skip

@@ -115,6 +115,12 @@ def load_backbone(path: str | Path, plugins: list[str] | tuple[str, ...] = ()) -
     from bissl.models.weights import load_backbone_weights
 
     payload = read_backbone_file(path)
+    broken = [k for k, v in payload["state_dict"].items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(
+            f"backbone file {path} holds NaN/inf weights ({broken[0]}): it is corrupt or its run diverged; "
+            "choose another backbone or re-run the stage that wrote it"
+        )
     stored = payload["backbone"]
     spec = backbone_spec(
         stored["name"], stored["in_channels"], stored["small_images"], stored["kwargs"],

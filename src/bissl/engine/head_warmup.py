@@ -10,8 +10,8 @@ from torch import nn
 
 from bissl.dist import all_reduce_mean_
 from bissl.downstream.base import DownstreamTask
+from bissl.engine.guard import DivergenceGuard
 from bissl.engine.step import BatchPlan, autocast
-from bissl.utils.numerics import require_finite
 
 
 def warm_up_head(
@@ -47,6 +47,7 @@ def warm_up_head(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     plan = plan if plan is not None else BatchPlan(batch_size=0)  # one process, one augmentation shard
     recent: list[float] = []
+    guard = DivergenceGuard("head warm-up loss", lr_key, "head weights")  # NaN/inf, or a loss or head blown up
 
     def prepare(rows: Any, generator: torch.Generator) -> Any:
         return task.prepare(rows, device, generator)
@@ -60,7 +61,7 @@ def warm_up_head(
             loss.backward()
             value = loss.detach().clone()
             all_reduce_mean_([*(p.grad for p in head.parameters() if p.grad is not None), value])
-            require_finite(value, f"head warm-up loss at step {step}", f"lower {lr_key}")
+            guard.check(step, value, head.parameters())
             optimizer.step()
             scheduler.step()
             recent = [*recent[-9:], value.item()]

@@ -15,6 +15,7 @@ import csv
 import errno
 import json
 import math
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,7 @@ class MetricLogger:
                     stacklevel=2,
                 )
             else:
+                _quiet_writer_thread()
                 with self._tensorboard():
                     self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=resume_step)
 
@@ -69,6 +71,7 @@ class MetricLogger:
             records: list[dict[str, Any]] = []
         else:
             records = [r for r in read_metrics(self.jsonl_path) if r["step"] <= resume_step]
+        self._kept = {(r["step"], r["tag"]) for r in records}
         atomic_write(self.jsonl_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records), mode="w")
 
         def write_csv(handle: Any) -> None:
@@ -80,6 +83,9 @@ class MetricLogger:
         atomic_write(self.csv_path, write_csv, mode="w")
 
     def log(self, step: int, tag: str, values: dict[str, float]) -> None:
+        """Append one record; a resumed run re-logging a record it kept (its last step's, bit-exact) writes nothing."""
+        if (step, tag) in self._kept:
+            return
         clean = {k: float(v) for k, v in values.items()}
         try:
             with self.jsonl_path.open("a") as handle:
@@ -124,8 +130,23 @@ def read_metrics(path: str | Path, tag: str | None = None) -> list[dict[str, Any
                 warnings.warn(f"{path}:{number}: dropped a torn last line (the run was killed mid-write)", stacklevel=2)
                 break
             raise BisslError(
-                f"{path}:{number}: not a metrics record ({exc}); delete that line, or start the run without --resume"
+                f"{path}:{number}: not a metrics record ({exc}); delete that line, or pass --overwrite to run afresh"
             ) from None
         if tag is None or record["tag"] == tag:
             records.append(record)
     return records
+
+
+def _quiet_writer_thread() -> None:
+    """Keep Python from printing the traceback of TensorBoard's writer thread when a write fails (a full disk):
+    the writer raises the same error in the main thread at its next call, where the logger warns once."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook

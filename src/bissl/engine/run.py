@@ -12,6 +12,10 @@ A stage reads like its paper loop; everything around the loop is a :class:`Run`:
             run.checkpoint(due=step % per_epoch == 0, step=step)               # also saves and stops on SIGTERM
         return run.finish({"metrics": metrics}, exports)
 
+SIGTERM stops a run at its next checkpoint call (saving it); inside :meth:`Run.interruptible` (work that holds no
+state worth saving: evaluation, a head warm-up redone on resume) at once; one that arrives after the last
+checkpoint stops the caller (e.g. a study) once the run has finished.
+
 The folder (:func:`open_run_dir`) is locked while the run writes to it and is never overwritten by accident: a
 finished run, another run's checkpoint or files the run did not write are refused unless ``overwrite`` is set.
 Under ``torchrun`` rank 0 alone writes files; the other ranks get no-op loggers.
@@ -24,6 +28,7 @@ import fcntl
 import logging
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -99,14 +104,9 @@ def open_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool, overwr
     another config; files the run did not write. ``overwrite`` deletes the earlier run's files (never others).
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out_dir {out} is a file, not a folder; choose another out_dir")
     run_folder = any((out / name).exists() for name in (LOCK_FILE, STATE_FILE, SUMMARY_FILE))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = (out / LOCK_FILE).open("a")
-    except OSError as exc:
-        raise ConfigError(f"cannot write to out_dir {out} ({exc.strerror}); choose a writable out_dir") from None
+    make_out_dir(out)
+    lock = (out / LOCK_FILE).open("a")
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -123,12 +123,30 @@ def open_run_dir(out_dir: str | Path, config: BaseModel, *, resume: bool, overwr
         yield has_state
 
 
+def make_out_dir(out: Path) -> None:
+    """Create ``out`` (and its parents) and check it takes files: a file, an unwritable folder, a name too long or
+    a symlink loop is one line naming it."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"out_dir {out} is a file, not a folder; choose another out_dir")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to out_dir {out} ({exc.strerror}); choose a writable out_dir") from None
+
+
+def clear_run_dir(out: str | Path) -> None:
+    """Delete the files a stage wrote into ``out`` (never others): what ``overwrite`` does before a run."""
+    for name in RUN_FILES - {LOCK_FILE}:
+        path = Path(out) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def _check_folder(out: Path, config: BaseModel, *, resume: bool, overwrite: bool, run_folder: bool) -> bool:
     has_state = (out / STATE_FILE).is_file()
     if overwrite and run_folder:
-        for name in RUN_FILES - {LOCK_FILE}:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        clear_run_dir(out)
         return False
     if (out / SUMMARY_FILE).is_file():
         raise ConfigError(f"{out} holds a finished run (summary.json); choose another out_dir, or pass --overwrite")
@@ -160,6 +178,8 @@ class Run:
         self._progress = progress
         self._tracked: dict[str, Stateful] = {}
         self._terminated = False
+        self._interruptible: str | None = None  # what the run is doing while SIGTERM stops it at once
+        self._bars: list[tqdm] = []
 
     @classmethod
     @contextlib.contextmanager
@@ -177,8 +197,14 @@ class Run:
                 yield run
             finally:
                 signal.signal(signal.SIGTERM, previous)
+                for bar in run._bars:  # ends the bar's line: an error printed next starts its own
+                    bar.close()
                 if run._logger is not None:
                     run._logger.close()
+            if run._terminated:
+                raise RunTerminated(
+                    f"terminated (SIGTERM) after {stage} finished in {run.out}; run the same command to go on"
+                )
 
     # ------------------------------------------------------------------------------------------ resume, checkpoints
     def resume(self, **objects: Stateful) -> dict[str, Any]:
@@ -223,6 +249,18 @@ class Run:
                 "run the same command with --resume to continue"
             )
 
+    @contextlib.contextmanager
+    def interruptible(self, what: str) -> Iterator[None]:
+        """While inside, SIGTERM stops the run at once: ``what`` (e.g. "the head warm-up") holds no state worth a
+        checkpoint, and a resumed run does it again."""
+        self._interruptible = what
+        try:
+            if self._terminated:
+                _stop_during(self)
+            yield
+        finally:
+            self._interruptible = None
+
     def _terminated_on_any_rank(self) -> bool:
         return bool(all_reduce_sum(float(self._terminated)).item() > 0)
 
@@ -231,7 +269,9 @@ class Run:
         self.logger.log(step, tag, values)
 
     def progress(self, total: int, initial: int, unit: str) -> tqdm:
-        return tqdm(total=total, initial=initial, desc=self.stage, unit=unit, disable=not self._progress)
+        bar = tqdm(total=total, initial=initial, desc=self.stage, unit=unit, disable=not self._progress)
+        self._bars.append(bar)
+        return bar
 
     # ------------------------------------------------------------------------------------------ the end
     def finish(self, summary: dict[str, Any], exports: Iterable[Callable[[Path], None]] = ()) -> Path:
@@ -252,10 +292,19 @@ def _install_sigterm(run: Run) -> Any:
     """On SIGTERM, ask ``run`` to checkpoint and stop at its next checkpoint call (main thread only)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        log.warning("SIGTERM: %s will checkpoint and stop after this step", run.stage)
         run._terminated = True
+        if run._interruptible is not None:
+            _stop_during(run)
+        log.warning("SIGTERM: %s will checkpoint and stop after this step", run.stage)
 
     try:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave signals alone
         return signal.getsignal(signal.SIGTERM)
+
+
+def _stop_during(run: Run) -> None:
+    raise RunTerminated(
+        f"terminated (SIGTERM) during {run._interruptible} ({run.stage}: no state to save); "
+        "run the same command again to continue"
+    )

@@ -18,24 +18,38 @@ from bissl.utils.io import save_json
 STATE_FILE = "checkpoints/last.pt"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
-RESUMABLE_KEYS = ("log", "device")  # config keys that may differ between a run and its continuation
+# Config keys that may differ between a run and its continuation: ``out_dir`` is where the run is found (a folder
+# moved, or named with a trailing slash or a relative path, resumes), not how it runs.
+RESUMABLE_KEYS = ("out_dir", "log", "device")
 
 
 def require_same_config(out: Path, config: BaseModel) -> None:
     """Refuse to continue or reuse the run in ``out`` when it was made with another config.
 
-    ``log`` and ``device`` may change between a run and its continuation; every other key must not.
+    ``out_dir``, ``log`` and ``device`` may change between a run and its continuation; every other key must not.
     """
     path = out / CONFIG_FILE
     if not path.is_file():
         return
-    old = yaml.safe_load(path.read_text()) or {}
-    diff = config_diff(old, config.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
+    diff = config_diff(read_config_record(path), config.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
     if diff:
         raise ConfigError(
             f"{out} holds a run made with another config ({diff}); restore the config, or use a new out_dir "
             "(or delete that folder) to start over"
         )
+
+
+def read_config_record(path: Path) -> dict[str, Any]:
+    """The config a run folder recorded in ``path``; a damaged record (binary, bad YAML) is one line."""
+    try:
+        record = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        record = exc
+    if not isinstance(record, dict):
+        raise ConfigError(
+            f"{path} is not a readable config record; restore it, or pass --overwrite to run that folder afresh"
+        )
+    return record
 
 
 def check_batch_size(num_samples: int, batch_size: int, dataset: str, key: str) -> None:

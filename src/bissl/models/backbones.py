@@ -50,7 +50,10 @@ def build_backbone(
         inspect.signature(builder).bind(in_channels=in_channels, small_images=small_images, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"backbone {name!r}: {exc}; check backbone.kwargs") from None
-    module = builder(in_channels=in_channels, small_images=small_images, **kwargs)
+    try:
+        module = builder(in_channels=in_channels, small_images=small_images, **kwargs)
+    except ValueError as exc:  # a builder's own check of its arguments (e.g. width=0)
+        raise ConfigError(f"backbone {name!r}: {exc}; check backbone.kwargs") from None
     feature_dim_of(module)
     return module
 

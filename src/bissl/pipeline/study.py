@@ -40,15 +40,16 @@ from bissl.config import (
 from bissl.downstream.base import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import PRETEXT_HEAD_FILE, read_head_file, resolve_backbone_file
 from bissl.engine.names import validate_names
-from bissl.engine.runtime import SUMMARY_FILE, environment, require_same_config
+from bissl.engine.run import clear_run_dir, make_out_dir
+from bissl.engine.runtime import SUMMARY_FILE, check_batch_size, environment, require_same_config
 from bissl.pretext.base import PRETEXT_METHODS
 from bissl.stages.align import align
 from bissl.stages.evaluate import evaluate
 from bissl.stages.finetune import finetune
-from bissl.stages.hpo import search, with_params
+from bissl.stages.hpo import SearchChanged, clear_search, search, with_params
 from bissl.stages.pretrain import pretrain
 from bissl.utils.errors import ConfigError
-from bissl.utils.io import atomic_write, save_json
+from bissl.utils.io import atomic_write, remove_stale_temp_files, save_json
 
 log = logging.getLogger("bissl.pipeline")
 
@@ -185,11 +186,29 @@ def finetune_config(
     return with_data_source(cfg, stage.model_copy(update=update), ("downstream.data",))  # type: ignore[return-value]
 
 
+def check_tasks(cfg: PipelineConfig) -> None:
+    """Build every task's splits before the first stage, so a bad task setting (classes, few_shot, a batch larger
+    than the training split) is refused before pretraining runs."""
+    for task in cfg.tasks:
+        splits = DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)
+        train, data = len(splits["train"]), task.downstream.data.name
+        check_batch_size(train, cfg.task_finetune(task).batch_size, data, f"task {task.name}: finetune.batch_size")
+        for arm in (arm for arm in cfg.arms if arm.aligns):
+            key = f"task {task.name}, arm {arm.name}: align.upper.batch_size"
+            check_batch_size(train, cfg.arm_align(arm, task).upper.batch_size, data, key)
+
+
 def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone: Path) -> dict[str, Any]:
     """Search ``arm``'s fine-tuning lr / weight decay on validation, from the first seed's starting backbone."""
     stage = finetune_config(cfg, task, arm, cfg.seeds[0], backbone, {})
     stage = stage.model_copy(update={"out_dir": str(arm_dir(cfg, task, arm) / "search")})
-    result = search(stage, cfg.search.hpo())
+    try:
+        result = search(stage, cfg.search.hpo())
+    except SearchChanged as exc:  # its fix names hpo keys, which a study does not have
+        raise ConfigError(
+            f"the search in {stage.out_dir} was run with another config ({exc.diff}); restore it, or pass "
+            "--overwrite to run the study afresh"
+        ) from None
     log.info("%s/%s: best of %d trials %s (val %s %.4f)", task.name, arm.name, cfg.search.trials,
              result.best_params, result.metric, result.best_value)  # fmt: skip
     return {
@@ -262,9 +281,26 @@ def write_config(cfg: PipelineConfig) -> None:
     atomic_write(Path(cfg.out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), mode="w")
 
 
-def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None) -> StudyResult:
+STAGES = ("align", "evaluate", "finetune")  # the stage folders of one run of a study (align only in BiSSL arms)
+
+
+def clear_study(cfg: PipelineConfig) -> None:
+    """Delete what earlier runs of the study wrote into its stage folders and searches (never other files)."""
+    folders = [] if cfg.pretrained is not None else [Path(pretrain_config(cfg).out_dir)]
+    for task in cfg.tasks:
+        for arm in cfg.arms:
+            clear_search(arm_dir(cfg, task, arm) / "search")
+            folders += [run_dir(cfg, task, arm, seed) / stage for seed in cfg.seeds for stage in STAGES]
+    for folder in folders:
+        if folder.is_dir():
+            clear_run_dir(folder)
+    (Path(cfg.out_dir) / "config.yaml").unlink(missing_ok=True)
+
+
+def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None, *, overwrite: bool = False) -> StudyResult:
     """Run (or resume) every stage of the study, then write ``results.json``, ``report.md`` and plots; with
-    ``until="pretrain"`` stop once the pretrained backbone is there (a later call without it continues)."""
+    ``until="pretrain"`` stop once the pretrained backbone is there (a later call without it continues);
+    ``overwrite``: first delete what earlier runs of the study wrote (:func:`clear_study`), to run it afresh."""
     from bissl.pipeline.report import write_report
 
     validate_names(cfg)
@@ -273,9 +309,13 @@ def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None) -> 
         for arm in cfg.arms:
             validate_names(cfg.arm_align(arm, task))
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out)
+    remove_stale_temp_files(out)  # a report or results file torn by a kill
+    if overwrite:
+        clear_study(cfg)
     if not (out / "config.yaml").is_file():
         write_config(cfg)
+    check_tasks(cfg)
     stage_times: dict[str, float] = {}
     if cfg.pretrained is not None:
         pretrained = resolve_backbone_file(cfg.pretrained).parent

@@ -71,7 +71,7 @@ from bissl.engine.sampling import BatchStream
 from bissl.engine.step import BatchPlan, autocast
 from bissl.pretext.base import PretextMethod
 from bissl.utils.compute import ComputeCounter
-from bissl.utils.errors import ConfigError, NonFiniteError
+from bissl.utils.errors import CheckpointError, ConfigError, NonFiniteError
 from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.align")
@@ -116,12 +116,10 @@ def align(
             return evaluate_split(task, model, trainer.head, splits[split], run.device, run.precision)
 
         if not run.has_state:
-            warm_loss = setup.warm_up_head()
-            run.log(
-                0,
-                "head_warmup",
-                {"loss": warm_loss, **{f"val_{k}": v for k, v in score(trainer.lower_backbone, "val").items()}},
-            )
+            with run.interruptible("the head warm-up"):
+                warm_loss = setup.warm_up_head()
+                val = score(trainer.lower_backbone, "val")
+            run.log(0, "head_warmup", {"loss": warm_loss, **{f"val_{k}": v for k, v in val.items()}})
             run.checkpoint(log_step=0, **setup.counters(0))
         lower_guard = DivergenceGuard("lower-level loss", "lower.optim.lr", "lower-level weights (theta)")
         upper_guard = DivergenceGuard("upper-level loss", "upper.optim.lr", "upper-level weights (phi)")
@@ -288,9 +286,17 @@ def _set_up(cfg: AlignConfig, run: Run) -> AlignSetup:
     backbone_path = resolve_backbone_file(cfg.pretrained)
     seed_everything(cfg.seed)
     backbone, spec = add_lora(*load_backbone(backbone_path, cfg.plugins), cfg.lora)
-    pretext_file = read_head_file(backbone_path.parent / PRETEXT_HEAD_FILE, "pretext")
+    head_path = backbone_path.parent / PRETEXT_HEAD_FILE
+    pretext_file = read_head_file(head_path, "pretext")
     pretext = build_pretext_on(pretext_file["name"], _pretext_params(cfg, pretext_file, backbone_path), backbone)
-    pretext.load_state_dict(pretext_file["state_dict"])
+    try:
+        pretext.load_state_dict(pretext_file["state_dict"])
+    except RuntimeError as exc:  # a head of another width or method
+        mismatch = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise CheckpointError(
+            f"{head_path} does not fit the backbone in {backbone_path} ({mismatch.rstrip('.')}): they come from "
+            "different runs; point pretrained= at one pretrain run folder"
+        ) from None
     backbone.to(run.device)
     pretext.to(run.device)
     pretext_set = build_dataset(

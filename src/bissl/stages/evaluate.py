@@ -68,7 +68,7 @@ def evaluate(cfg: EvaluateConfig, *, overwrite: bool = False) -> EvaluateResult:
         )
     if cfg.embedding:
         require_plotting()
-    with Run.start("evaluate", cfg, overwrite=overwrite) as run:
+    with Run.start("evaluate", cfg, overwrite=overwrite) as run, run.interruptible("the evaluation"):
         seed_everything(cfg.seed)
         backbone, spec = load_backbone(backbone_file, cfg.plugins)
         task_cls = DOWNSTREAM_TASKS.get(cfg.downstream.task)

@@ -114,7 +114,8 @@ def finetune(
             return task.prepare(rows, run.device, generator)
 
         if not run.has_state and cfg.head_warmup_epochs > 0:
-            best = _probe_first(cfg, run, task, backbone, head, splits, plan, score)
+            with run.interruptible("the head warm-up"):
+                best = _probe_first(cfg, run, task, backbone, head, splits, plan, score)
             run.checkpoint(log_step=0, epoch=0, best=best, augment_shards=plan.augment_shards)
         bar = run.progress(cfg.epochs, epoch, "epoch")
         while epoch < min(cfg.epochs, until_epoch or cfg.epochs):

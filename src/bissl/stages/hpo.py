@@ -13,11 +13,15 @@ Re-running resumes: ``hpo.trials`` counts the finished (complete or pruned) tria
 Several workers may share one study through its storage URL; the study ends with exactly ``hpo.trials``
 finished trials: a worker starts a trial only while finished plus running trials are fewer, and a trial that
 two workers started at once beyond that count is recorded FAIL (user attr ``skipped``) without running.
-Each trial's parameters are drawn from a sampler seeded by ``(seed, trial number)`` (a retry: the number of the
-trial it retries), so they do not depend on restarts or on which worker runs it. A trial whose process died
-stops sending heartbeats (or never sent one); after ``2 * hpo.heartbeat_s`` the next worker marks it failed and
-re-queues it with its parameters, and the retry restarts the dead trial's folder. A worker with nothing left to
-start waits for the other workers' running trials, so its summary sees every trial.
+The search has ``hpo.trials`` slots; a trial takes the lowest slot no finished, running or queued trial holds
+(user attr ``slot``), and its parameters are drawn from a sampler seeded by ``(seed, slot)``. A trial that failed
+(SIGTERM, a full disk, any error) frees its slot, and the re-run draws its settings again; so an interrupted search
+runs the same settings, in the same order, as an uninterrupted one. A trial whose process died stops sending
+heartbeats (or never sent one); after ``2 * hpo.heartbeat_s`` the next worker marks it failed and re-queues it
+with its parameters and slot, and the retry restarts the dead trial's folder. A trial whose worker process on
+this host is gone (user attr ``worker``, ``host:pid``) is failed and re-queued at once, so a killed search
+resumes where it stood. A worker with nothing left to start waits for the other workers' running trials, so its
+summary sees every trial.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import re
 import shutil
+import socket
 import statistics
 import time
 import warnings
@@ -37,12 +43,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from bissl.config import FinetuneConfig, HPOConfig, build_config
 from bissl.downstream import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import config_diff
-from bissl.engine.runtime import environment
+from bissl.engine.runtime import RESUMABLE_KEYS, environment, read_config_record
 from bissl.stages.finetune import FinetuneResult, finetune
 from bissl.utils.errors import BisslError, ConfigError, NonFiniteError
 from bissl.utils.io import save_json
@@ -83,12 +87,30 @@ class SearchResult:
     new_trials: int  # trials finished while this call ran (by any worker of the study)
 
 
+class SearchChanged(ConfigError):
+    """A study's storage holds a search run with another config; ``diff`` names the first changed key."""
+
+    def __init__(self, message: str, diff: str) -> None:
+        super().__init__(message)
+        self.diff = diff
+
+
 def _optuna() -> ModuleType:
     try:
         import optuna
     except ImportError:
         raise BisslError("hyper-parameter search needs optuna; pip install 'bissl[hpo]'") from None
+    trial_log = logging.getLogger("optuna.study._optimize")
+    if _drop_traceback not in trial_log.filters:
+        trial_log.addFilter(_drop_traceback)
     return optuna
+
+
+def _drop_traceback(record: logging.LogRecord) -> bool:
+    """Optuna logs a failed trial's traceback before bissl reports the error in one line: keep the line only."""
+    record.exc_info = None
+    record.exc_text = None
+    return True
 
 
 def storage_url(cfg: FinetuneConfig, hpo: HPOConfig) -> str:
@@ -109,24 +131,30 @@ def _finished_states(optuna: ModuleType) -> tuple[Any, ...]:
     return (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-def _sampler(optuna: ModuleType, kind: str, seed: int) -> optuna.samplers.BaseSampler:
-    """A sampler that delegates each trial to a fresh ``kind`` sampler seeded by ``(seed, trial number)``; a retry
-    uses the number of the trial it retries, so it draws (and keeps) that trial's settings."""
+def _slot(trial: optuna.trial.FrozenTrial) -> int:
+    """The search slot of ``trial`` (module docstring): its ``slot`` user attr; for a trial that has none (a study
+    of an earlier version, a trial not yet started), the number of the trial it retries, else its own number."""
+    return int(trial.user_attrs.get("slot", trial.system_attrs.get("failed_trial", trial.number)))
 
-    def make(number: int) -> optuna.samplers.BaseSampler:
-        trial_seed = derive_seed(seed, "hpo", number) % 2**32
+
+def _sampler(optuna: ModuleType, kind: str, seed: int) -> optuna.samplers.BaseSampler:
+    """A sampler that delegates each trial to a fresh ``kind`` sampler seeded by ``(seed, slot)``, so a trial
+    draws the settings of its slot whichever worker runs it, and after however many restarts."""
+
+    def make(slot: int) -> optuna.samplers.BaseSampler:
+        trial_seed = derive_seed(seed, "hpo", slot) % 2**32
         if kind == "tpe":
             return optuna.samplers.TPESampler(seed=trial_seed)
         return optuna.samplers.RandomSampler(seed=trial_seed)
 
     class TrialSeededSampler(optuna.samplers.BaseSampler):
         def __init__(self) -> None:
-            self._current: tuple[int, optuna.samplers.BaseSampler] | None = None
+            self._current: tuple[tuple[int, int], optuna.samplers.BaseSampler] | None = None
 
         def _of(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
-            if self._current is None or self._current[0] != trial.number:
-                seeded_by = trial.system_attrs.get("failed_trial", trial.number)
-                self._current = (trial.number, make(seeded_by))
+            key = (trial.number, _slot(trial))
+            if self._current is None or self._current[0] != key:
+                self._current = (key, make(key[1]))
             return self._current[1]
 
         def infer_relative_search_space(
@@ -230,9 +258,10 @@ def open_study(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> optuna.Stud
     if stored is None:
         study.set_user_attr("config", config)
     elif diff := config_diff(stored, config, ignore=_STUDY_IGNORES):
-        raise ConfigError(
+        raise SearchChanged(
             f"study {hpo.study_name!r} in {_hide_password(url)} was run with another config ({diff}); restore it, "
-            "or set hpo.study_name (or out_dir) for a new study"
+            "or set hpo.study_name (or out_dir) for a new study",
+            diff,
         )
     return study
 
@@ -258,15 +287,41 @@ class _Skipped(Exception):
     """A trial started beyond ``hpo.trials`` by workers racing; recorded FAIL without running."""
 
 
+def _take_slot(optuna: ModuleType, trial: optuna.Trial, trials: int) -> int | None:
+    """The slot ``trial`` runs in (module docstring), or None when every slot is taken.
+
+    A retry keeps the slot of the trial it retries. A new trial takes the lowest free slot, after one free slot for
+    each lower-numbered running trial that has not taken its own yet: workers starting at once pick distinct slots.
+    """
+    me = trial.study._storage.get_trial(trial._trial_id)
+    holding = (*_finished_states(optuna), optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    others = [t for t in trial.study.get_trials(deepcopy=False, states=holding) if t.number != trial.number]
+    if not _unslotted(me):
+        finished = {_slot(t) for t in others if t.state in _finished_states(optuna)}
+        return None if _slot(me) in finished else _slot(me)
+    starting = [t for t in others if _unslotted(t) and t.state == optuna.trial.TrialState.RUNNING]
+    held = {_slot(t) for t in others if all(t.number != s.number for s in starting)}
+    free = [slot for slot in range(trials) if slot not in held]
+    ahead = sum(t.number < trial.number for t in starting)
+    return free[ahead] if ahead < len(free) else None
+
+
+def _unslotted(trial: optuna.trial.FrozenTrial) -> bool:
+    return "slot" not in trial.user_attrs and "failed_trial" not in trial.system_attrs
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _objective(optuna: ModuleType, cfg: FinetuneConfig, hpo: HPOConfig, metric: str) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
-        # Trials are numbered in creation order: those before this one that finished or run take their slots.
-        taken = trial.study.get_trials(
-            deepcopy=False, states=(*_finished_states(optuna), optuna.trial.TrialState.RUNNING)
-        )
-        if sum(t.number < trial.number for t in taken) >= hpo.trials:
+        trial.set_user_attr("worker", _worker())
+        slot = _take_slot(optuna, trial, hpo.trials)
+        if slot is None:
             trial.set_user_attr("skipped", f"the study already held hpo.trials={hpo.trials} trials")
             raise _Skipped(trial.number)
+        trial.set_user_attr("slot", slot)
         params = {
             "lr": trial.suggest_float("lr", *hpo.lr_range, log=True),
             "weight_decay": trial.suggest_float("weight_decay", *hpo.weight_decay_range, log=True),
@@ -296,10 +351,25 @@ def _objective(optuna: ModuleType, cfg: FinetuneConfig, hpo: HPOConfig, metric: 
     return objective
 
 
+def _process_gone(worker: str) -> bool:
+    """Whether ``worker`` (``host:pid``) names a process on this host that no longer exists."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
 def fail_stale_trials(optuna: ModuleType, study: optuna.Study, grace_s: float) -> None:
-    """Mark failed, and re-queue with their parameters, RUNNING trials without a heartbeat for ``grace_s``:
-    Optuna's own check (a heartbeat that stopped) plus trials that never sent one (their worker died between
-    starting the trial and its first heartbeat), judged by their start time."""
+    """Mark failed, and re-queue with their parameters, RUNNING trials whose worker died: Optuna's own check (a
+    heartbeat that stopped for ``grace_s``), trials that never sent one (their worker died between starting the
+    trial and its first heartbeat), judged by their start time, and, at once, trials whose worker process on this
+    host is gone."""
     from optuna.storages._rdb.models import TrialHeartbeatModel  # Optuna has no public query for this
 
     with warnings.catch_warnings():
@@ -309,23 +379,23 @@ def fail_stale_trials(optuna: ModuleType, study: optuna.Study, grace_s: float) -
     rdb = getattr(storage, "_backend", storage)  # create_study wraps the RDB storage in a cache
     cutoff = datetime.now() - timedelta(seconds=grace_s)
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    dead = {t._trial_id: t for t in running if _process_gone(t.user_attrs.get("worker", ""))}
     old = {t._trial_id: t for t in running if t.datetime_start is not None and t.datetime_start < cutoff}
-    if not old:
-        return
-    session = rdb.scoped_session()
-    try:
-        rows = session.query(TrialHeartbeatModel.trial_id).filter(TrialHeartbeatModel.trial_id.in_(list(old)))
-        beating = {row[0] for row in rows}
-    finally:
-        session.close()
+    if old:
+        session = rdb.scoped_session()
+        try:
+            rows = session.query(TrialHeartbeatModel.trial_id).filter(TrialHeartbeatModel.trial_id.in_(list(old)))
+            dead.update((trial_id, old[trial_id]) for trial_id in set(old) - {row[0] for row in rows})
+        finally:
+            session.close()
     retry = storage.get_heartbeat_stale_trial_callback()
-    for trial_id in sorted(set(old) - beating):
+    for trial_id in sorted(dead):
         try:
             if not storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it first
             continue
-        log.warning("trial %d never sent a heartbeat (its worker died); failed and re-queued", old[trial_id].number)
+        log.warning("trial %d: its worker died; failed and re-queued", dead[trial_id].number)
         if retry is not None:
             retry(study, storage.get_trial(trial_id))
 
@@ -357,11 +427,11 @@ def search(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> SearchResult:
     objective = _objective(optuna, cfg, hpo, metric)
     while True:
         fail_stale_trials(optuna, study, 2 * hpo.heartbeat_s)
-        n_finished = len(study.get_trials(deepcopy=False, states=finished))
-        running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
-        if n_finished >= hpo.trials:
+        done_slots = {_slot(t) for t in study.get_trials(deepcopy=False, states=finished)}
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if len(done_slots) >= hpo.trials:
             break
-        if n_finished + running >= hpo.trials:  # the rest is running in other workers: wait for it
+        if len(done_slots) + len(running) >= hpo.trials:  # the rest is running in other workers: wait for it
             time.sleep(hpo.heartbeat_s)
             continue
         with warnings.catch_warnings():  # heartbeats are marked experimental by Optuna
@@ -388,6 +458,14 @@ def search(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> SearchResult:
     )
 
 
+def clear_search(out_dir: str | Path) -> None:
+    """Delete a search's files in ``out_dir`` (its SQLite study, trials, final runs and summary), to start over."""
+    out = Path(out_dir)
+    for name in (STUDY_FILE, SUMMARY_FILE, "trials", "final"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def _finished_run(run_cfg: FinetuneConfig) -> FinetuneResult | None:
     """The result of a finished run of exactly ``run_cfg``; a folder run with other settings is removed."""
     out = Path(run_cfg.out_dir)
@@ -397,9 +475,7 @@ def _finished_run(run_cfg: FinetuneConfig) -> FinetuneResult | None:
     if not config_file.is_file():
         diff = "no config.yaml"
     else:
-        diff = config_diff(
-            yaml.safe_load(config_file.read_text()), run_cfg.model_dump(mode="json"), ignore=("log", "device")
-        )
+        diff = config_diff(read_config_record(config_file), run_cfg.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
     if diff:
         log.warning("%s was run with other settings (%s); running it again", out, diff)
         shutil.rmtree(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class BisslError(RuntimeError):
     """Base class of every error bissl raises on bad input; the CLI prints it as one line.
@@ -37,3 +39,22 @@ class NonFiniteError(BisslError, FloatingPointError):
 
 class RunTerminated(BisslError):
     """The run received SIGTERM and stopped after writing its checkpoint."""
+
+
+_ASKED = re.compile(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", re.IGNORECASE)
+_UNITS = {"bytes": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """One line for an allocation failure (torch's CPU or CUDA allocator, Python's ``MemoryError``) naming the memory
+    it asked for, or None for any other error."""
+    if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+        return None
+    asked = _ASKED.search(str(exc))
+    size = f" ({float(asked[1]) * _UNITS[asked[2].lower()] / 2**30:,.1f} GiB asked for at once)" if asked else ""
+    if not asked and not isinstance(exc, MemoryError):
+        return None
+    return (
+        f"out of memory{size}; lower the batch size, data.image_size or the backbone's size (backbone.kwargs), "
+        "or run on a machine with more memory"
+    )

@@ -141,8 +141,8 @@ def load_torch(path: str | os.PathLike[str], *, weights_only: bool = True) -> An
                 "an untrusted source); use a file written by bissl, or re-export the weights as a plain state dict"
             ) from exc
         raise CheckpointError(
-            f"checkpoint {path} is corrupted or not a torch file ({type(exc).__name__}); delete it and re-run the "
-            "stage that writes it"
+            f"checkpoint {path} is corrupted or not a torch file ({type(exc).__name__}); run the stage that wrote it "
+            "again with --overwrite (in a study: bissl pipeline --overwrite)"
         ) from exc
 
 

@@ -99,6 +99,9 @@ def import_plugin(ref: str) -> ModuleType:
         raise PluginImportError(ref, f"plug-in file {ref!r} not found (looked at {path})", "check the path")
     try:
         return importlib.import_module(ref) if path is None else _import_file(path)
+    except SystemExit as exc:  # would end bissl without a word
+        reason = f"plug-in {ref!r} called sys.exit({exc.code!r}) on import"
+        raise PluginImportError(ref, reason, "remove that call from the plug-in") from None
     except Exception as exc:
         missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
         if missing and (ref == missing or ref.startswith(f"{missing}.")):
