@@ -8,6 +8,11 @@ Every batch and view is drawn from generators seeded by ``(seed, stream, counter
 continues exactly. ``summary.json`` → ``compute``: the backbone forward / backward passes, Hessian-vector products
 and images of the run (:class:`~bissl.utils.compute.ComputeCounter`).
 
+The loop is the paper's: each cycle is :meth:`~bissl.bilevel.trainer.BiSSLTrainer.run_cycle` drawing its batches from
+the setup (:class:`~bissl.bilevel.trainer.CycleData`), with divergence guards as its step hooks; then log and
+checkpoint. A NaN/inf inside a step comes back with its level, cycle and step, and is re-raised naming the config
+keys to change.
+
 ``bilevel.rule`` picks what a cycle runs: BiSSL (``bissl``), or a rival on the same loop (:mod:`bissl.bilevel.rivals`):
 ``multitask`` (lower steps on ``L_P + w L_D``, each with a downstream batch; ``w = 0`` with the task's images as
 ``pretext_data``: task-adaptive pretraining) or ``penalty`` (first-order value-function penalty; ``backbone.pt`` is
