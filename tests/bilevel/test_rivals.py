@@ -10,7 +10,14 @@ from bissl.bilevel.rivals import MultitaskTrainer, PenaltyTrainer, cycle_backwar
 from bissl.config import BilevelConfig
 from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import ConfigError
-from helpers.models import RegressViewPretext, TinyBackbone, TinyClassify, regression_batches, upper_batches
+from helpers.models import (
+    CycleBatches,
+    RegressViewPretext,
+    TinyBackbone,
+    TinyClassify,
+    regression_batches,
+    upper_batches,
+)
 
 LAM, RHO, GAMMA = 0.3, 2.5, 0.7
 
@@ -72,7 +79,7 @@ def _trainer(cls: type[BiSSLTrainer] = BiSSLTrainer, **settings) -> tuple[BiSSLT
 def _cycle(trainer: BiSSLTrainer, n_lower: int, n_upper: int) -> None:
     views, _ = regression_batches()
     batches = upper_batches(n_lower + n_upper)
-    trainer.run_cycle([views] * n_lower, lambda: views, batches[:n_upper], n_lower)
+    trainer.run_cycle(0, CycleBatches([views], batches[:n_upper]), n_lower)
 
 
 def test_one_cycle_counts_its_passes_and_products() -> None:
@@ -132,6 +139,19 @@ def test_multitask_rule_steps_one_backbone_and_head_on_the_joint_loss() -> None:
     tapt, compute = _trainer(MultitaskTrainer, n_upper=0, multitask_weight=0.0)
     tapt.lower_step(views, 2)
     assert not tapt.lower_needs_batch and compute.forward == 1
+
+
+def test_run_cycle_gives_the_multitask_rule_its_lower_batches() -> None:
+    """The cycle draws a downstream batch for each lower step of a rule that needs one, by the lower step."""
+    views, _ = regression_batches()
+    batches = upper_batches(2)
+    looped, _ = _trainer(MultitaskTrainer, n_lower=2, n_upper=0, multitask_weight=0.5)
+    for batch in batches:
+        looped.lower_step(views, 2, batch)
+    cycled, _ = _trainer(MultitaskTrainer, n_lower=2, n_upper=0, multitask_weight=0.5)
+    cycled.run_cycle(0, CycleBatches([views], batches), 2)
+    for a, b in zip(looped.lower_params, cycled.lower_params, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_penalty_trainer_state_holds_z() -> None:

@@ -15,10 +15,12 @@ from bissl.bilevel import (
     proximal_mu,
 )
 from bissl.bilevel.hvp import preserve_buffers
+from bissl.bilevel.trainer import NonFiniteStepError
 from bissl.config import BilevelConfig
-from bissl.utils.errors import ConfigError
+from bissl.utils.errors import ConfigError, NonFiniteError
 from helpers.dense import dense_hessian, dense_implicit, flat, random_like, rel_err
 from helpers.models import (
+    CycleBatches,
     RegressViewPretext,
     TinyBackbone,
     TinyClassify,
@@ -40,7 +42,7 @@ class CountingPretext(RegressViewPretext):
         return super().loss(backbone, views)
 
 
-def make_trainer(solver: str = "cg", **settings) -> BiSSLTrainer:
+def make_trainer(solver: str = "cg", make_lower_scheduler=None, make_upper_scheduler=None, **settings) -> BiSSLTrainer:
     torch.manual_seed(0)
     sgd = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)  # noqa: E731
     trainer = BiSSLTrainer(
@@ -48,6 +50,7 @@ def make_trainer(solver: str = "cg", **settings) -> BiSSLTrainer:
         head=TinyClassify().build_head(3).double(),
         settings=BilevelSettings(lam=0.3, damping=20.0, solver=SolverSpec(solver, maxiter=5, rtol=None), **settings),
         make_lower_optimizer=sgd, make_upper_optimizer=sgd,
+        make_lower_scheduler=make_lower_scheduler, make_upper_scheduler=make_upper_scheduler,
     )  # fmt: skip
     with torch.no_grad():
         for p in trainer.phi:
@@ -152,10 +155,11 @@ def test_n_upper_zero_is_a_pretext_only_control(monkeypatch: pytest.MonkeyPatch)
     phi = [p.detach().clone() for p in trainer.phi]
     theta = [p.detach().clone() for p in trainer.theta]
 
-    def no_hessian_views() -> list[torch.Tensor]:
-        raise AssertionError("the Hessian batch was drawn")
+    class NoHessianBatch(CycleBatches):
+        def hessian_views(self, cycle: int) -> list[torch.Tensor]:
+            raise AssertionError("the Hessian batch was drawn")
 
-    stats = trainer.run_cycle(iter([views] * 5), no_hessian_views, iter(upper_batches(2)), total_lower_steps=3)
+    stats = trainer.run_cycle(0, NoHessianBatch([views], upper_batches(2)), total_lower_steps=3)
     assert trainer.lower_steps == 3 and trainer.upper_steps == 0 and len(trainer.pretext.sizes) == 3
     assert all(torch.equal(a, b) for a, b in zip(trainer.phi, phi, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(trainer.theta, theta, strict=True))
@@ -173,9 +177,61 @@ def test_run_cycle_equals_the_explicit_loop() -> None:
     for batch in upper_batches(2):
         looped.upper_step(batch)
     looped.end_cycle()
-    cycled.run_cycle(iter([views] * 2), lambda: views, iter(upper_batches(2)), total_lower_steps=2)
+    cycled.run_cycle(0, CycleBatches([views], upper_batches(2)), total_lower_steps=2)
     for a, b in zip([*looped.theta, *looped.phi], [*cycled.theta, *cycled.phi], strict=True):
         assert torch.equal(a, b)
+
+
+def test_run_cycle_calls_the_hooks_after_each_step_with_its_counter_and_stats() -> None:
+    views, _ = regression_batches()
+    trainer, calls = make_trainer(n_lower=2, n_upper=3), []
+    trainer.run_cycle(0, CycleBatches([views], upper_batches(3)), total_lower_steps=4)
+    trainer.run_cycle(
+        1, CycleBatches([views], upper_batches(3)), total_lower_steps=4,
+        after_lower=lambda step, stats: calls.append(("lower", step, sorted(stats))),
+        after_upper=lambda step, stats: calls.append(("upper", step, "loss_phi" in stats)),
+    )  # fmt: skip
+    lower_keys = sorted(["pretext_loss", "proximal", "grad_norm"])
+    assert calls == [("lower", 3, lower_keys), ("lower", 4, lower_keys)] + [("upper", s, True) for s in (4, 5, 6)]
+
+
+def test_a_non_finite_step_raises_its_level_cycle_and_step_in_the_trainers_terms() -> None:
+    views, _ = regression_batches()
+    nan_views = [torch.full_like(v, float("nan")) for v in views]
+    (batch,) = upper_batches(1)
+    nan_batch = (torch.full_like(batch[0], float("nan")), batch[1])
+    trainer = make_trainer(n_lower=2, n_upper=2)
+    trainer.run_cycle(0, CycleBatches([views], [batch]), total_lower_steps=4)
+    with pytest.raises(NonFiniteStepError) as info:
+        trainer.run_cycle(1, CycleBatches([views, nan_views], [batch]), total_lower_steps=4)
+    assert (info.value.level, info.value.cycle, info.value.step) == ("lower", 1, 3)
+    assert "lower-level loss became nan" in info.value.cause and "optim" not in str(info.value)
+    trainer = make_trainer(n_lower=1, n_upper=2)
+    with pytest.raises(NonFiniteStepError) as info:
+        trainer.run_cycle(5, CycleBatches([views], [batch, nan_batch]), total_lower_steps=4)
+    assert (info.value.level, info.value.cycle, info.value.step) == ("upper", 5, 1)
+    assert "downstream loss at theta" in info.value.cause and "optim" not in str(info.value)
+    assert isinstance(info.value, NonFiniteError)  # callers that catch NaN/inf in general still do
+
+
+def test_schedulers_come_from_factories_and_round_trip_with_the_trainer() -> None:
+    views, _ = regression_batches()
+
+    def halving(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+
+    def scheduled() -> BiSSLTrainer:
+        return make_trainer(n_lower=2, n_upper=1, make_lower_scheduler=halving, make_upper_scheduler=halving)
+
+    trainer = scheduled()
+    trainer.run_cycle(0, CycleBatches([views], upper_batches(1)), total_lower_steps=2)
+    assert trainer.lower_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+    assert trainer.upper_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5)
+    fresh = scheduled()
+    fresh.load_state_dict(trainer.state_dict())
+    assert fresh.lower_scheduler.last_epoch == 2 and fresh.upper_scheduler.last_epoch == 1
+    assert fresh.lower_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2)
+    assert make_trainer().lower_scheduler is None  # no factory: a constant learning rate
 
 
 def test_settings_defaults_come_from_the_config() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.models import TinyClassify
+from helpers.models import CycleBatches, TinyClassify
 
 pytest.importorskip("timm")
 pytest.importorskip("peft")
@@ -65,7 +65,7 @@ def test_cycles_move_only_the_adapters(solver: str) -> None:
     theta0 = [p.clone() for p in trainer.theta]
     phi0 = [p.clone() for p in trainer.phi]
     views, batches = _data()
-    stats = trainer.run_cycle(iter(views), lambda: views[0], iter(batches), total_lower_steps=4)
+    stats = trainer.run_cycle(0, CycleBatches(views, batches, hessian=views[:1]), total_lower_steps=4)
     assert stats["upper/solver_hvps"] > (0 if solver == "cg" else -1)
     for n, p in trainer.lower_backbone.named_parameters():
         if n in base:

@@ -163,12 +163,20 @@ def test_immutable_out_dir_is_one_line(tmp_path):
         subprocess.run(["chattr", "-i", str(out)], check=True)
 
 
-def test_a_non_finite_upper_step_names_the_cycle_and_the_settings():
-    from bissl.stages.align import _naming_the_step
+def test_a_non_finite_step_names_the_cycle_and_the_settings_of_its_level_and_rule():
+    from bissl.bilevel.trainer import NonFiniteStepError
+    from bissl.stages.align import _naming_the_settings
 
-    message = r"a Hessian-vector product is NaN.*cycle 3, upper step 7.*upper.optim.lr"
-    with pytest.raises(NonFiniteError, match=message), _naming_the_step(3, 7):
-        raise NonFiniteError("a Hessian-vector product is NaN/inf")
+    cases = [
+        ("bissl", "upper", r"a Hessian-vector product is NaN.*cycle 3, upper step 7.*upper.optim.lr.*bilevel.damping"),
+        ("penalty", "upper", r"cycle 3, upper step 7\); lower upper.optim.lr or bilevel.penalty_rho"),
+        ("bissl", "lower", r"cycle 3, lower step 7\); lower lower.optim.lr$"),
+    ]
+    for rule, level, message in cases:
+        with pytest.raises(NonFiniteError, match=message), _naming_the_settings(rule):
+            raise NonFiniteStepError("a Hessian-vector product is NaN/inf", level, cycle=3, step=7)
+    with pytest.raises(NonFiniteError, match=r"^the weights diverged$"), _naming_the_settings("bissl"):
+        raise NonFiniteError("the weights diverged")  # a hook's error (the divergence guard's) passes unchanged
 
 
 def _sigterm_then(original, wait_s=8.0):

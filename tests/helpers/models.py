@@ -1,7 +1,9 @@
 """Tiny backbones, pretext methods and tasks (each plug-in contract in a few lines) for bilevel and pretext tests."""
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -97,6 +99,29 @@ def upper_batches(n: int) -> list[tuple[Tensor, Tensor]]:
     gen = torch.Generator().manual_seed(5)
     return [(torch.randn(12, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (12,), generator=gen))
             for _ in range(n)]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CycleBatches:
+    """A :class:`~bissl.bilevel.trainer.CycleData` over prepared batches: step (or cycle) ``i`` takes entry ``i``
+    modulo its list's length; the Hessian views are the lower ones unless ``hessian`` is given."""
+
+    lower: Sequence[Sequence[Tensor]]
+    upper: Sequence[Any] = ()
+    hessian: Sequence[Sequence[Tensor]] = ()
+
+    def lower_views(self, step: int) -> Sequence[Tensor]:
+        return self.lower[step % len(self.lower)]
+
+    def hessian_views(self, cycle: int) -> Sequence[Tensor]:
+        views = self.hessian or self.lower
+        return views[cycle % len(views)]
+
+    def upper_batch(self, step: int) -> Any:
+        return self.upper[step % len(self.upper)]
+
+    def lower_batch(self, step: int) -> Any:
+        return self.upper_batch(step)
 
 
 def nt_xent(z: Tensor, temperature: float = 0.5) -> Tensor:

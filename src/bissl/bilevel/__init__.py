@@ -16,7 +16,7 @@ from bissl.bilevel.implicit import (
 )
 from bissl.bilevel.mfac import INVERSES, GradientWindow, MFACInverse
 from bissl.bilevel.solvers import SOLVERS, SolveContext, SolveInfo, Solver
-from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
+from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, CycleData, NonFiniteStepError, RankSync, StepHook
 
 __all__ = [
     "DEFAULT_HVP_METHOD",
@@ -25,16 +25,19 @@ __all__ = [
     "SOLVERS",
     "BiSSLTrainer",
     "BilevelSettings",
+    "CycleData",
     "GradientWindow",
     "HessianOperator",
     "InverseOperator",
     "LinearOperator",
     "MFACInverse",
+    "NonFiniteStepError",
     "RankSync",
     "SolveContext",
     "SolveInfo",
     "Solver",
     "SolverSpec",
+    "StepHook",
     "flatten",
     "implicit_gradient",
     "preserve_buffers",

@@ -155,7 +155,7 @@ class PenaltyTrainer(BiSSLTrainer):
         grads_phi = torch.autograd.grad(loss_phi, [*self.phi, *head])
         losses = torch.stack([loss_z.detach(), loss_phi.detach(), pretext_z.detach()]).to(self.z[0].dtype)
         self._mean([*grads_z, *grad_p_z, *grads_phi, losses])
-        require_finite(losses.sum(), "penalty upper-level loss", "lower upper.optim.lr or bilevel.penalty_rho")
+        require_finite(losses.sum(), "penalty upper-level loss", "lower the upper-level learning rate or rho")
         n = len(self.z)
         g_z, g_phi = penalty_gradients(
             grads_z[:n], grad_p_z, grads_phi[: len(self.phi)], self.z, self.theta, self.phi,

@@ -17,13 +17,16 @@ theta and the Hessian batch do not change during a cycle's upper steps, so ``H``
 an entry of :data:`~bissl.bilevel.mfac.INVERSES` (``mfac``), an inverse operator built from the gradients the lower
 steps recorded; both go through :func:`~bissl.bilevel.implicit_gradient` the same way::
 
-    for cycle in ...:  # trainer.run_cycle(lower_views, draw_hessian_views, upper_batches, total_lower_steps)
-        for _ in range(n_lower): trainer.lower_step(views, total_lower_steps)
-        trainer.begin_cycle(hessian_views)
-        for _ in range(n_upper): trainer.upper_step(batch)
+    for cycle in ...:  # trainer.run_cycle(cycle, data, total_lower_steps, after_lower=..., after_upper=...)
+        for _ in range(n_lower): trainer.lower_step(data.lower_views(step), total_lower_steps)
+        trainer.begin_cycle(data.hessian_views(cycle))
+        for _ in range(n_upper): trainer.upper_step(data.upper_batch(step))
         trainer.end_cycle()
 
-With ``n_upper = 0`` (the pretext-only control) a cycle is its lower steps: phi never moves and no Hessian-vector
+:meth:`~BiSSLTrainer.run_cycle` draws every batch from a :class:`CycleData` by the counter that seeds it, calls the
+caller's hooks after each step (divergence checks, logging) and turns a NaN/inf inside a step into a
+:class:`NonFiniteStepError` that says the level, cycle and step, for the caller to name its own settings. With
+``n_upper = 0`` (the pretext-only control) a cycle is its lower steps: phi never moves and no Hessian-vector
 product is computed (:meth:`~BiSSLTrainer.run_cycle` does not even draw the Hessian batch).
 
 Train/eval modes: the trainer never calls ``train()`` or ``eval()``; every forward pass runs in the modes the
@@ -69,9 +72,9 @@ import contextlib
 import copy
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +94,7 @@ from bissl.config import BilevelConfig
 from bissl.downstream.base import DownstreamTask
 from bissl.pretext.base import PretextMethod
 from bissl.utils.compute import ComputeCounter
-from bissl.utils.errors import ConfigError
+from bissl.utils.errors import ConfigError, NonFiniteError
 from bissl.utils.numerics import clip_gradients, global_norm, require_finite
 
 _BILEVEL = BilevelConfig()  # the one place each bilevel default lives: bissl.config
@@ -163,6 +166,52 @@ class BilevelSettings:
 
 
 CycleOperator = LinearOperator | InverseOperator
+#: called after each step of a level with that level's step counter (steps taken) and the step's statistics
+StepHook = Callable[[int, dict[str, float]], None]
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+#: a scheduler for an optimizer, stepped once per step of its level (``None``: a constant learning rate)
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class CycleData(Protocol):
+    """Where :meth:`BiSSLTrainer.run_cycle` draws its batches, each by the counter that seeds it (so a resumed run
+    draws the same ones): a step's counter is its level's steps taken before it."""
+
+    def lower_views(self, step: int) -> Sequence[Tensor]:
+        """The pretext views of lower step ``step``."""
+        ...
+
+    def hessian_views(self, cycle: int) -> Sequence[Tensor]:
+        """The pretext views that fix cycle ``cycle``'s Hessian (drawn only when ``n_upper > 0``)."""
+        ...
+
+    def upper_batch(self, step: int) -> Any:
+        """The downstream batch of upper step ``step``."""
+        ...
+
+    def lower_batch(self, step: int) -> Any:
+        """The downstream batch of lower step ``step``, drawn only for a rule whose lower objective has a
+        downstream term (:attr:`BiSSLTrainer.lower_needs_batch`)."""
+        ...
+
+
+class NonFiniteStepError(NonFiniteError):
+    """A NaN/inf inside a step of a cycle and where: ``level`` (``"lower"`` or ``"upper"``), ``cycle`` and ``step``
+    (that level's steps taken before it). ``cause`` is the message of the check that raised it (the trainer's, a
+    solver's, the Hessian operator's), in the library's terms; a stage maps ``level`` to its own settings."""
+
+    def __init__(self, cause: str, level: str = "", cycle: int = -1, step: int = -1) -> None:
+        self.cause, self.level, self.cycle, self.step = cause, level, cycle, step
+        super().__init__(f"{cause} (cycle {cycle}, {level} step {step})")
+
+
+@contextlib.contextmanager
+def _located(level: str, cycle: int, step: int) -> Iterator[None]:
+    """Re-raise a NaN/inf of the step inside as a :class:`NonFiniteStepError` saying where it happened."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        raise NonFiniteStepError(str(exc), level, cycle, step) from exc
 
 
 def copy_trainable(module: nn.Module) -> nn.Module:
@@ -181,8 +230,9 @@ class BiSSLTrainer:
     operator and the M-FAC window cover the adapters only, and phi (by default a copy of ``backbone``,
     :func:`copy_trainable`) shares theta's frozen base tensors.
 
-    ``lower_optimizer`` must cover theta and psi; ``upper_optimizer`` phi and omega. Schedulers are
-    optional and stepped once per step of their level. ``sync``: how ranks are combined under data parallelism
+    ``make_lower_optimizer`` gets theta and psi, ``make_upper_optimizer`` phi and omega (the rivals' trainers add
+    their own); ``make_lower_scheduler`` and ``make_upper_scheduler``, if given, a level's optimizer, and the
+    scheduler is stepped once per step of its level. ``sync``: how ranks are combined under data parallelism
     (:class:`RankSync`); every rank must start from the same weights. ``forward_context``: a new context manager
     for each forward pass, e.g. bf16 autocast (module docstring); backward passes run outside it. ``compute``: a
     :class:`~bissl.utils.compute.ComputeCounter` to which the Hessian-vector products are added (the caller
@@ -197,8 +247,10 @@ class BiSSLTrainer:
         task: DownstreamTask,
         head: nn.Module,
         settings: BilevelSettings,
-        make_lower_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-        make_upper_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        make_lower_optimizer: OptimizerFactory,
+        make_upper_optimizer: OptimizerFactory,
+        make_lower_scheduler: SchedulerFactory | None = None,
+        make_upper_scheduler: SchedulerFactory | None = None,
         upper_backbone: nn.Module | None = None,
         sync: RankSync | None = None,
         forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
@@ -220,8 +272,8 @@ class BiSSLTrainer:
         self.upper_params = self._upper_parameters()
         self.lower_optimizer = make_lower_optimizer(self.lower_params)
         self.upper_optimizer = make_upper_optimizer(self.upper_params)
-        self.lower_scheduler: Any = None
-        self.upper_scheduler: Any = None
+        self.lower_scheduler = make_lower_scheduler(self.lower_optimizer) if make_lower_scheduler else None
+        self.upper_scheduler = make_upper_scheduler(self.upper_optimizer) if make_upper_scheduler else None
         self.lower_steps = 0
         self.upper_steps = 0
         self._last_solution: tuple[Tensor, ...] | None = None
@@ -276,7 +328,7 @@ class BiSSLTrainer:
         (pretext_loss + prox).backward()
         losses = torch.stack([pretext_loss.detach(), prox.detach()])  # promoted to prox's (theta's) dtype
         self._mean([*(p.grad for p in self.lower_params if p.grad is not None), losses])
-        require_finite(losses.sum(), f"lower-level loss at lower step {self.lower_steps}", "lower lower.optim.lr")
+        require_finite(losses.sum(), "lower-level loss", "lower the lower-level learning rate")
         if self._window is not None:
             lam = self.settings.lam
             self._window.push(
@@ -384,8 +436,8 @@ class BiSSLTrainer:
         g_phi_plain, g_head_phi = grads_phi[: len(self.phi)], grads_phi[len(self.phi) :]
         losses = torch.stack([loss_theta.detach(), loss_phi.detach()]).to(v_theta[0].dtype)  # not bf16
         self._mean([*grads, *grads_phi, losses])  # before the solve: every rank solves for the same v
-        require_finite(losses[0], "downstream loss at theta", "lower upper.optim.lr")
-        require_finite(losses[1], "downstream loss at phi", "lower upper.optim.lr")
+        require_finite(losses[0], "downstream loss at theta", "lower the upper-level learning rate")
+        require_finite(losses[1], "downstream loss at phi", "lower the upper-level learning rate")
         hvps_before = getattr(operator, "num_hvps", 0)
         with preserve_buffers(self._lower_modules):
             implicit, info = self.solve_implicit(v_theta, operator)
@@ -424,24 +476,42 @@ class BiSSLTrainer:
 
     def run_cycle(
         self,
-        lower_views: Iterable[Sequence[Tensor]],
-        hessian_views: Callable[[], Sequence[Tensor]],
-        upper_batches: Iterable[Any],
+        cycle: int,
+        data: CycleData,
         total_lower_steps: int,
+        *,
+        after_lower: StepHook | None = None,
+        after_upper: StepHook | None = None,
     ) -> dict[str, float]:
-        """One cycle: ``n_lower`` lower steps, then (if ``n_upper > 0``) ``begin_cycle(hessian_views())`` and
-        ``n_upper`` upper steps; the batches are drawn from the iterables as needed. Returns the cycle's mean
-        statistics, keys prefixed ``lower/`` and ``upper/``."""
+        """Cycle ``cycle``: ``n_lower`` lower steps, then (if ``n_upper > 0``) ``begin_cycle`` on its Hessian views
+        and ``n_upper`` upper steps, every batch drawn from ``data``; each step is followed by its level's hook.
+        Returns the cycle's mean statistics, keys prefixed ``lower/`` and ``upper/``. A NaN/inf inside a step
+        raises :class:`NonFiniteStepError` (a hook's errors pass unchanged)."""
         s = self.settings
         sums: dict[str, float] = defaultdict(float)
-        for _, views in zip(range(s.n_lower), lower_views, strict=False):
-            for key, value in self.lower_step(views, total_lower_steps).items():
+        for _ in range(s.n_lower):
+            step = self.lower_steps
+            batch = data.lower_batch(step) if self.lower_needs_batch else None
+            views = data.lower_views(step)
+            with _located("lower", cycle, step):
+                stats = self.lower_step(views, total_lower_steps, batch)
+            if after_lower is not None:
+                after_lower(self.lower_steps, stats)
+            for key, value in stats.items():
                 sums[f"lower/{key}"] += value / s.n_lower
         if s.n_upper > 0:
-            self.begin_cycle(hessian_views())
-            for _, batch in zip(range(s.n_upper), upper_batches, strict=False):
-                for key, value in self.upper_step(batch).items():
-                    sums[f"upper/{key}"] += value / s.n_upper
+            views = data.hessian_views(cycle)
+            with _located("upper", cycle, self.upper_steps):
+                self.begin_cycle(views)  # one pretext batch fixes H
+        for _ in range(s.n_upper):
+            step = self.upper_steps
+            batch = data.upper_batch(step)
+            with _located("upper", cycle, step):
+                stats = self.upper_step(batch)
+            if after_upper is not None:
+                after_upper(self.upper_steps, stats)
+            for key, value in stats.items():
+                sums[f"upper/{key}"] += value / s.n_upper
         self.end_cycle()
         return dict(sums)
 

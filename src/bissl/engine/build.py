@@ -94,6 +94,16 @@ def build_optimization(
 ) -> tuple[Optimizer, LambdaLR]:
     """The configured optimizer over ``params`` (or param groups, e.g. with their own ``lr``) and its cosine
     schedule (warm-up given in epochs; it scales every group's lr alike)."""
-    optimizer = build_optimizer(cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    optimizer = configured_optimizer(cfg, params)
+    return optimizer, configured_schedule(cfg, optimizer, total_steps, steps_per_epoch)
+
+
+def configured_optimizer(cfg: OptimConfig, params: Sequence[nn.Parameter] | Sequence[ParamGroup]) -> Optimizer:
+    """The optimizer an ``optim`` section names, over ``params`` (or param groups)."""
+    return build_optimizer(cfg.name, params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+
+
+def configured_schedule(cfg: OptimConfig, optimizer: Optimizer, total_steps: int, steps_per_epoch: int = 1) -> LambdaLR:
+    """The cosine schedule of an ``optim`` section over ``total_steps`` (warm-up given in epochs)."""
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    return optimizer, cosine_with_warmup(optimizer, warmup, total_steps, min_lr_ratio=cfg.min_lr_ratio)
+    return cosine_with_warmup(optimizer, warmup, total_steps, min_lr_ratio=cfg.min_lr_ratio)

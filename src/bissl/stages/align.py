@@ -8,6 +8,11 @@ Every batch and view is drawn from generators seeded by ``(seed, stream, counter
 continues exactly. ``summary.json`` → ``compute``: the backbone forward / backward passes, Hessian-vector products
 and images of the run (:class:`~bissl.utils.compute.ComputeCounter`).
 
+The loop is the paper's: each cycle is :meth:`~bissl.bilevel.trainer.BiSSLTrainer.run_cycle` drawing its batches from
+the setup (:class:`~bissl.bilevel.trainer.CycleData`), with divergence guards as its step hooks; then log and
+checkpoint. A NaN/inf inside a step comes back with its level, cycle and step, and is re-raised naming the config
+keys to change.
+
 ``bilevel.rule`` picks what a cycle runs: BiSSL (``bissl``), or a rival on the same loop (:mod:`bissl.bilevel.rivals`):
 ``multitask`` (lower steps on ``L_P + w L_D``, each with a downstream batch; ``w = 0`` with the task's images as
 ``pretext_data``: task-adaptive pretraining) or ``penalty`` (first-order value-function penalty; ``backbone.pt`` is
@@ -33,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,14 +48,21 @@ from torch import nn
 
 from bissl.bilevel.coupling import CouplingMonitor
 from bissl.bilevel.rivals import RULES
-from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
+from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, NonFiniteStepError, RankSync, StepHook
 from bissl.config import AlignConfig
 from bissl.data import build_dataset
 from bissl.data.augment import ViewPipeline
 from bissl.data.base import ImageDataset
 from bissl.dist import all_reduce_mean_, broadcast_buffers, convert_sync_batchnorm, require_in_sync, world
 from bissl.downstream.base import DownstreamTask, build_task
-from bissl.engine.build import add_lora, build_optimization, build_pretext_on, data_kwargs, view_augmentation
+from bissl.engine.build import (
+    add_lora,
+    build_pretext_on,
+    configured_optimizer,
+    configured_schedule,
+    data_kwargs,
+    view_augmentation,
+)
 from bissl.engine.checkpoint import (
     BACKBONE_FILE,
     DOWNSTREAM_HEAD_FILE,
@@ -121,38 +132,16 @@ def align(
                 val = score(trainer.lower_backbone, "val")
             run.log(0, "head_warmup", {"loss": warm_loss, **{f"val_{k}": v for k, v in val.items()}})
             run.checkpoint(log_step=0, **setup.counters(0))
-        lower_guard = DivergenceGuard("lower-level loss", "lower.optim.lr", "lower-level weights (theta)")
-        upper_guard = DivergenceGuard("upper-level loss", "upper.optim.lr", "upper-level weights (phi)")
+        guards = _divergence_guards(trainer)
         bar = run.progress(b.cycles, cycle, "cycle")
         while cycle < min(b.cycles, until_cycle or b.cycles):
-            sums: dict[str, float] = defaultdict(float)
-            for _ in range(b.n_lower):
-                batch = setup.upper_batch(trainer.lower_steps) if trainer.lower_needs_batch else None
-                stats = trainer.lower_step(
-                    setup.pretext_views("lower_views", trainer.lower_steps), b.cycles * b.n_lower, batch
-                )
-                lower_guard.check(trainer.lower_steps, stats["pretext_loss"], trainer.theta)
-                for key, value in stats.items():
-                    sums[f"lower/{key}"] += value / b.n_lower
-            if b.n_upper > 0:
-                trainer.begin_cycle(setup.pretext_views("hessian_views", cycle))  # one pretext batch fixes H
-            for _ in range(b.n_upper):
-                with _naming_the_step(cycle, trainer.upper_steps):
-                    stats = trainer.upper_step(setup.upper_batch(trainer.upper_steps))
-                upper_guard.check(trainer.upper_steps, stats["loss_theta"] + stats["loss_phi"], trainer.phi)
-                for key, value in stats.items():
-                    sums[f"upper/{key}"] += value / b.n_upper
-            trainer.end_cycle()
+            with _naming_the_settings(b.rule):
+                means = trainer.run_cycle(cycle, setup, b.cycles * b.n_lower, **guards)
             cycle += 1
             bar.update(1)
-            bar.set_postfix(lower=f"{sums['lower/pretext_loss']:.3f}", upper=f"{sums.get('upper/loss_theta', 0):.3f}")
+            bar.set_postfix(lower=f"{means['lower/pretext_loss']:.3f}", upper=f"{means.get('upper/loss_theta', 0):.3f}")
             if cycle % cfg.log.every_steps == 0 or cycle == b.cycles:
-                lrs = {
-                    "lower/lr": trainer.lower_optimizer.param_groups[0]["lr"],
-                    "upper/lr": trainer.upper_optimizer.param_groups[0]["lr"],
-                }
-                stats = coupling.stats(trainer, lower_grad_norm=sums["lower/grad_norm"])
-                run.log(cycle, "cycle", {**sums, **lrs, **{f"coupling/{k}": v for k, v in stats.items()}})
+                run.log(cycle, "cycle", _cycle_record(trainer, coupling, means))
             due = cycle % cfg.checkpoint_every_cycles == 0 or cycle == b.cycles or cycle == until_cycle
             run.checkpoint(due=due, log_step=cycle, **setup.counters(cycle))
         bar.close()
@@ -182,16 +171,42 @@ def align(
     return AlignResult(run.out, run.out / BACKBONE_FILE, cycle, finished=True, metrics=metrics)
 
 
+#: what to change in the config when a step of a level (of a rule) produces NaN/inf
+_SETTINGS = {
+    "lower": "lower lower.optim.lr",
+    "upper": "lower upper.optim.lr or lower.optim.lr, or raise bilevel.damping",
+    "penalty/upper": "lower upper.optim.lr or bilevel.penalty_rho",
+}
+
+
 @contextlib.contextmanager
-def _naming_the_step(cycle: int, upper_step: int) -> Iterator[None]:
-    """A NaN/inf inside an upper step (a Hessian-vector product, the solve) names the cycle, step and settings."""
+def _naming_the_settings(rule: str) -> Iterator[None]:
+    """A NaN/inf inside a step of a cycle names the cycle, the step and the settings of ``bilevel.rule`` to change."""
     try:
         yield
-    except NonFiniteError as exc:
-        raise NonFiniteError(
-            f"{exc} (BiSSL cycle {cycle}, upper step {upper_step}: lower upper.optim.lr or lower.optim.lr, "
-            "or raise bilevel.damping)"
-        ) from None
+    except NonFiniteStepError as exc:
+        settings = _SETTINGS.get(f"{rule}/{exc.level}", _SETTINGS[exc.level])
+        raise NonFiniteError(f"{exc.cause} (BiSSL cycle {exc.cycle}, {exc.level} step {exc.step}); {settings}") from exc
+
+
+def _divergence_guards(trainer: BiSSLTrainer) -> dict[str, StepHook]:
+    """The hooks that stop a diverging run after each step of a level, naming its learning rate."""
+    lower = DivergenceGuard("lower-level loss", "lower.optim.lr", "lower-level weights (theta)")
+    upper = DivergenceGuard("upper-level loss", "upper.optim.lr", "upper-level weights (phi)")
+    return {
+        "after_lower": lambda step, stats: lower.check(step, stats["pretext_loss"], trainer.theta),
+        "after_upper": lambda step, stats: upper.check(step, stats["loss_theta"] + stats["loss_phi"], trainer.phi),
+    }
+
+
+def _cycle_record(trainer: BiSSLTrainer, coupling: CouplingMonitor, means: dict[str, float]) -> dict[str, float]:
+    """What a logged cycle holds: the cycle's mean statistics, both levels' learning rates and the coupling."""
+    lrs = {
+        "lower/lr": trainer.lower_optimizer.param_groups[0]["lr"],
+        "upper/lr": trainer.upper_optimizer.param_groups[0]["lr"],
+    }
+    stats = coupling.stats(trainer, lower_grad_norm=means["lower/grad_norm"])
+    return {**means, **lrs, **{f"coupling/{k}": v for k, v in stats.items()}}
 
 
 @dataclass
@@ -214,16 +229,28 @@ class AlignSetup:
     pretext_file: dict[str, Any]
     compute: ComputeCounter
 
-    def pretext_views(self, tag: str, counter: int) -> list[torch.Tensor]:
+    def lower_views(self, step: int) -> list[torch.Tensor]:
+        """The views of lower step ``step``: the next pretext batch (:class:`~bissl.bilevel.trainer.CycleData`)."""
+        return self._pretext_views("lower_views", step)
+
+    def hessian_views(self, cycle: int) -> list[torch.Tensor]:
+        """The views that fix cycle ``cycle``'s Hessian: the next pretext batch."""
+        return self._pretext_views("hessian_views", cycle)
+
+    def upper_batch(self, step: int) -> Any:
+        """The next prepared downstream batch (the task's seeded training augmentation)."""
+        return self.upper_plan.augment(
+            self._prepare, next(self.upper_stream), self.upper_plan.rank, self.cfg.seed, "upper_views", step
+        )
+
+    def lower_batch(self, step: int) -> Any:
+        """The downstream batch of lower step ``step`` (rule ``multitask``): the next one of the upper stream."""
+        return self.upper_batch(step)
+
+    def _pretext_views(self, tag: str, counter: int) -> list[torch.Tensor]:
         """The views of the next lower (pretext) batch, drawn by ``(seed, tag, counter)``."""
         images = next(self.lower_stream)[0].to(self.run.device)
         return self.lower_plan.augment(self.augment, images, self.lower_plan.rank, self.cfg.seed, tag, counter)
-
-    def upper_batch(self, counter: int) -> Any:
-        """The next prepared downstream batch (the task's seeded training augmentation)."""
-        return self.upper_plan.augment(
-            self._prepare, next(self.upper_stream), self.upper_plan.rank, self.cfg.seed, "upper_views", counter
-        )
 
     def _prepare(self, rows: Any, generator: torch.Generator) -> Any:
         return self.task.prepare(rows, self.run.device, generator)
@@ -354,30 +381,21 @@ def _trainer(
         if cfg.distributed.sync_batchnorm:  # before the trainer copies theta into phi
             convert_sync_batchnorm(nn.ModuleList([backbone, pretext, head]), run.device)
         sync = RankSync(all_reduce_mean_, None if cfg.distributed.sync_batchnorm else broadcast_buffers)
-    settings = BilevelSettings.from_config(b)
-    schedules = {}
-
-    def optimizer(level: str, steps: int) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
-        def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-            schedules[level] = build_optimization(getattr(cfg, level).optim, params, b.cycles * steps)
-            return schedules[level][0]
-
-        return make
-
-    trainer = RULES[b.rule](
+    lower, upper = cfg.lower.optim, cfg.upper.optim
+    return RULES[b.rule](
         backbone=backbone,
         pretext=pretext,
         task=task,
         head=head,
-        settings=settings,
-        make_lower_optimizer=optimizer("lower", b.n_lower),
-        make_upper_optimizer=optimizer("upper", b.n_upper),
+        settings=BilevelSettings.from_config(b),
+        make_lower_optimizer=lambda params: configured_optimizer(lower, params),
+        make_upper_optimizer=lambda params: configured_optimizer(upper, params),
+        make_lower_scheduler=lambda optimizer: configured_schedule(lower, optimizer, b.cycles * b.n_lower),
+        make_upper_scheduler=lambda optimizer: configured_schedule(upper, optimizer, b.cycles * b.n_upper),
         sync=sync,
         forward_context=lambda: autocast(run.precision, run.device),
         compute=compute,
     )
-    trainer.lower_scheduler, trainer.upper_scheduler = schedules["lower"][1], schedules["upper"][1]
-    return trainer
 
 
 def _pretext_params(cfg: AlignConfig, head_file: dict[str, Any], backbone_path: Path) -> dict[str, Any]:
