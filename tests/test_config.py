@@ -1,8 +1,13 @@
+from importlib import resources
+
 import pytest
+import yaml
 
 from bissl.cli import VERBS, build_parser, load_verb_config
 from bissl.config import (
+    AlignConfig,
     ArmSpec,
+    FinetuneConfig,
     PipelineConfig,
     PretrainConfig,
     apply_overrides,
@@ -180,3 +185,26 @@ def test_every_quick_preset_wins_over_the_tasks_and_is_small(name):
             assert align.bilevel.cycles <= 2 and align.bilevel.head_warmup_epochs <= 2
             for _section, *key in (k for k in keys if k[0] == "align" and value_at(arm.align, k[1:]) is None):
                 assert value_at(align.model_dump(), key) == value_at(cfg.align.model_dump(), key), (arm.name, key)
+
+
+PAPER_SCALE = [n for n in shipped_config_names() if n.endswith(("_r50", "_vitb16_lora")) or "_imagenet_" in n]
+
+
+def test_config_bases_are_extended_and_not_listed_as_runnable():
+    """#19 item 4: ``_base_*.yaml`` files are partial; each is some shipped config's ``extends:``, none is listed."""
+    configs = resources.files("bissl") / "configs"
+    bases = {p.name.removesuffix(".yaml") for p in configs.iterdir() if p.name.startswith("_base_")}
+    extended = {yaml.safe_load((configs / f"{n}.yaml").read_text()).get("extends") for n in shipped_config_names()}
+    assert len(bases) == 5 and bases <= extended and not bases & set(shipped_config_names())
+
+
+@pytest.mark.parametrize("name", PAPER_SCALE)
+def test_paper_scale_config_resolves_to_its_own_run_and_dataset(name):
+    """Each paper-scale sibling of a base keeps its own run folder, dataset, backbone and study (#19 item 4)."""
+    cfg = load_config(config_class_for(name), name)
+    assert cfg.out_dir == f"runs/{name}"
+    if isinstance(cfg, AlignConfig | FinetuneConfig):
+        assert f"_{cfg.downstream.data.name}_" in name
+    if isinstance(cfg, FinetuneConfig):
+        assert cfg.backbone == f"runs/{name.replace('finetune_', 'align_', 1)}"
+        assert cfg.hpo.study_name == name

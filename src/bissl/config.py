@@ -568,10 +568,11 @@ def shipped_config_path(name: str) -> Path:
 
 
 def shipped_config_names() -> list[str]:
+    """The runnable shipped configs; ``_base_*.yaml`` files are partial bases that others ``extends:``."""
     return sorted(
         p.name.removesuffix(".yaml")
         for p in (resources.files("bissl") / "configs").iterdir()
-        if p.name.endswith(".yaml")
+        if p.name.endswith(".yaml") and not p.name.startswith("_")
     )
 
 
