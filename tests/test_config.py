@@ -1,4 +1,5 @@
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from bissl.config import (
     config_class_for,
     load_config,
     shipped_config_names,
+    to_yaml,
     value_at,
 )
 from bissl.engine.names import validate_names
@@ -208,3 +210,18 @@ def test_paper_scale_config_resolves_to_its_own_run_and_dataset(name):
     if isinstance(cfg, FinetuneConfig):
         assert cfg.backbone == f"runs/{name.replace('finetune_', 'align_', 1)}"
         assert cfg.hpo.study_name == name
+
+
+WRITTEN = Path(__file__).parent / "fixtures" / "written_configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in WRITTEN.glob("*.yaml")))
+def test_config_yaml_written_by_the_previous_release_loads_equal_in_the_same_order(name):
+    """A run folder's config.yaml written before the stage configs shared a base (and before classification's options
+    moved into its task params) loads to the config it was written from, and is written back in the same key order
+    (#19 item 4)."""
+    cls = config_class_for(name)
+    written = load_config(cls, WRITTEN / f"{name}.yaml")
+    assert written == load_config(cls, name)
+    old_keys = list(yaml.safe_load((WRITTEN / f"{name}.yaml").read_text()))
+    assert [key for key in yaml.safe_load(to_yaml(written)) if key in old_keys] == old_keys

@@ -121,13 +121,20 @@ class DistributedConfig(StrictModel):
     augment_shards: int | None = Field(None, gt=0)  # views drawn per shard; None: processes x grad_accumulation
 
 
-class PretrainConfig(StrictModel):
-    """``bissl pretrain``: self-supervised pretraining of a backbone with a pretext method."""
+class RunConfig(StrictModel):
+    """The fields every stage config starts with (pretrain, align, finetune, evaluate); a stage sets its own
+    ``out_dir`` default. Kept to the leading fields so that a stage's field order (its config.yaml) is unchanged."""
 
     seed: int = 0
-    out_dir: str = "runs/pretrain"
+    out_dir: str  # each stage sets its own default
     plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
+
+
+class PretrainConfig(RunConfig):
+    """``bissl pretrain``: self-supervised pretraining of a backbone with a pretext method."""
+
+    out_dir: str = "runs/pretrain"
     epochs: int = Field(30, gt=0)
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: at the end of every epoch only
     data: DataConfig = Field(default_factory=DataConfig)
@@ -215,13 +222,10 @@ class BilevelConfig(StrictModel):
         return self
 
 
-class AlignConfig(StrictModel):
+class AlignConfig(RunConfig):
     """``bissl align``: the BiSSL stage between pretraining and fine-tuning."""
 
-    seed: int = 0
     out_dir: str = "runs/align"
-    plugins: Plugins = Field(default_factory=list)
-    device: Device = "auto"
     pretrained: str = "runs/pretrain_digits"  # a pretrain run folder or its backbone.pt
     # LoRA adapters {r, alpha, dropout, targets} added to the pretrained backbone: theta and phi are then each their
     # own adapters on one shared frozen base (BiSSLight); None: the whole backbone
@@ -266,13 +270,10 @@ class HPOConfig(StrictModel):
         return value
 
 
-class FinetuneConfig(StrictModel):
+class FinetuneConfig(RunConfig):
     """``bissl finetune``: supervised fine-tuning of a backbone (from ``pretrain`` or ``align``) on a task."""
 
-    seed: int = 0
     out_dir: str = "runs/finetune"
-    plugins: Plugins = Field(default_factory=list)
-    device: Device = "auto"
     backbone: str = "runs/align_digits"  # a run folder or its backbone.pt
     lora: dict[str, Any] | None = None  # LoRA adapters to add (if the backbone has none): bissl.models.lora
     # what trains besides the head: all | lora (the adapters only) | auto (lora if the backbone has adapters)
@@ -303,13 +304,10 @@ class FinetuneConfig(StrictModel):
         return self
 
 
-class EvaluateConfig(StrictModel):
+class EvaluateConfig(RunConfig):
     """``bissl evaluate``: kNN and linear-probe accuracy of a frozen backbone, and a t-SNE plot of its features."""
 
-    seed: int = 0
     out_dir: str = "runs/evaluate"
-    plugins: Plugins = Field(default_factory=list)
-    device: Device = "auto"
     backbone: str = "runs/pretrain_digits"  # a run folder or its backbone.pt
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     knn_k: int = Field(20, gt=0)
