@@ -1,3 +1,4 @@
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from bissl.config import (
     value_at,
 )
 from bissl.engine.names import validate_names
+from bissl.engine.runtime import require_same_config
 from bissl.utils.errors import ConfigError
 
 
@@ -225,3 +227,12 @@ def test_config_yaml_written_by_the_previous_release_loads_equal_in_the_same_ord
     assert written == load_config(cls, name)
     old_keys = list(yaml.safe_load((WRITTEN / f"{name}.yaml").read_text()))
     assert [key for key in yaml.safe_load(to_yaml(written)) if key in old_keys] == old_keys
+
+
+def test_a_run_folder_written_by_the_previous_release_is_accepted_for_its_config(tmp_path):
+    """Resuming a run whose config.yaml still holds ``downstream.label_smoothing`` / ``.augment`` (moved to the task's
+    params) is not refused as "another config"; a real change still is."""
+    shutil.copy(WRITTEN / "finetune_dtd_r50.yaml", tmp_path / "config.yaml")
+    require_same_config(tmp_path, load_config(FinetuneConfig, "finetune_dtd_r50"))
+    with pytest.raises(ConfigError, match=r"another config .*epochs"):
+        require_same_config(tmp_path, load_config(FinetuneConfig, "finetune_dtd_r50", ["epochs=3"]))

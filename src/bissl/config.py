@@ -8,6 +8,7 @@ dotted key named (:class:`~bissl.utils.errors.ConfigError`).
 from __future__ import annotations
 
 import copy
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -154,6 +155,10 @@ class PretrainConfig(RunConfig):
         return self
 
 
+#: downstream options that moved into the task's ``params`` (0.2.0), with their old defaults
+MOVED_TO_PARAMS: dict[str, Any] = {"label_smoothing": 0.0, "augment": True}
+
+
 class DownstreamConfig(StrictModel):
     """A downstream task (``bissl.downstream.DOWNSTREAM_TASKS``) on a dataset, optionally restricted to k shots per
     class or some classes; ``params`` are the task's own settings, validated by its ``Config``."""
@@ -163,8 +168,24 @@ class DownstreamConfig(StrictModel):
     params: dict[str, Any] = Field(default_factory=dict)
     few_shot: int | None = Field(None, gt=0)  # k labelled training images per class
     classes: list[int] | None = None  # keep only these classes (relabelled 0..n-1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)  # classification's cross-entropy
-    augment: bool = True  # the task's training augmentation (classification: crop + flip as the dataset declares)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_params(cls, data: Any) -> Any:
+        """``label_smoothing`` / ``augment`` were set here before 0.2.0; they are the task's ``params`` now. A value
+        other than the old default moves there with a FutureWarning; the default (which every earlier run's
+        config.yaml holds) is dropped, as the task's own default is the same."""
+        if not isinstance(data, dict) or not MOVED_TO_PARAMS.keys() & data.keys():
+            return data
+        data, params = dict(data), dict(data.get("params") or {})
+        for key, default in MOVED_TO_PARAMS.items():
+            value = data.pop(key, default)
+            if value == default:
+                continue
+            if params.setdefault(key, value) != value:
+                raise ValueError(f"{key} and params.{key} disagree; set params.{key} only")
+            warnings.warn(f"downstream.{key} is deprecated; set downstream.params.{key}", FutureWarning, stacklevel=2)
+        return {**data, "params": params}
 
 
 class LevelConfig(StrictModel):

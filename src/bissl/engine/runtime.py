@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from bissl.engine.checkpoint import config_diff
 from bissl.utils.errors import ConfigError, DataError
@@ -30,6 +31,8 @@ def require_same_config(out: Path, config: BaseModel) -> None:
     if not path.is_file():
         return
     old = yaml.safe_load(path.read_text()) or {}
+    with contextlib.suppress(ValidationError):  # as today's code reads it: an earlier release's keys migrated
+        old = type(config).model_validate(old).model_dump(mode="json")
     diff = config_diff(old, config.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
     if diff:
         raise ConfigError(
