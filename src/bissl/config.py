@@ -8,6 +8,7 @@ dotted key named (:class:`~bissl.utils.errors.ConfigError`).
 from __future__ import annotations
 
 import copy
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -145,13 +146,20 @@ class DistributedConfig(StrictModel):
     augment_shards: int | None = Field(None, gt=0)  # views drawn per shard; None: processes x grad_accumulation
 
 
-class PretrainConfig(StrictModel):
-    """``bissl pretrain``: self-supervised pretraining of a backbone with a pretext method."""
+class RunConfig(StrictModel):
+    """The fields every stage config starts with (pretrain, align, finetune, evaluate); a stage sets its own
+    ``out_dir`` default. Kept to the leading fields so that a stage's field order (its config.yaml) is unchanged."""
 
     seed: int = 0
-    out_dir: str = "runs/pretrain"
+    out_dir: str  # each stage sets its own default
     plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
+
+
+class PretrainConfig(RunConfig):
+    """``bissl pretrain``: self-supervised pretraining of a backbone with a pretext method."""
+
+    out_dir: str = "runs/pretrain"
     epochs: int = Field(30, gt=0)
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: at the end of every epoch only
     data: DataConfig = Field(default_factory=DataConfig)
@@ -171,6 +179,10 @@ class PretrainConfig(StrictModel):
         return self
 
 
+#: downstream options that moved into the task's ``params`` (0.2.0), with their old defaults
+MOVED_TO_PARAMS: dict[str, Any] = {"label_smoothing": 0.0, "augment": True}
+
+
 class DownstreamConfig(StrictModel):
     """A downstream task (``bissl.downstream.DOWNSTREAM_TASKS``) on a dataset, optionally restricted to k shots per
     class or some classes; ``params`` are the task's own settings, validated by its ``Config``."""
@@ -180,8 +192,24 @@ class DownstreamConfig(StrictModel):
     params: dict[str, Any] = Field(default_factory=dict)
     few_shot: int | None = Field(None, gt=0)  # k labelled training images per class
     classes: list[int] | None = None  # keep only these classes (relabelled 0..n-1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)  # classification's cross-entropy
-    augment: bool = True  # the task's training augmentation (classification: crop + flip as the dataset declares)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_params(cls, data: Any) -> Any:
+        """``label_smoothing`` / ``augment`` were set here before 0.2.0; they are the task's ``params`` now. A value
+        other than the old default moves there with a FutureWarning; the default (which every earlier run's
+        config.yaml holds) is dropped, as the task's own default is the same."""
+        if not isinstance(data, dict) or not MOVED_TO_PARAMS.keys() & data.keys():
+            return data
+        data, params = dict(data), dict(data.get("params") or {})
+        for key, default in MOVED_TO_PARAMS.items():
+            value = data.pop(key, default)
+            if value == default:
+                continue
+            if params.setdefault(key, value) != value:
+                raise ValueError(f"{key} and params.{key} disagree; set params.{key} only")
+            warnings.warn(f"downstream.{key} is deprecated; set downstream.params.{key}", FutureWarning, stacklevel=2)
+        return {**data, "params": params}
 
 
 class LevelConfig(StrictModel):
@@ -239,13 +267,10 @@ class BilevelConfig(StrictModel):
         return self
 
 
-class AlignConfig(StrictModel):
+class AlignConfig(RunConfig):
     """``bissl align``: the BiSSL stage between pretraining and fine-tuning."""
 
-    seed: int = 0
     out_dir: str = "runs/align"
-    plugins: Plugins = Field(default_factory=list)
-    device: Device = "auto"
     pretrained: str = "runs/pretrain_digits"  # a pretrain run folder or its backbone.pt
     # LoRA adapters {r, alpha, dropout, targets} added to the pretrained backbone: theta and phi are then each their
     # own adapters on one shared frozen base (BiSSLight); None: the whole backbone
@@ -290,13 +315,10 @@ class HPOConfig(StrictModel):
         return value
 
 
-class FinetuneConfig(StrictModel):
+class FinetuneConfig(RunConfig):
     """``bissl finetune``: supervised fine-tuning of a backbone (from ``pretrain`` or ``align``) on a task."""
 
-    seed: int = 0
     out_dir: str = "runs/finetune"
-    plugins: Plugins = Field(default_factory=list)
-    device: Device = "auto"
     backbone: str = "runs/align_digits"  # a run folder or its backbone.pt
     lora: dict[str, Any] | None = None  # LoRA adapters to add (if the backbone has none): bissl.models.lora
     # what trains besides the head: all | lora (the adapters only) | auto (lora if the backbone has adapters)
@@ -327,13 +349,10 @@ class FinetuneConfig(StrictModel):
         return self
 
 
-class EvaluateConfig(StrictModel):
+class EvaluateConfig(RunConfig):
     """``bissl evaluate``: kNN and linear-probe accuracy of a frozen backbone, and a t-SNE plot of its features."""
 
-    seed: int = 0
     out_dir: str = "runs/evaluate"
-    plugins: Plugins = Field(default_factory=list)
-    device: Device = "auto"
     backbone: str = "runs/pretrain_digits"  # a run folder or its backbone.pt
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     knn_k: int = Field(20, gt=0)
@@ -592,10 +611,11 @@ def shipped_config_path(name: str) -> Path:
 
 
 def shipped_config_names() -> list[str]:
+    """The runnable shipped configs; ``_base_*.yaml`` files are partial bases that others ``extends:``."""
     return sorted(
         p.name.removesuffix(".yaml")
         for p in (resources.files("bissl") / "configs").iterdir()
-        if p.name.endswith(".yaml")
+        if p.name.endswith(".yaml") and not p.name.startswith("_")
     )
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
+import pytest
 import torch
 
 from bissl.config import DataConfig, DownstreamConfig
@@ -29,9 +33,9 @@ def _flipped_fraction(task: ClassificationTask, n: int = 400) -> float:
     return float((right > left).float().mean())
 
 
-def _task(info: DatasetInfo, name: str = "digits") -> ClassificationTask:
+def _task(info: DatasetInfo, name: str = "digits", **params: Any) -> ClassificationTask:
     train = TensorImageDataset(_left_bright(4), [0, 1, 0, 1], info)
-    cfg = DownstreamConfig(data=DataConfig(name=name, image_size=SIZE))
+    cfg = DownstreamConfig(data=DataConfig(name=name, image_size=SIZE), params=params)
     return ClassificationTask.from_config(cfg, {"train": train, "val": train, "test": train})
 
 
@@ -53,3 +57,28 @@ def test_users_declaration_is_honoured() -> None:
 def test_crop_scale_sized_to_the_image() -> None:
     assert finetune_crop_scale(8) == finetune_crop_scale(16) == (0.8, 1.0)
     assert finetune_crop_scale(96) == (0.5, 1.0)
+
+
+def test_label_smoothing_and_augment_are_classifications_own_params() -> None:
+    """#19 item 4: they moved from the generic downstream config into ``downstream.params`` (ClassificationConfig)."""
+    info = DatasetInfo("user_set", num_classes=2, channels=1)
+    default = _task(info, "user_set")
+    assert default.label_smoothing == 0.0 and default.train_augment is not None
+    task = _task(info, "user_set", label_smoothing=0.1, augment=False)
+    assert task.label_smoothing == 0.1 and task.train_augment is None
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _task(info, "user_set", label_smoothing=1.0)
+
+
+def test_old_place_of_classification_options_moves_to_params_with_a_warning() -> None:
+    """A config written before 0.2.0 (``downstream.label_smoothing`` / ``.augment``) still loads: a value other than
+    the old default moves to ``params`` with a FutureWarning; the default, in every earlier run's config.yaml, is
+    dropped silently; a clash with ``params`` is one error naming the new key (CHANGELOG, Migration)."""
+    with pytest.warns(FutureWarning, match=r"downstream.label_smoothing is deprecated; set downstream.params"):
+        cfg = DownstreamConfig.model_validate({"label_smoothing": 0.1, "augment": True})
+    assert cfg.params == {"label_smoothing": 0.1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert DownstreamConfig.model_validate({"label_smoothing": 0.0, "augment": True}) == DownstreamConfig()
+    with pytest.raises(ValueError, match=r"augment and params.augment disagree; set params.augment only"):
+        DownstreamConfig.model_validate({"augment": False, "params": {"augment": True}})

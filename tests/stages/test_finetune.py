@@ -117,6 +117,7 @@ def _parameters(path):
     return {name: p.detach() for name, p in backbone.named_parameters()}
 
 
+@pytest.mark.e2e
 def test_l2sp_and_backbone_lr_factor(pretrained, tmp_path, monkeypatch):
     """Defaults: exactly the single-group optimizer of before; factor 0: the backbone's weights never step (its
     BatchNorm statistics still follow the data); L2-SP: the weights end nearer the start, the penalty is logged."""

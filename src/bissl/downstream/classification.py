@@ -6,9 +6,10 @@ Registered and built through :class:`~bissl.downstream.base.DownstreamTask`'s co
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -16,10 +17,17 @@ from torch.utils.data import DataLoader
 from bissl.config import DownstreamConfig
 from bissl.data.augment import build_view_augmentation, finetune_view_settings, normalize
 from bissl.data.base import ImageDataset
-from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask, Metric, Splits, evaluating
+from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask, Metric, Splits, TaskConfig, evaluating
 from bissl.utils.errors import ConfigError
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+class ClassificationConfig(TaskConfig):
+    """``downstream.params`` of ``classification`` (before 0.2.0: ``downstream.label_smoothing`` / ``.augment``)."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # of the training cross-entropy
+    augment: bool = True  # a random resized crop + flip as the dataset declares; False: training images normalised only
 
 
 @DOWNSTREAM_TASKS.register("classification")
@@ -37,6 +45,7 @@ class ClassificationTask(DownstreamTask):
         Metric("loss", higher_is_better=False, label="cross-entropy"),
     )
     class_label_probe = True  # its targets are the dataset's class labels: kNN / linear probes measure it
+    Config = ClassificationConfig
 
     def __init__(
         self,
@@ -58,19 +67,23 @@ class ClassificationTask(DownstreamTask):
 
     @classmethod
     def from_config(cls, cfg: DownstreamConfig, splits: Splits) -> ClassificationTask:
-        cls.parse_params(cfg)
+        params = cast(ClassificationConfig, cls.parse_params(cfg))
         info = splits["train"].info
         if info.num_classes == 0:
             raise ConfigError(f"downstream.data.name={cfg.data.name!r} has no labels; choose a labelled dataset")
         augment = None
-        if cfg.augment:
+        if params.augment:
             views = build_view_augmentation(
                 "supervised", image_size=cfg.data.image_size, channels=info.channels, mean=info.mean, std=info.std,
                 **finetune_view_settings(info, cfg.data.image_size),  # flips and crop: as the dataset declares
             )  # fmt: skip
             augment = lambda images, generator: views(images, generator)[0]  # noqa: E731 - one supervised view
         return cls(
-            info.num_classes, mean=info.mean, std=info.std, train_augment=augment, label_smoothing=cfg.label_smoothing
+            info.num_classes,
+            mean=info.mean,
+            std=info.std,
+            train_augment=augment,
+            label_smoothing=params.label_smoothing,
         )
 
     def build_head(self, feature_dim: int) -> nn.Module:

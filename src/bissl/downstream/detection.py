@@ -32,7 +32,7 @@ import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field
@@ -81,6 +81,7 @@ class DetectionConfig(TaskConfig):
     representation_size: int = Field(128, gt=0)  # fpn's 2-FC box head
     roi_output_size: int = Field(7, gt=0)  # fpn: 7; c4 pools 2x this and the last stage halves it
     eval_batch_size: int = Field(16, gt=0)
+    augment: bool = True  # flip training images where the dataset is mirror-invariant (was downstream.augment)
 
 
 def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -186,7 +187,7 @@ class DetectionTask(DownstreamTask):
 
     @classmethod
     def from_config(cls, cfg: DownstreamConfig, splits: Splits) -> DetectionTask:
-        params = cls.parse_params(cfg)
+        params = cast(DetectionConfig, cls.parse_params(cfg))
         info = splits["train"].info
         if getattr(info, "kind", "classification") != "detection":
             raise ConfigError(
@@ -199,8 +200,8 @@ class DetectionTask(DownstreamTask):
             info.num_classes,
             mean=info.mean,
             std=info.std,
-            params=params,  # type: ignore[arg-type]
-            flip=cfg.augment and info.mirror_invariant,
+            params=params,
+            flip=params.augment and info.mirror_invariant,
         )
 
     # ------------------------------------------------------------------------------------------- head

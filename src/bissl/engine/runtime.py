@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from bissl.engine.checkpoint import config_diff
 from bissl.utils.errors import ConfigError, DataError
@@ -31,7 +32,10 @@ def require_same_config(out: Path, config: BaseModel) -> None:
     path = out / CONFIG_FILE
     if not path.is_file():
         return
-    diff = config_diff(read_config_record(path), config.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
+    old = read_config_record(path)
+    with contextlib.suppress(ValidationError):  # as today's code reads it: an earlier release's keys migrated
+        old = type(config).model_validate(old).model_dump(mode="json")
+    diff = config_diff(old, config.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
     if diff:
         raise ConfigError(
             f"{out} holds a run made with another config ({diff}); restore the config, or use a new out_dir "
