@@ -44,6 +44,7 @@ def _a_file(tmp_path: Path) -> Path:
     return tmp_path / "taken"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("verb", "args", "expected"),
     [

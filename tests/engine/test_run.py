@@ -214,6 +214,7 @@ def test_sigterm_during_work_without_state_stops_at_once(tiny_pretrained, tiny_a
     assert time.perf_counter() - start < 6 and not (tmp_path / "align" / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_sigterm_after_the_last_checkpoint_stops_the_caller_once_the_run_finished(tiny_pretrain_overrides, monkeypatch):
     from bissl.engine.run import Run
     from bissl.utils.errors import RunTerminated
@@ -246,6 +247,7 @@ def test_sigterm_between_stages_exits_143_with_one_line(monkeypatch, capsys):
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("where", ["moved", "trailing slash", "relative"])
 def test_resume_finds_the_run_however_its_folder_is_named(tmp_path, monkeypatch, where):
     """``out_dir`` says where the run is, not how it runs: a moved folder, or the same one named otherwise, resumes."""
@@ -267,6 +269,7 @@ def test_resume_finds_the_run_however_its_folder_is_named(tmp_path, monkeypatch,
         assert run.resume(net=torch.nn.Linear(2, 2))["step"] == 3
 
 
+@pytest.mark.e2e
 def test_an_error_starts_its_own_line_after_a_progress_bar(tmp_path, capsys):
     """The progress bar of a run that fails is closed (its line ended) before the error is printed."""
     import torch

@@ -296,6 +296,7 @@ def test_a_lower_is_better_primary_metric_is_minimised(make_cfg, monkeypatch):
     assert found.metric == "loss" and found.best_value == min(values)
 
 
+@pytest.mark.e2e
 def test_l2sp_is_searched_only_when_a_range_is_given(make_cfg, tmp_path):
     found = search(make_cfg("hpo.trials=2", "hpo.l2sp_range=[0.01, 1.0]"))
     assert all(0.01 <= t["params"]["l2sp"] <= 1.0 for t in found.trials)
@@ -339,6 +340,7 @@ def _interrupting(kill: str, at: int):
     return run
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("kill", ["sigterm", "sigkill", "disk"])
 @pytest.mark.parametrize("at", [0, 3, 6])
 def test_an_interrupted_search_ends_as_an_uninterrupted_one(make_cfg, monkeypatch, kill, at):

@@ -139,6 +139,7 @@ def test_a_task_not_scored_on_class_labels_is_scored_before_fine_tuning_by_its_o
     assert "kNN" not in report and "linear probe" not in report
 
 
+@pytest.mark.e2e
 def test_until_pretrain_runs_only_the_pretraining(quick_study, tmp_path, capsys):
     """#20 item 13: `--until pretrain` pretrains (or reuses the pretraining of a study) and stops there."""
     out = tmp_path / "premise"
@@ -167,6 +168,7 @@ def test_positive_control_study_runs_quick(tmp_path):
     assert "## mirror_10shot" in report and "p (Wilcoxon)" in report and "nan" not in report.lower()
 
 
+@pytest.mark.e2e
 def test_overwrite_runs_a_finished_study_afresh_and_keeps_other_files(quick_study, capsys):
     """``--overwrite`` is honoured on a finished (here also changed and corrupted) study: every stage runs again."""
     align_summary = quick_study / TASK / "bissl" / "seed0" / "align" / "summary.json"
