@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bissl.dist import process as D
+from bissl.distributed import process as D
 from helpers.ranks import spawn_ranks
 
 WORLD = 2

@@ -9,7 +9,7 @@ twice on the same prepared batch, once with the lower backbone theta and once wi
 
 Evaluation is split in two so that it runs data parallel through the contract alone: every rank runs
 :meth:`predict` on its shard of a split, the engine puts the shards' predictions back together in dataset order
-(:func:`bissl.dist.gather_rows`) and :meth:`score` computes the metrics once. Predictions are per-sample rows: a
+(:func:`bissl.distributed.gather_rows`) and :meth:`score` computes the metrics once. Predictions are per-sample rows: a
 tensor (or a tuple / dict of tensors) whose first dimension is the sample, or a list with one entry per sample.
 
 Register a task with ``@DOWNSTREAM_TASKS.register("name")``; ``bissl ... downstream.task=name`` then builds it with

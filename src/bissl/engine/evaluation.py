@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bissl.data.base import ImageDataset
-from bissl.dist import gather_rows, shard_dataset
+from bissl.distributed import gather_rows, shard_dataset
 from bissl.downstream.base import DownstreamTask
 from bissl.engine.step import autocast
 

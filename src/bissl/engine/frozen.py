@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from bissl.data.augment import normalize
 from bissl.data.base import ImageDataset
-from bissl.dist import gather_shards, on_main, shard_dataset
+from bissl.distributed import gather_shards, on_main, shard_dataset
 from bissl.engine.step import autocast
 from bissl.eval.features import extract_features
 from bissl.eval.knn import knn_accuracy, knn_k_used

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bissl.dist import all_reduce_mean_
+from bissl.distributed import all_reduce_mean_
 from bissl.downstream.base import DownstreamTask
 from bissl.engine.step import BatchPlan, autocast
 from bissl.utils.numerics import require_finite

@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from bissl.config import to_yaml
-from bissl.dist import all_reduce_sum, barrier, init_from_env, is_main, main_only, on_main
+from bissl.distributed import all_reduce_sum, barrier, init_from_env, is_main, main_only, on_main
 from bissl.engine.checkpoint import load_state, save_state
 from bissl.engine.logger import MetricLogger
 from bissl.engine.names import validate_names

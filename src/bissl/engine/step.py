@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bissl.dist import all_reduce_mean, rank, world
+from bissl.distributed import all_reduce_mean, rank, world
 from bissl.utils.errors import ConfigError
 from bissl.utils.rows import Rows, is_rows
 from bissl.utils.seed import make_generator

@@ -67,7 +67,7 @@ def plot_curves(cfg: PipelineConfig, runs: list[Run], path: Path) -> Path:
 
 def plot_alignment(cfg: PipelineConfig, task_index: int, runs: list[Run], pretrained: Path, path: Path) -> Path:
     """t-SNE of test features of the backbone each arm fine-tunes from (first seed): the alignment picture."""
-    from bissl.dist import resolve_device
+    from bissl.distributed import resolve_device
     from bissl.downstream.base import DOWNSTREAM_TASKS
     from bissl.engine.checkpoint import load_backbone
     from bissl.eval.embedding import embed_2d, plot_embeddings_grid

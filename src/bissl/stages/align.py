@@ -49,7 +49,7 @@ from bissl.config import AlignConfig
 from bissl.data import build_dataset
 from bissl.data.augment import ViewPipeline
 from bissl.data.base import ImageDataset
-from bissl.dist import all_reduce_mean_, broadcast_buffers, convert_sync_batchnorm, require_in_sync, world
+from bissl.distributed import all_reduce_mean_, broadcast_buffers, convert_sync_batchnorm, require_in_sync, world
 from bissl.downstream.base import DownstreamTask, build_task
 from bissl.engine.build import add_lora, build_optimization, build_pretext_on, data_kwargs, view_augmentation
 from bissl.engine.checkpoint import (

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from bissl.config import EvaluateConfig
-from bissl.dist import on_main
+from bissl.distributed import on_main
 from bissl.downstream.base import DOWNSTREAM_TASKS, build_task
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
 from bissl.engine.evaluation import evaluate_split

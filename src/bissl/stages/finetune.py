@@ -25,7 +25,7 @@ from torch import nn
 
 from bissl.config import FinetuneConfig
 from bissl.data.base import ImageDataset
-from bissl.dist import require_in_sync, world, wrap_ddp
+from bissl.distributed import require_in_sync, world, wrap_ddp
 from bissl.downstream.base import DownstreamTask, build_task
 from bissl.engine.anchor import L2SP
 from bissl.engine.build import add_lora, build_optimization, trainable

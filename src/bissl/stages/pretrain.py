@@ -21,7 +21,7 @@ from torch import nn
 from bissl.config import PretrainConfig
 from bissl.data import build_dataset
 from bissl.data.base import ImageDataset
-from bissl.dist import require_in_sync, world, wrap_ddp
+from bissl.distributed import require_in_sync, world, wrap_ddp
 from bissl.engine.build import (
     build_backbone_from_config,
     build_optimization,
