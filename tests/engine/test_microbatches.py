@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from bissl.engine.step import (
+from bissl.engine.microbatches import (
     BatchPlan,
     Objective,
     accumulate_gradients,

@@ -15,7 +15,7 @@ its penalised theta).
 
 Under ``torchrun`` every rank runs the bilevel cycles on its rows ``r, r + W, ...`` of each global lower and upper
 batch (``lower.batch_size`` and ``upper.batch_size`` stay the global sizes), with views drawn per augmentation
-shard as in ``pretrain`` (:mod:`bissl.engine.step`). No module is wrapped in ``DistributedDataParallel``: the
+shard as in ``pretrain`` (:mod:`bissl.engine.microbatches`). No module is wrapped in ``DistributedDataParallel``: the
 trainer averages gradients, hypergradient terms and Hessian-vector products over ranks explicitly
 (:class:`~bissl.bilevel.trainer.RankSync`), SimCLR contrasts with every rank's embeddings through a gather that
 differentiates twice, and with ``distributed.sync_batchnorm`` BatchNorm uses the statistics of the global batch
@@ -65,10 +65,10 @@ from bissl.engine.checkpoint import (
 from bissl.engine.evaluation import evaluate_split
 from bissl.engine.guard import DivergenceGuard
 from bissl.engine.head_warmup import warm_up_head
+from bissl.engine.microbatches import BatchPlan, autocast
 from bissl.engine.run import Run
 from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream
-from bissl.engine.step import BatchPlan, autocast
 from bissl.pretext.base import PretextMethod
 from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import ConfigError, NonFiniteError
