@@ -7,11 +7,11 @@ from bissl.engine.microbatches import (
     Objective,
     accumulate_gradients,
     cat_rows,
-    resolve_precision,
     take_rows,
     use_channels_last,
 )
 from bissl.utils.errors import ConfigError
+from bissl.utils.precision import resolve_precision
 from bissl.utils.seed import make_generator
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from bissl.data.base import ImageDataset
 from bissl.distributed import gather_rows, shard_dataset
 from bissl.downstream.base import DownstreamTask
-from bissl.engine.microbatches import autocast
+from bissl.utils.precision import autocast
 
 
 def evaluate_split(

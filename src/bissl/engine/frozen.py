@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 from bissl.data.augment import normalize
 from bissl.data.base import ImageDataset
 from bissl.distributed import gather_shards, on_main, shard_dataset
-from bissl.engine.microbatches import autocast
 from bissl.eval.features import extract_features
 from bissl.eval.knn import knn_accuracy, knn_k_used
 from bissl.eval.linear_probe import fit_linear_classifier
+from bissl.utils.precision import autocast
 
 Features = tuple[Tensor, Tensor]  # (features [N, D], labels [N]) on the CPU
 

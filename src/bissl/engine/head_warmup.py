@@ -10,8 +10,9 @@ from torch import nn
 
 from bissl.distributed import all_reduce_mean_
 from bissl.downstream.base import DownstreamTask
-from bissl.engine.microbatches import BatchPlan, autocast
+from bissl.engine.microbatches import BatchPlan
 from bissl.utils.numerics import require_finite
+from bissl.utils.precision import autocast
 
 
 def warm_up_head(
@@ -34,7 +35,7 @@ def warm_up_head(
     ``batches`` yields this rank's rows of each global batch and ``plan``
     (:class:`~bissl.engine.microbatches.BatchPlan`) says how their augmentation is drawn; the head's gradients and
     the losses are averaged over ranks, so every rank trains the same head as one process on the global batches
-    (same augmentation shards). ``precision`` (resolved, :func:`~bissl.engine.microbatches.resolve_precision`):
+    (same augmentation shards). ``precision`` (resolved, :func:`~bissl.utils.precision.resolve_precision`):
     ``bf16`` runs the forward passes under autocast.
     """
     if steps == 0:

@@ -37,7 +37,6 @@ from bissl.config import to_yaml
 from bissl.distributed import all_reduce_sum, barrier, init_from_env, is_main, main_only, on_main
 from bissl.engine.checkpoint import load_state, save_state
 from bissl.engine.logger import MetricLogger
-from bissl.engine.microbatches import resolve_precision
 from bissl.engine.names import validate_names
 from bissl.engine.runtime import (
     CONFIG_FILE,
@@ -49,6 +48,7 @@ from bissl.engine.runtime import (
 )
 from bissl.utils.errors import BisslError, ConfigError, RunTerminated
 from bissl.utils.io import atomic_write, remove_stale_temp_files
+from bissl.utils.precision import resolve_precision
 
 log = logging.getLogger("bissl.run")
 

@@ -65,13 +65,14 @@ from bissl.engine.checkpoint import (
 from bissl.engine.evaluation import evaluate_split
 from bissl.engine.guard import DivergenceGuard
 from bissl.engine.head_warmup import warm_up_head
-from bissl.engine.microbatches import BatchPlan, autocast
+from bissl.engine.microbatches import BatchPlan
 from bissl.engine.run import Run
 from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream
 from bissl.pretext.base import PretextMethod
 from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import ConfigError, NonFiniteError
+from bissl.utils.precision import autocast
 from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.align")
