@@ -71,7 +71,7 @@ def plot_alignment(cfg: PipelineConfig, task_index: int, runs: list[Run], pretra
     from bissl.downstream.base import DOWNSTREAM_TASKS
     from bissl.engine.checkpoint import load_backbone
     from bissl.eval.embedding import embed_2d, plot_embeddings_grid
-    from bissl.eval.frozen import dataset_features
+    from bissl.engine.frozen import frozen_features
 
     task = cfg.tasks[task_index]
     test = DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)["test"]
@@ -81,7 +81,7 @@ def plot_alignment(cfg: PipelineConfig, task_index: int, runs: list[Run], pretra
         run = next(r for r in runs if r["task"] == task.name and r["arm"] == arm and r["seed"] == cfg.seeds[0])
         source = Path(run["align_dir"]) if run["align_dir"] else pretrained
         backbone, _ = load_backbone(source / "backbone.pt")
-        features, labels = dataset_features(backbone.to(device), test, device=device)
+        features, labels = frozen_features(backbone.to(device), test, device=device)
         points, kept = embed_2d(features, labels, seed=cfg.seeds[0], max_points=cfg.embedding_max_points)
         panels.append((f"{arm}: before fine-tuning", points, kept))
     return plot_embeddings_grid(panels, path, class_names=test.info.classes or None, title=f"{task.name} (test split)")
