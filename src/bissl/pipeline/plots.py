@@ -71,7 +71,7 @@ def plot_alignment(cfg: PipelineConfig, task_index: int, runs: list[Run], pretra
     from bissl.downstream.base import DOWNSTREAM_TASKS
     from bissl.engine.checkpoint import load_backbone
     from bissl.eval.embedding import embed_2d, plot_embeddings_grid
-    from bissl.engine.frozen import frozen_features
+    from bissl.eval.frozen import frozen_features
 
     task = cfg.tasks[task_index]
     test = DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)["test"]
