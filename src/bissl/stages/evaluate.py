@@ -29,7 +29,6 @@ from bissl.config import EvaluateConfig
 from bissl.distributed import on_main
 from bissl.downstream.base import DOWNSTREAM_TASKS, build_task
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
-from bissl.engine.evaluation import evaluate_split
 from bissl.engine.head_warmup import warm_up_head
 from bissl.engine.microbatches import use_channels_last
 from bissl.engine.run import Run
@@ -38,6 +37,7 @@ from bissl.engine.sampling import BatchStream
 from bissl.eval.embedding import embed_2d, plot_embedding
 from bissl.eval.frozen import Features, frozen_features, frozen_scores
 from bissl.eval.knn import knn_k_used
+from bissl.eval.task import evaluate_split
 from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.plotting import require_plotting
