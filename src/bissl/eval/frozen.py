@@ -14,7 +14,7 @@ from bissl.data.base import ImageDataset
 from bissl.distributed import gather_shards, on_main, shard_dataset
 from bissl.eval.features import extract_features
 from bissl.eval.knn import knn_accuracy, knn_k_used
-from bissl.eval.linear_probe import fit_linear_classifier
+from bissl.eval.linear_probe import fit_linear_classifier, probe_accuracy
 from bissl.utils.precision import autocast
 
 Features = tuple[Tensor, Tensor]  # (features [N, D], labels [N]) on the CPU
@@ -72,9 +72,7 @@ def frozen_scores(
                 train_x, train_y, num_classes=classes, epochs=probe_epochs, lr=probe_lr,
                 weight_decay=probe_weight_decay, seed=seed,
             )  # fmt: skip
-            with torch.no_grad():
-                for split, (x, y) in evals.items():
-                    scores[f"linear_probe_{split}"] = (probe(x.float()).argmax(dim=1) == y.long()).float().mean().item()
+            scores.update({f"linear_probe_{split}": probe_accuracy(probe, x, y) for split, (x, y) in evals.items()})
         return scores
 
     return on_main(compute)
