@@ -38,7 +38,7 @@ from bissl.distributed import all_reduce_sum, barrier, init_from_env, is_main, m
 from bissl.engine.checkpoint import load_state, save_state
 from bissl.engine.logger import MetricLogger
 from bissl.engine.names import validate_names
-from bissl.engine.runtime import (
+from bissl.engine.run_record import (
     CONFIG_FILE,
     RESUMABLE_KEYS,
     STATE_FILE,

@@ -1,4 +1,5 @@
-"""What every stage shares besides the run: config consistency of a run folder, batch and channel checks, summaries."""
+"""What a run folder records: the config it was made with (a run under another config is refused) and the summary
+of a finished run, with the environment it ran in."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import yaml
 from pydantic import BaseModel
 
 from bissl.engine.checkpoint import config_diff
-from bissl.utils.errors import ConfigError, DataError
+from bissl.utils.errors import ConfigError
 from bissl.utils.io import save_json
 
 STATE_FILE = "checkpoints/last.pt"
@@ -35,23 +36,6 @@ def require_same_config(out: Path, config: BaseModel) -> None:
         raise ConfigError(
             f"{out} holds a run made with another config ({diff}); restore the config, or use a new out_dir "
             "(or delete that folder) to start over"
-        )
-
-
-def check_batch_size(num_samples: int, batch_size: int, dataset: str, key: str) -> None:
-    if num_samples == 0:
-        raise DataError(f"dataset {dataset!r} is empty; check its root folder and split")
-    if num_samples < batch_size:
-        raise DataError(
-            f"dataset {dataset!r} has {num_samples} samples, fewer than one batch of {batch_size}; lower {key}"
-        )
-
-
-def check_channels(data_channels: int, backbone_channels: int, dataset: str) -> None:
-    if data_channels != backbone_channels:
-        raise ConfigError(
-            f"dataset {dataset!r} has {data_channels} channels but the backbone takes {backbone_channels}; "
-            "use data with matching channels or another backbone"
         )
 
 

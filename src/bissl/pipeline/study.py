@@ -40,7 +40,7 @@ from bissl.config import (
 from bissl.downstream.base import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import PRETEXT_HEAD_FILE, read_head_file, resolve_backbone_file
 from bissl.engine.names import validate_names
-from bissl.engine.runtime import SUMMARY_FILE, environment, require_same_config
+from bissl.engine.run_record import SUMMARY_FILE, environment, require_same_config
 from bissl.pretext.base import PRETEXT_METHODS
 from bissl.stages.align import align
 from bissl.stages.evaluate import evaluate

@@ -62,11 +62,11 @@ from bissl.engine.checkpoint import (
     read_head_file,
     resolve_backbone_file,
 )
+from bissl.engine.data_checks import check_batch_size, check_channels
 from bissl.engine.guard import DivergenceGuard
 from bissl.engine.head_warmup import warm_up_head
 from bissl.engine.microbatches import BatchPlan
 from bissl.engine.run import Run
-from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream
 from bissl.eval.task import evaluate_split
 from bissl.pretext.base import PretextMethod

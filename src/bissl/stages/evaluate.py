@@ -29,10 +29,10 @@ from bissl.config import EvaluateConfig
 from bissl.distributed import on_main
 from bissl.downstream.base import DOWNSTREAM_TASKS, build_task
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
+from bissl.engine.data_checks import check_channels
 from bissl.engine.head_warmup import warm_up_head
 from bissl.engine.microbatches import use_channels_last
 from bissl.engine.run import Run
-from bissl.engine.runtime import check_channels
 from bissl.engine.sampling import BatchStream
 from bissl.eval.embedding import embed_2d, plot_embedding
 from bissl.eval.frozen import Features, frozen_features, frozen_scores

@@ -37,11 +37,11 @@ from bissl.engine.checkpoint import (
     load_backbone,
     resolve_backbone_file,
 )
+from bissl.engine.data_checks import check_batch_size, check_channels
 from bissl.engine.guard import DivergenceGuard
 from bissl.engine.head_warmup import warm_up_head
 from bissl.engine.microbatches import BatchPlan, Objective, accumulate_gradients, use_channels_last
 from bissl.engine.run import Run
-from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream, steps_per_epoch
 from bissl.eval.task import evaluate_split
 from bissl.models.lora import set_trainable

@@ -42,7 +42,7 @@ import yaml
 from bissl.config import FinetuneConfig, HPOConfig, build_config
 from bissl.downstream import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import config_diff
-from bissl.engine.runtime import environment
+from bissl.engine.run_record import environment
 from bissl.stages.finetune import FinetuneResult, finetune
 from bissl.utils.errors import BisslError, ConfigError, NonFiniteError
 from bissl.utils.io import save_json

@@ -30,10 +30,10 @@ from bissl.engine.build import (
     view_augmentation,
 )
 from bissl.engine.checkpoint import BACKBONE_FILE, PRETEXT_HEAD_FILE, export_backbone, export_head
+from bissl.engine.data_checks import check_batch_size
 from bissl.engine.guard import DivergenceGuard
 from bissl.engine.microbatches import BatchPlan, Objective, accumulate_gradients, use_channels_last
 from bissl.engine.run import Run
-from bissl.engine.runtime import check_batch_size
 from bissl.engine.sampling import BatchStream, steps_per_epoch
 from bissl.eval.frozen import frozen_features, frozen_scores
 from bissl.utils.compute import ComputeCounter
