@@ -27,8 +27,9 @@ from bissl.config import AlignConfig, PretrainConfig, build_config, read_config_
 from bissl.data import build_dataset
 from bissl.downstream.base import build_task
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
+from bissl.engine.files import UPPER_BACKBONE_FILE
 from bissl.engine.logger import read_metrics
-from bissl.stages.align import UPPER_BACKBONE_FILE, align
+from bissl.stages.align import align
 from bissl.stages.evaluate import frozen_features, frozen_scores
 from bissl.stages.pretrain import pretrain
 

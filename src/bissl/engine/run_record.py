@@ -13,12 +13,10 @@ import yaml
 from pydantic import BaseModel
 
 from bissl.engine.checkpoint import config_diff
+from bissl.engine.files import CONFIG_FILE, SUMMARY_FILE
 from bissl.utils.errors import ConfigError
 from bissl.utils.io import save_json
 
-STATE_FILE = "checkpoints/last.pt"
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
 RESUMABLE_KEYS = ("log", "device")  # config keys that may differ between a run and its continuation
 
 

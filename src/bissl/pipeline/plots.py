@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from bissl.config import PipelineConfig
+from bissl.engine.files import BACKBONE_FILE, METRICS_JSONL_FILE
 from bissl.engine.logger import read_metrics
 from bissl.pipeline.analysis import Run, task_metrics
 from bissl.utils.plotting import new_figure, save_png
@@ -46,7 +47,7 @@ def plot_curves(cfg: PipelineConfig, runs: list[Run], path: Path) -> Path:
         curves: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
         for r in runs:
             if r["task"] == task.name and r["arm"] in tuned:
-                records = read_metrics(Path(r["finetune_dir"]) / "metrics.jsonl", "epoch")
+                records = read_metrics(Path(r["finetune_dir"]) / METRICS_JSONL_FILE, "epoch")
                 for key in keys:
                     curves[r["arm"]][key].append([rec[key] for rec in records if key in rec])
         for row, key in enumerate(keys):
@@ -80,7 +81,7 @@ def plot_alignment(cfg: PipelineConfig, task_index: int, runs: list[Run], pretra
     for arm in cfg.arm_names():
         run = next(r for r in runs if r["task"] == task.name and r["arm"] == arm and r["seed"] == cfg.seeds[0])
         source = Path(run["align_dir"]) if run["align_dir"] else pretrained
-        backbone, _ = load_backbone(source / "backbone.pt")
+        backbone, _ = load_backbone(source / BACKBONE_FILE)
         features, labels = frozen_features(backbone.to(device), test, device=device)
         points, kept = embed_2d(features, labels, seed=cfg.seeds[0], max_points=cfg.embedding_max_points)
         panels.append((f"{arm}: before fine-tuning", points, kept))

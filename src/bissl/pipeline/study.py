@@ -38,9 +38,10 @@ from bissl.config import (
     to_yaml,
 )
 from bissl.downstream.base import DOWNSTREAM_TASKS
-from bissl.engine.checkpoint import PRETEXT_HEAD_FILE, read_head_file, resolve_backbone_file
+from bissl.engine.checkpoint import read_head_file, resolve_backbone_file
+from bissl.engine.files import CONFIG_FILE, PRETEXT_HEAD_FILE, RESULTS_FILE, SUMMARY_FILE
 from bissl.engine.names import validate_names
-from bissl.engine.run_record import SUMMARY_FILE, environment, require_same_config
+from bissl.engine.run_record import environment, require_same_config
 from bissl.pretext.base import PRETEXT_METHODS
 from bissl.stages.align import align
 from bissl.stages.evaluate import evaluate
@@ -51,8 +52,6 @@ from bissl.utils.errors import ConfigError
 from bissl.utils.io import atomic_write, save_json
 
 log = logging.getLogger("bissl.pipeline")
-
-RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -259,7 +258,7 @@ def run_arm(
 
 
 def write_config(cfg: PipelineConfig) -> None:
-    atomic_write(Path(cfg.out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), mode="w")
+    atomic_write(Path(cfg.out_dir) / CONFIG_FILE, lambda f: f.write(to_yaml(cfg)), mode="w")
 
 
 def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None) -> StudyResult:
@@ -274,7 +273,7 @@ def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None) -> 
             validate_names(cfg.arm_align(arm, task))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "config.yaml").is_file():
+    if not (out / CONFIG_FILE).is_file():
         write_config(cfg)
     stage_times: dict[str, float] = {}
     if cfg.pretrained is not None:

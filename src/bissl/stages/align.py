@@ -53,9 +53,6 @@ from bissl.distributed import all_reduce_mean_, broadcast_buffers, convert_sync_
 from bissl.downstream.base import DownstreamTask, build_task
 from bissl.engine.build import add_lora, build_optimization, build_pretext_on, data_kwargs, view_augmentation
 from bissl.engine.checkpoint import (
-    BACKBONE_FILE,
-    DOWNSTREAM_HEAD_FILE,
-    PRETEXT_HEAD_FILE,
     export_backbone,
     export_head,
     load_backbone,
@@ -63,6 +60,7 @@ from bissl.engine.checkpoint import (
     resolve_backbone_file,
 )
 from bissl.engine.data_checks import check_batch_size, check_channels
+from bissl.engine.files import BACKBONE_FILE, DOWNSTREAM_HEAD_FILE, PRETEXT_HEAD_FILE, UPPER_BACKBONE_FILE
 from bissl.engine.guard import DivergenceGuard
 from bissl.engine.head_warmup import warm_up_head
 from bissl.engine.microbatches import BatchPlan
@@ -76,8 +74,6 @@ from bissl.utils.precision import autocast
 from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.align")
-
-UPPER_BACKBONE_FILE = "upper_backbone.pt"
 
 
 @dataclass

@@ -30,6 +30,7 @@ from bissl.distributed import on_main
 from bissl.downstream.base import DOWNSTREAM_TASKS, build_task
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
 from bissl.engine.data_checks import check_channels
+from bissl.engine.files import EMBEDDING_FILE
 from bissl.engine.head_warmup import warm_up_head
 from bissl.engine.microbatches import use_channels_last
 from bissl.engine.run import Run
@@ -44,8 +45,6 @@ from bissl.utils.plotting import require_plotting
 from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.evaluate")
-
-EMBEDDING_FILE = "embedding.png"
 
 
 @dataclass

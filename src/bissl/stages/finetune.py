@@ -30,14 +30,13 @@ from bissl.downstream.base import DownstreamTask, build_task
 from bissl.engine.anchor import L2SP
 from bissl.engine.build import add_lora, build_optimization, trainable
 from bissl.engine.checkpoint import (
-    BACKBONE_FILE,
-    DOWNSTREAM_HEAD_FILE,
     export_backbone,
     export_head,
     load_backbone,
     resolve_backbone_file,
 )
 from bissl.engine.data_checks import check_batch_size, check_channels
+from bissl.engine.files import BACKBONE_FILE, DOWNSTREAM_HEAD_FILE
 from bissl.engine.guard import DivergenceGuard
 from bissl.engine.head_warmup import warm_up_head
 from bissl.engine.microbatches import BatchPlan, Objective, accumulate_gradients, use_channels_last

@@ -42,6 +42,7 @@ import yaml
 from bissl.config import FinetuneConfig, HPOConfig, build_config
 from bissl.downstream import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import config_diff
+from bissl.engine.files import CONFIG_FILE, HPO_STUDY_FILE, HPO_SUMMARY_FILE, LOCK_FILE, SUMMARY_FILE
 from bissl.engine.run_record import environment
 from bissl.stages.finetune import FinetuneResult, finetune
 from bissl.utils.errors import BisslError, ConfigError, NonFiniteError
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bissl.hpo")
 
-STUDY_FILE = "study.db"
-SUMMARY_FILE = "hpo_summary.json"
 # Keys that may differ between the runs (or workers) of one study: where things go, and what is searched.
 _STUDY_IGNORES = (
     "out_dir",
@@ -97,7 +96,7 @@ def storage_url(cfg: FinetuneConfig, hpo: HPOConfig) -> str:
         return hpo.storage
     from sqlalchemy.engine import URL
 
-    database = str((Path(cfg.out_dir) / STUDY_FILE).resolve())
+    database = str((Path(cfg.out_dir) / HPO_STUDY_FILE).resolve())
     return URL.create("sqlite", database=database).render_as_string(hide_password=False)
 
 
@@ -393,9 +392,9 @@ def _finished_run(run_cfg: FinetuneConfig) -> FinetuneResult | None:
     out = Path(run_cfg.out_dir)
     if not out.exists():
         return None
-    config_file = out / "config.yaml"
+    config_file = out / CONFIG_FILE
     if not config_file.is_file():
-        diff = "no config.yaml"
+        diff = f"no {CONFIG_FILE}"
     else:
         diff = config_diff(
             yaml.safe_load(config_file.read_text()), run_cfg.model_dump(mode="json"), ignore=("log", "device")
@@ -404,7 +403,7 @@ def _finished_run(run_cfg: FinetuneConfig) -> FinetuneResult | None:
         log.warning("%s was run with other settings (%s); running it again", out, diff)
         shutil.rmtree(out)
         return None
-    summary_file = out / "summary.json"
+    summary_file = out / SUMMARY_FILE
     if not summary_file.is_file():
         return None
     summary = json.loads(summary_file.read_text())
@@ -435,7 +434,7 @@ def final_runs(
         raise ConfigError(f"final runs need distinct seeds (got {seeds}); set hpo.final_seeds")
     final_dir = Path(cfg.out_dir) / "final"
     final_dir.mkdir(parents=True, exist_ok=True)
-    with open(final_dir / ".lock", "w") as lock:
+    with open(final_dir / LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = []
         for seed in seeds:
@@ -464,5 +463,5 @@ def final_runs(
                 best_value=search.best_value,
                 trials=search.trials,
             )
-        save_json(summary, Path(cfg.out_dir) / SUMMARY_FILE)
+        save_json(summary, Path(cfg.out_dir) / HPO_SUMMARY_FILE)
     return results

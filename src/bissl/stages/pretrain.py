@@ -29,8 +29,9 @@ from bissl.engine.build import (
     data_kwargs,
     view_augmentation,
 )
-from bissl.engine.checkpoint import BACKBONE_FILE, PRETEXT_HEAD_FILE, export_backbone, export_head
+from bissl.engine.checkpoint import export_backbone, export_head
 from bissl.engine.data_checks import check_batch_size
+from bissl.engine.files import BACKBONE_FILE, PRETEXT_HEAD_FILE
 from bissl.engine.guard import DivergenceGuard
 from bissl.engine.microbatches import BatchPlan, Objective, accumulate_gradients, use_channels_last
 from bissl.engine.run import Run
