@@ -27,8 +27,9 @@ from bissl.config import AlignConfig, PretrainConfig, build_config, read_config_
 from bissl.data import build_dataset
 from bissl.downstream.base import build_task
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
+from bissl.engine.files import BACKBONE_FILE, METRICS_JSONL_FILE, SUMMARY_FILE, UPPER_BACKBONE_FILE
 from bissl.engine.logger import read_metrics
-from bissl.stages.align import UPPER_BACKBONE_FILE, align
+from bissl.stages.align import align
 from bissl.stages.evaluate import frozen_features, frozen_scores
 from bissl.stages.pretrain import pretrain
 
@@ -90,14 +91,14 @@ def main() -> None:
             start = time.perf_counter()
             result = align(cfg)
             seconds = time.perf_counter() - start
-            summary = json.loads((result.out_dir / "summary.json").read_text())
-            last = read_metrics(result.out_dir / "metrics.jsonl", "cycle")[-1]
+            summary = json.loads((result.out_dir / SUMMARY_FILE).read_text())
+            last = read_metrics(result.out_dir / METRICS_JSONL_FILE, "cycle")[-1]
             lower = cfg.lower.optim
             kappa = coupling_strength(
                 steps=cycles * cfg.bilevel.n_lower, lr=lower.lr, lam=lam, momentum=lower.momentum,
                 lr_scale=(1 + lower.min_lr_ratio) / 2,
             )  # fmt: skip
-            theta = frozen(result.out_dir / "backbone.pt", cfg)
+            theta = frozen(result.out_dir / BACKBONE_FILE, cfg)
             phi = frozen(result.out_dir / UPPER_BACKBONE_FILE, cfg)
             row = {
                 "arm": "bissl", "lam": lam, "cycles": cycles, "kappa": kappa, "align_s": seconds,

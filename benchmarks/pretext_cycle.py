@@ -30,7 +30,8 @@ from bissl.data import build_dataset
 from bissl.data.augment import build_view_augmentation
 from bissl.downstream.classification import ClassificationTask
 from bissl.engine.build import build_pretext_on
-from bissl.engine.checkpoint import PRETEXT_HEAD_FILE, load_backbone, read_head_file, resolve_backbone_file
+from bissl.engine.checkpoint import load_backbone, read_head_file, resolve_backbone_file
+from bissl.engine.files import PRETEXT_HEAD_FILE
 from bissl.utils.compute import ComputeCounter
 
 N_LOWER, N_UPPER, LOWER_BATCH, UPPER_BATCH = 20, 8, 64, 32

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bissl.config import AlignConfig, FinetuneConfig, config_class_for, load_config, shipped_config_names, to_yaml
-from bissl.engine.runtime import require_same_config
+from bissl.engine.run_record import require_same_config
 from bissl.utils.errors import ConfigError
 
 PAPER_SCALE = [n for n in shipped_config_names() if n.endswith(("_r50", "_vitb16_lora")) or "_imagenet_" in n]

@@ -37,7 +37,7 @@ class Verb:
 
 def _print(*lines: str) -> None:
     """Print the result lines on rank 0 only: under torchrun every rank runs the stage and returns its result."""
-    from bissl.dist import is_main
+    from bissl.distributed import is_main
 
     if is_main():
         print(*lines, sep="\n")
@@ -101,7 +101,7 @@ def run_evaluate(cfg: Any, args: argparse.Namespace) -> None:
 
 
 def run_pipeline(cfg: Any, args: argparse.Namespace) -> None:
-    from bissl.dist import launched_by_torchrun
+    from bissl.distributed import launched_by_torchrun
 
     if launched_by_torchrun():
         raise BisslError(

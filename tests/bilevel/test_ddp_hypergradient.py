@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from bissl.bilevel.implicit import SolverSpec
 from bissl.bilevel.trainer import BilevelSettings, BiSSLTrainer, RankSync
-from bissl.dist import process as D
+from bissl.distributed import process as D
 from bissl.downstream.classification import ClassificationTask
 from bissl.pretext import build_pretext
 from helpers.models import ConvNet

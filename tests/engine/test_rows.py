@@ -3,8 +3,8 @@
 import torch
 from fake_detection import FakeDetection
 
+from bissl.engine.microbatches import BatchPlan, Rows, cat_rows, take_rows
 from bissl.engine.sampling import BatchStream
-from bissl.engine.step import BatchPlan, Rows, cat_rows, take_rows
 
 
 def test_rows_and_lists_of_dicts_split_as_rows_view_lists_as_parts():

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from bissl.config import AlignConfig, PretrainConfig, load_config
+from bissl.engine.files import LOCK_FILE
 from bissl.engine.guard import DivergenceGuard
-from bissl.engine.run import LOCK_FILE, RunLocked, open_run_dir
+from bissl.engine.run import RunLocked, open_run_dir
 from bissl.stages.align import align
 from bissl.stages.pretrain import pretrain
 from bissl.utils.errors import ConfigError, NonFiniteError, RunTerminated

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from bissl.eval import fit_linear_classifier, linear_probe
+from bissl.eval.frozen import frozen_scores
 
 
 def _blobs(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,3 +36,15 @@ def test_classifier_acts_on_raw_features() -> None:
     layer = fit_linear_classifier(x, y, num_classes=3, epochs=30, lr=0.05, batch_size=None)
     with torch.no_grad():
         assert (layer(x).argmax(dim=1) == y).float().mean().item() == 1.0
+
+
+def test_frozen_scores_probe_is_the_linear_probe() -> None:
+    train, test = _blobs(20, seed=4), _blobs(10, seed=5)
+    scores = frozen_scores(train, {"test": test}, knn_k=5, knn_temperature=0.07, probe_epochs=2, seed=3)
+    assert scores["linear_probe_test"] == linear_probe(*train, *test, epochs=2, seed=3)
+
+
+def test_a_probe_refuses_multi_label_targets() -> None:
+    x, y = _blobs(5, seed=6)
+    with pytest.raises(ValueError, match="single-label"):
+        fit_linear_classifier(x, torch.nn.functional.one_hot(y), num_classes=3)

@@ -27,7 +27,7 @@ def _rank_main(rank: int, fn: Callable[..., None], world: int, port: int, args: 
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
     os.environ.update({**env, "WORLD_SIZE": str(world)})
     torch.set_num_threads(1)
-    from bissl.dist import cleanup
+    from bissl.distributed import cleanup
 
     try:
         fn(rank, world, *args)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from bissl.dist import process as D
+from bissl.distributed import process as D
 from bissl.engine.build import distributed_pretext_params
 from bissl.pretext import build_pretext
 from helpers.ranks import spawn_ranks

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from bissl.dist import init_from_env
+from bissl.distributed import init_from_env
 from bissl.pretext import PRETEXT_METHODS, SimCLR, build_pretext, nt_xent_loss
 from bissl.utils.errors import ConfigError
 from helpers.ranks import spawn_ranks

@@ -5,7 +5,7 @@ threads deadlocks) and run pretrain (SimCLR with negatives gathered across ranks
 MoCo v3 with their global statistics, summed cross-correlation and gathered keys), an interrupted and
 resumed pretrain, finetune and evaluate; one more run goes through ``torchrun ... -m bissl.cli`` as users do.
 Both sides use ``distributed.sync_batchnorm`` and ``distributed.augment_shards=2``, so a two-process run sees the
-same views, BatchNorm statistics and negatives as the single process on the whole batch (bissl.engine.step).
+same views, BatchNorm statistics and negatives as the single process on the whole batch (bissl.engine.microbatches).
 SimCLR runs at a small learning rate: at lr 0.3 this tiny net amplifies float rounding (two CPU threads instead
 of one) to 1e-3 in four steps, in a single process too.
 """

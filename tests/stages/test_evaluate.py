@@ -9,9 +9,9 @@ from bissl.cli import main
 from bissl.config import EvaluateConfig, PretrainConfig, load_config
 from bissl.downstream import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import backbone_spec, export_backbone, load_backbone, resolve_backbone_file
-from bissl.engine.frozen import frozen_features
 from bissl.engine.logger import read_metrics
 from bissl.eval import knn_accuracy
+from bissl.eval.frozen import frozen_features
 from bissl.models import build_backbone
 from bissl.stages.evaluate import evaluate
 from bissl.stages.pretrain import pretrain

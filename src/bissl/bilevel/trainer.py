@@ -105,10 +105,10 @@ class RankSync:
     """How one rank's trainer combines its work with the other ranks' (module docstring; ``None``: one process).
 
     ``mean(tensors)`` replaces each tensor, in place, by its mean over ranks (every rank calls it with the same
-    shapes in the same order), e.g. :func:`bissl.dist.all_reduce_mean_`. ``buffers(module)``, if
+    shapes in the same order), e.g. :func:`bissl.distributed.all_reduce_mean_`. ``buffers(module)``, if
     given, makes ``module``'s buffers equal on every rank after each step that moved them (BatchNorm running
     statistics of layers that normalise each rank's rows alone), e.g.
-    :func:`bissl.dist.broadcast_buffers`.
+    :func:`bissl.distributed.broadcast_buffers`.
     """
 
     mean: Callable[[Sequence[Tensor]], None]

@@ -8,8 +8,9 @@ builds its head (:meth:`~DownstreamTask.build_head_for`, on the backbone), turns
 twice on the same prepared batch, once with the lower backbone theta and once with the upper backbone phi.
 
 Evaluation is split in two so that it runs data parallel through the contract alone: every rank runs
-:meth:`predict` on its shard of a split, the engine puts the shards' predictions back together in dataset order
-(:func:`bissl.dist.gather_rows`) and :meth:`score` computes the metrics once. Predictions are per-sample rows: a
+:meth:`predict` on its shard of a split, the shards' predictions are put back together in dataset order
+(:func:`bissl.distributed.gather_rows`) and :meth:`score` computes the metrics once
+(:func:`bissl.eval.task.evaluate_split`). Predictions are per-sample rows: a
 tensor (or a tuple / dict of tensors) whose first dimension is the sample, or a list with one entry per sample.
 
 Register a task with ``@DOWNSTREAM_TASKS.register("name")``; ``bissl ... downstream.task=name`` then builds it with
@@ -33,6 +34,7 @@ from bissl.config import DownstreamConfig
 from bissl.data import build_dataset
 from bissl.data.base import ImageDataset
 from bissl.data.subsets import class_subset, few_shot
+from bissl.eval.task import evaluate_split
 from bissl.models.backbones import feature_dim_of
 from bissl.utils.errors import ConfigError
 from bissl.utils.registry import Registry
@@ -178,10 +180,10 @@ class DownstreamTask(abc.ABC):
         """Every declared metric (and possibly more) of the predictions of a whole split."""
 
     def evaluate(
-        self, backbone: nn.Module, head: nn.Module, dataset: ImageDataset, device: torch.device
+        self, backbone: nn.Module, head: nn.Module, dataset: ImageDataset, device: torch.device, precision: str = "fp32"
     ) -> dict[str, float]:
-        """Metrics on a whole split, in one process (checked against the declared ones)."""
-        return self.checked_scores(self.score(self.predict(backbone, head, dataset, device)))
+        """Metrics on a whole split, checked against the declared ones: :func:`bissl.eval.task.evaluate_split`."""
+        return evaluate_split(self, backbone, head, dataset, device, precision)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from bissl.config import BackboneConfig, DataConfig, OptimConfig, PretextSection
 from bissl.data.augment import ViewPipeline, build_view_augmentation
 from bissl.data.base import DatasetInfo
-from bissl.dist import world
+from bissl.distributed import world
 from bissl.engine.checkpoint import backbone_spec
 from bissl.engine.optim import ParamGroup, build_optimizer, cosine_with_warmup
 from bissl.models import build_backbone

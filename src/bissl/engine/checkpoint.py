@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bissl.engine.files import BACKBONE_FILE
 from bissl.models.weights import BACKBONE_FORMAT
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.io import load_torch, save_torch
@@ -32,9 +33,6 @@ from bissl.utils.registry import Registry
 
 HEAD_FORMAT = "bissl.head/v1"
 STATE_FORMAT = "bissl.state/v1"
-BACKBONE_FILE = "backbone.pt"
-PRETEXT_HEAD_FILE = "pretext_head.pt"
-DOWNSTREAM_HEAD_FILE = "downstream_head.pt"
 
 
 def backbone_spec(

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bissl.dist import all_reduce_mean_
+from bissl.distributed import all_reduce_mean_
 from bissl.downstream.base import DownstreamTask
 from bissl.engine.guard import DivergenceGuard
-from bissl.engine.step import BatchPlan, autocast
+from bissl.engine.microbatches import BatchPlan
+from bissl.utils.precision import autocast
 
 
 def warm_up_head(
@@ -31,10 +32,11 @@ def warm_up_head(
     """Train ``head`` for ``steps`` batches with the backbone frozen (eval mode, no gradients).
 
     SGD with momentum 0.9 and a cosine learning rate; returns the mean loss of the last 10 steps. Under DDP
-    ``batches`` yields this rank's rows of each global batch and ``plan`` (:class:`~bissl.engine.step.BatchPlan`)
-    says how their augmentation is drawn; the head's gradients and the losses are averaged over ranks, so every
-    rank trains the same head as one process on the global batches (same augmentation shards). ``precision``
-    (resolved, :func:`~bissl.engine.step.resolve_precision`): ``bf16`` runs the forward passes under autocast.
+    ``batches`` yields this rank's rows of each global batch and ``plan``
+    (:class:`~bissl.engine.microbatches.BatchPlan`) says how their augmentation is drawn; the head's gradients and
+    the losses are averaged over ranks, so every rank trains the same head as one process on the global batches
+    (same augmentation shards). ``precision`` (resolved, :func:`~bissl.utils.precision.resolve_precision`):
+    ``bf16`` runs the forward passes under autocast.
     """
     if steps == 0:
         return float("nan")

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bissl.engine.files import METRICS_CSV_FILE, METRICS_JSONL_FILE, TENSORBOARD_DIR
 from bissl.utils.errors import BisslError
 from bissl.utils.io import atomic_write
 
@@ -31,8 +32,8 @@ class MetricLogger:
     def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl_path = self.out_dir / "metrics.jsonl"
-        self.csv_path = self.out_dir / "metrics.csv"
+        self.jsonl_path = self.out_dir / METRICS_JSONL_FILE
+        self.csv_path = self.out_dir / METRICS_CSV_FILE
         self._truncate(resume_step)
         self._writer: Any = None
         if tensorboard:
@@ -46,7 +47,7 @@ class MetricLogger:
             else:
                 _quiet_writer_thread()
                 with self._tensorboard():
-                    self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=resume_step)
+                    self._writer = SummaryWriter(str(self.out_dir / TENSORBOARD_DIR), purge_step=resume_step)
 
     @contextlib.contextmanager
     def _tensorboard(self) -> Iterator[None]:

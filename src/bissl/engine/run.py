@@ -39,42 +39,17 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from bissl.config import to_yaml
-from bissl.dist import all_reduce_sum, barrier, init_from_env, is_main, main_only, on_main
+from bissl.distributed import all_reduce_sum, barrier, init_from_env, is_main, main_only, on_main
 from bissl.engine.checkpoint import load_state, save_state
+from bissl.engine.files import CONFIG_FILE, LOCK_FILE, RUN_FILES, STATE_FILE, SUMMARY_FILE
 from bissl.engine.logger import MetricLogger
 from bissl.engine.names import validate_names
-from bissl.engine.runtime import (
-    CONFIG_FILE,
-    RESUMABLE_KEYS,
-    STATE_FILE,
-    SUMMARY_FILE,
-    require_same_config,
-    write_summary,
-)
-from bissl.engine.step import resolve_precision
+from bissl.engine.run_record import RESUMABLE_KEYS, require_same_config, write_summary
 from bissl.utils.errors import BisslError, ConfigError, RunTerminated
 from bissl.utils.io import atomic_write, remove_stale_temp_files
+from bissl.utils.precision import resolve_precision
 
 log = logging.getLogger("bissl.run")
-
-LOCK_FILE = ".lock"
-#: every name a bissl stage writes into its folder; anything else is the user's and is never overwritten
-RUN_FILES = frozenset(
-    {
-        CONFIG_FILE,
-        SUMMARY_FILE,
-        LOCK_FILE,
-        "checkpoints",
-        "metrics.jsonl",
-        "metrics.csv",
-        "tb",
-        "backbone.pt",
-        "upper_backbone.pt",
-        "pretext_head.pt",
-        "downstream_head.pt",
-        "embedding.png",
-    }
-)
 
 
 class Stateful(Protocol):

@@ -24,6 +24,8 @@ def fit_linear_classifier(
     with ``seed``, so a seed gives the same classifier every time. The standardisation is folded into the
     returned layer, which therefore acts on the raw features.
     """
+    if labels.ndim != 1:
+        raise ValueError("a linear probe takes single-label class indices [N]; multi-label targets are not supported")
     x = feats.float()
     y = labels.long()
     mean, std = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)
@@ -58,8 +60,6 @@ def linear_probe(
     batch_size: int | None = 256,
 ) -> float:
     """Top-1 accuracy in [0, 1] on the test features of :func:`fit_linear_classifier` trained on the train ones."""
-    if train_labels.ndim != 1:
-        raise ValueError("linear_probe takes single-label class indices [N]; multi-label targets are not supported")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     layer = fit_linear_classifier(
         train_feats,
@@ -71,6 +71,10 @@ def linear_probe(
         seed=seed,
         batch_size=batch_size,
     )
-    with torch.no_grad():
-        predicted = layer(test_feats.float()).argmax(dim=1)
-    return (predicted == test_labels.long()).float().mean().item()
+    return probe_accuracy(layer, test_feats, test_labels)
+
+
+@torch.no_grad()
+def probe_accuracy(layer: nn.Module, feats: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy in [0, 1] of a fitted probe (:func:`fit_linear_classifier`) on ``(feats, labels)``."""
+    return (layer(feats.float()).argmax(dim=1) == labels.long()).float().mean().item()

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from bissl.config import PipelineConfig
+from bissl.engine.files import BACKBONE_FILE, METRICS_JSONL_FILE
 from bissl.engine.logger import read_metrics
 from bissl.pipeline.analysis import Run, task_metrics
 from bissl.utils.plotting import new_figure, save_png
@@ -46,7 +47,7 @@ def plot_curves(cfg: PipelineConfig, runs: list[Run], path: Path) -> Path:
         curves: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
         for r in runs:
             if r["task"] == task.name and r["arm"] in tuned:
-                records = read_metrics(Path(r["finetune_dir"]) / "metrics.jsonl", "epoch")
+                records = read_metrics(Path(r["finetune_dir"]) / METRICS_JSONL_FILE, "epoch")
                 for key in keys:
                     curves[r["arm"]][key].append([rec[key] for rec in records if key in rec])
         for row, key in enumerate(keys):
@@ -67,11 +68,11 @@ def plot_curves(cfg: PipelineConfig, runs: list[Run], path: Path) -> Path:
 
 def plot_alignment(cfg: PipelineConfig, task_index: int, runs: list[Run], pretrained: Path, path: Path) -> Path:
     """t-SNE of test features of the backbone each arm fine-tunes from (first seed): the alignment picture."""
-    from bissl.dist import resolve_device
+    from bissl.distributed import resolve_device
     from bissl.downstream.base import DOWNSTREAM_TASKS
     from bissl.engine.checkpoint import load_backbone
     from bissl.eval.embedding import embed_2d, plot_embeddings_grid
-    from bissl.eval.frozen import dataset_features
+    from bissl.eval.frozen import frozen_features
 
     task = cfg.tasks[task_index]
     test = DOWNSTREAM_TASKS.get(task.downstream.task).splits(task.downstream)["test"]
@@ -80,8 +81,8 @@ def plot_alignment(cfg: PipelineConfig, task_index: int, runs: list[Run], pretra
     for arm in cfg.arm_names():
         run = next(r for r in runs if r["task"] == task.name and r["arm"] == arm and r["seed"] == cfg.seeds[0])
         source = Path(run["align_dir"]) if run["align_dir"] else pretrained
-        backbone, _ = load_backbone(source / "backbone.pt")
-        features, labels = dataset_features(backbone.to(device), test, device=device)
+        backbone, _ = load_backbone(source / BACKBONE_FILE)
+        features, labels = frozen_features(backbone.to(device), test, device=device)
         points, kept = embed_2d(features, labels, seed=cfg.seeds[0], max_points=cfg.embedding_max_points)
         panels.append((f"{arm}: before fine-tuning", points, kept))
     return plot_embeddings_grid(panels, path, class_names=test.info.classes or None, title=f"{task.name} (test split)")

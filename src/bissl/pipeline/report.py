@@ -7,11 +7,10 @@ from typing import Any
 
 from bissl.config import PipelineConfig, TaskSpec
 from bissl.downstream.base import Metric
+from bissl.engine.files import CURVES_PLOT_FILE, HEADLINE_PLOT_FILE, REPORT_FILE, alignment_plot_file
 from bissl.pipeline.analysis import ALPHA, COMPUTE, KINDS, analyse, arm_kind, before_metrics, task_metrics
 from bissl.pipeline.plots import plot_alignment, plot_curves, plot_headline
 from bissl.utils.io import atomic_write
-
-REPORT_FILE = "report.md"
 
 
 def _mean_std(metric: Metric, summary: dict[str, float] | None) -> str:
@@ -218,12 +217,12 @@ def verdict_lines(cfg: PipelineConfig, analysis: dict[str, Any]) -> list[str]:
 
 def write_plots(cfg: PipelineConfig, results: dict[str, Any], pretrained: Path) -> dict[str, Path]:
     out, runs = Path(cfg.out_dir), results["runs"]
-    plots = {"headline": plot_headline(cfg, runs, out / "headline.png")}
-    plots["curves"] = plot_curves(cfg, runs, out / "curves.png")
+    plots = {"headline": plot_headline(cfg, runs, out / HEADLINE_PLOT_FILE)}
+    plots["curves"] = plot_curves(cfg, runs, out / CURVES_PLOT_FILE)
     if cfg.embedding:
         for i, task in enumerate(cfg.tasks):
             if results["analysis"][task.name]["labelled"]:
-                path = out / f"alignment_{task.name}.png"
+                path = out / alignment_plot_file(task.name)
                 plots[f"alignment_{task.name}"] = plot_alignment(cfg, i, runs, pretrained, path)
     return plots
 

@@ -38,10 +38,12 @@ from bissl.config import (
     to_yaml,
 )
 from bissl.downstream.base import DOWNSTREAM_TASKS
-from bissl.engine.checkpoint import PRETEXT_HEAD_FILE, read_head_file, resolve_backbone_file
+from bissl.engine.checkpoint import read_head_file, resolve_backbone_file
+from bissl.engine.data_checks import check_batch_size
+from bissl.engine.files import CONFIG_FILE, PRETEXT_HEAD_FILE, RESULTS_FILE, SUMMARY_FILE
 from bissl.engine.names import validate_names
 from bissl.engine.run import clear_run_dir, make_out_dir
-from bissl.engine.runtime import SUMMARY_FILE, check_batch_size, environment, require_same_config
+from bissl.engine.run_record import environment, require_same_config
 from bissl.pretext.base import PRETEXT_METHODS
 from bissl.stages.align import align
 from bissl.stages.evaluate import evaluate
@@ -52,8 +54,6 @@ from bissl.utils.errors import ConfigError
 from bissl.utils.io import atomic_write, remove_stale_temp_files, save_json
 
 log = logging.getLogger("bissl.pipeline")
-
-RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -278,7 +278,7 @@ def run_arm(
 
 
 def write_config(cfg: PipelineConfig) -> None:
-    atomic_write(Path(cfg.out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), mode="w")
+    atomic_write(Path(cfg.out_dir) / CONFIG_FILE, lambda f: f.write(to_yaml(cfg)), mode="w")
 
 
 STAGES = ("align", "evaluate", "finetune")  # the stage folders of one run of a study (align only in BiSSL arms)
@@ -294,7 +294,7 @@ def clear_study(cfg: PipelineConfig) -> None:
     for folder in folders:
         if folder.is_dir():
             clear_run_dir(folder)
-    (Path(cfg.out_dir) / "config.yaml").unlink(missing_ok=True)
+    (Path(cfg.out_dir) / CONFIG_FILE).unlink(missing_ok=True)
 
 
 def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None, *, overwrite: bool = False) -> StudyResult:
@@ -313,7 +313,7 @@ def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None, *, 
     remove_stale_temp_files(out)  # a report or results file torn by a kill
     if overwrite:
         clear_study(cfg)
-    if not (out / "config.yaml").is_file():
+    if not (out / CONFIG_FILE).is_file():
         write_config(cfg)
     check_tasks(cfg)
     stage_times: dict[str, float] = {}

@@ -9,7 +9,7 @@ The reference normalises with ``BatchNorm1d(affine=False)`` in train mode; here 
 (biased variance, ``eps = 1e-5``) are computed directly, so there are no running statistics to keep. Every term
 is differentiable, so the Hessian BiSSL takes is exact. With ``gather_distributed`` (switched on under DDP) the
 normalisation uses the global batch's statistics and ``c`` is summed over ranks, as the reference does, but through
-:func:`bissl.dist.sum_across_ranks`, an all-reduce inside the graph whose backward is itself differentiable. (The
+:func:`bissl.distributed.sum_across_ranks`, an all-reduce inside the graph whose backward is itself differentiable. (The
 reference's plain ``all_reduce`` on ``c`` passes the gradient through unsummed, so its gradients are the
 single-process ones divided by the number of processes.)
 """
@@ -35,7 +35,7 @@ def batch_standardize(z: Tensor, eps: float = 1e-5, *, gather_distributed: bool 
     if not gather_distributed:
         centred = z - z.mean(dim=0)
         return centred / torch.sqrt(centred.pow(2).mean(dim=0) + eps)
-    from bissl.dist import sum_across_ranks
+    from bissl.distributed import sum_across_ranks
 
     count = sum_across_ranks(z.new_tensor(float(z.shape[0])))
     centred = z - sum_across_ranks(z.sum(dim=0)) / count
@@ -56,7 +56,7 @@ def barlow_twins_loss(
     """
     batch = z1.shape[0]
     if gather_distributed:
-        from bissl.dist import sum_across_ranks, world
+        from bissl.distributed import sum_across_ranks, world
 
         batch *= world()
         s1 = batch_standardize(z1, eps, gather_distributed=True)

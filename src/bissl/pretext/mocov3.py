@@ -38,7 +38,7 @@ def moco_contrastive_loss(
     k = F.normalize(k.detach(), dim=1)
     offset = 0
     if gather_distributed:
-        from bissl.dist import all_gather_rows, rank
+        from bissl.distributed import all_gather_rows, rank
 
         k, offset = all_gather_rows(k), rank() * q.shape[0]
     logits = q @ k.T / temperature

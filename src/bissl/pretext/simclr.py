@@ -15,10 +15,10 @@ from bissl.pretext.pair import ProjectedPair
 def gather_across_ranks(x: Tensor) -> tuple[Tensor, int, int]:
     """``(cat of every rank's x, rank, world size)``; ``(x, 0, 1)`` without an initialised process group.
 
-    Uses :func:`bissl.dist.all_gather_rows`, whose backward (a sum over ranks) is itself
+    Uses :func:`bissl.distributed.all_gather_rows`, whose backward (a sum over ranks) is itself
     differentiable, so gradients and Hessian-vector products flow to every rank's embeddings.
     """
-    from bissl.dist import all_gather_rows, rank, world
+    from bissl.distributed import all_gather_rows, rank, world
 
     return all_gather_rows(x), rank(), world()
 

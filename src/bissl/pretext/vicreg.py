@@ -7,7 +7,7 @@ Defaults follow the paper and its reference code (``facebookresearch/vicreg``, `
 
 Every term is differentiable, so the Hessian BiSSL takes is exact. With ``gather_distributed`` (switched on under
 DDP) the variance and covariance are taken over the global batch, as the reference's ``FullGatherLayer`` does,
-through :func:`bissl.dist.all_gather_rows`, whose backward is itself differentiable: gradients and Hessian-vector
+through :func:`bissl.distributed.all_gather_rows`, whose backward is itself differentiable: gradients and Hessian-vector
 products then equal one process's on the concatenated batch. The invariance term stays local (a mean over rows:
 the mean of the ranks' terms is the global one).
 """
@@ -55,7 +55,7 @@ def vicreg_loss(
     """
     invariance = F.mse_loss(z1, z2)
     if gather_distributed:
-        from bissl.dist import all_gather_rows
+        from bissl.distributed import all_gather_rows
 
         z1, z2 = all_gather_rows(z1), all_gather_rows(z2)
     batch, dim = z1.shape

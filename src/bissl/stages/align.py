@@ -20,7 +20,7 @@ its penalised theta).
 
 Under ``torchrun`` every rank runs the bilevel cycles on its rows ``r, r + W, ...`` of each global lower and upper
 batch (``lower.batch_size`` and ``upper.batch_size`` stay the global sizes), with views drawn per augmentation
-shard as in ``pretrain`` (:mod:`bissl.engine.step`). No module is wrapped in ``DistributedDataParallel``: the
+shard as in ``pretrain`` (:mod:`bissl.engine.microbatches`). No module is wrapped in ``DistributedDataParallel``: the
 trainer averages gradients, hypergradient terms and Hessian-vector products over ranks explicitly
 (:class:`~bissl.bilevel.trainer.RankSync`), SimCLR contrasts with every rank's embeddings through a gather that
 differentiates twice, and with ``distributed.sync_batchnorm`` BatchNorm uses the statistics of the global batch
@@ -53,7 +53,7 @@ from bissl.config import AlignConfig
 from bissl.data import build_dataset
 from bissl.data.augment import ViewPipeline
 from bissl.data.base import ImageDataset
-from bissl.dist import all_reduce_mean_, broadcast_buffers, convert_sync_batchnorm, require_in_sync, world
+from bissl.distributed import all_reduce_mean_, broadcast_buffers, convert_sync_batchnorm, require_in_sync, world
 from bissl.downstream.base import DownstreamTask, build_task
 from bissl.engine.build import (
     add_lora,
@@ -64,30 +64,27 @@ from bissl.engine.build import (
     view_augmentation,
 )
 from bissl.engine.checkpoint import (
-    BACKBONE_FILE,
-    DOWNSTREAM_HEAD_FILE,
-    PRETEXT_HEAD_FILE,
     export_backbone,
     export_head,
     load_backbone,
     read_head_file,
     resolve_backbone_file,
 )
-from bissl.engine.evaluation import evaluate_split
+from bissl.engine.data_checks import check_batch_size, check_channels
+from bissl.engine.files import BACKBONE_FILE, DOWNSTREAM_HEAD_FILE, PRETEXT_HEAD_FILE, UPPER_BACKBONE_FILE
 from bissl.engine.guard import DivergenceGuard
 from bissl.engine.head_warmup import warm_up_head
+from bissl.engine.microbatches import BatchPlan
 from bissl.engine.run import Run
-from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream
-from bissl.engine.step import BatchPlan, autocast
+from bissl.eval.task import evaluate_split
 from bissl.pretext.base import PretextMethod
 from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import CheckpointError, ConfigError, NonFiniteError
+from bissl.utils.precision import autocast
 from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.align")
-
-UPPER_BACKBONE_FILE = "upper_backbone.pt"
 
 
 @dataclass

@@ -26,26 +26,25 @@ from typing import Any
 from torch import nn
 
 from bissl.config import EvaluateConfig
-from bissl.dist import on_main
+from bissl.distributed import on_main
 from bissl.downstream.base import DOWNSTREAM_TASKS, build_task
 from bissl.engine.checkpoint import load_backbone, resolve_backbone_file
-from bissl.engine.evaluation import evaluate_split
-from bissl.engine.frozen import Features, frozen_features, frozen_scores
+from bissl.engine.data_checks import check_channels
+from bissl.engine.files import EMBEDDING_FILE
 from bissl.engine.head_warmup import warm_up_head
+from bissl.engine.microbatches import use_channels_last
 from bissl.engine.run import Run
-from bissl.engine.runtime import check_channels
 from bissl.engine.sampling import BatchStream
-from bissl.engine.step import use_channels_last
 from bissl.eval.embedding import embed_2d, plot_embedding
+from bissl.eval.frozen import Features, frozen_features, frozen_scores
 from bissl.eval.knn import knn_k_used
+from bissl.eval.task import evaluate_split
 from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import CheckpointError, ConfigError
 from bissl.utils.plotting import require_plotting
 from bissl.utils.seed import derive_seed, seed_everything
 
 log = logging.getLogger("bissl.evaluate")
-
-EMBEDDING_FILE = "embedding.png"
 
 
 @dataclass

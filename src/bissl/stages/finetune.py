@@ -25,25 +25,24 @@ from torch import nn
 
 from bissl.config import FinetuneConfig
 from bissl.data.base import ImageDataset
-from bissl.dist import require_in_sync, world, wrap_ddp
+from bissl.distributed import require_in_sync, world, wrap_ddp
 from bissl.downstream.base import DownstreamTask, build_task
 from bissl.engine.anchor import L2SP
 from bissl.engine.build import add_lora, build_optimization, trainable
 from bissl.engine.checkpoint import (
-    BACKBONE_FILE,
-    DOWNSTREAM_HEAD_FILE,
     export_backbone,
     export_head,
     load_backbone,
     resolve_backbone_file,
 )
-from bissl.engine.evaluation import evaluate_split
+from bissl.engine.data_checks import check_batch_size, check_channels
+from bissl.engine.files import BACKBONE_FILE, DOWNSTREAM_HEAD_FILE
 from bissl.engine.guard import DivergenceGuard
 from bissl.engine.head_warmup import warm_up_head
+from bissl.engine.microbatches import BatchPlan, Objective, accumulate_gradients, use_channels_last
 from bissl.engine.run import Run
-from bissl.engine.runtime import check_batch_size, check_channels
 from bissl.engine.sampling import BatchStream, steps_per_epoch
-from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, use_channels_last
+from bissl.eval.task import evaluate_split
 from bissl.models.lora import set_trainable
 from bissl.utils.compute import ComputeCounter
 from bissl.utils.numerics import clip_gradients

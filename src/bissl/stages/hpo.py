@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 from bissl.config import FinetuneConfig, HPOConfig, build_config
 from bissl.downstream import DOWNSTREAM_TASKS
 from bissl.engine.checkpoint import config_diff
-from bissl.engine.runtime import RESUMABLE_KEYS, environment, read_config_record
+from bissl.engine.files import CONFIG_FILE, HPO_STUDY_FILE, HPO_SUMMARY_FILE, LOCK_FILE, SUMMARY_FILE
+from bissl.engine.run_record import RESUMABLE_KEYS, environment, read_config_record
 from bissl.stages.finetune import FinetuneResult, finetune
 from bissl.utils.errors import BisslError, ConfigError, NonFiniteError
 from bissl.utils.io import save_json
@@ -57,8 +58,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bissl.hpo")
 
-STUDY_FILE = "study.db"
-SUMMARY_FILE = "hpo_summary.json"
 # Keys that may differ between the runs (or workers) of one study: where things go, and what is searched.
 _STUDY_IGNORES = (
     "out_dir",
@@ -119,7 +118,7 @@ def storage_url(cfg: FinetuneConfig, hpo: HPOConfig) -> str:
         return hpo.storage
     from sqlalchemy.engine import URL
 
-    database = str((Path(cfg.out_dir) / STUDY_FILE).resolve())
+    database = str((Path(cfg.out_dir) / HPO_STUDY_FILE).resolve())
     return URL.create("sqlite", database=database).render_as_string(hide_password=False)
 
 
@@ -461,7 +460,7 @@ def search(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> SearchResult:
 def clear_search(out_dir: str | Path) -> None:
     """Delete a search's files in ``out_dir`` (its SQLite study, trials, final runs and summary), to start over."""
     out = Path(out_dir)
-    for name in (STUDY_FILE, SUMMARY_FILE, "trials", "final"):
+    for name in (HPO_STUDY_FILE, HPO_SUMMARY_FILE, "trials", "final"):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
@@ -471,16 +470,16 @@ def _finished_run(run_cfg: FinetuneConfig) -> FinetuneResult | None:
     out = Path(run_cfg.out_dir)
     if not out.exists():
         return None
-    config_file = out / "config.yaml"
+    config_file = out / CONFIG_FILE
     if not config_file.is_file():
-        diff = "no config.yaml"
+        diff = f"no {CONFIG_FILE}"
     else:
         diff = config_diff(read_config_record(config_file), run_cfg.model_dump(mode="json"), ignore=RESUMABLE_KEYS)
     if diff:
         log.warning("%s was run with other settings (%s); running it again", out, diff)
         shutil.rmtree(out)
         return None
-    summary_file = out / "summary.json"
+    summary_file = out / SUMMARY_FILE
     if not summary_file.is_file():
         return None
     summary = json.loads(summary_file.read_text())
@@ -511,7 +510,7 @@ def final_runs(
         raise ConfigError(f"final runs need distinct seeds (got {seeds}); set hpo.final_seeds")
     final_dir = Path(cfg.out_dir) / "final"
     final_dir.mkdir(parents=True, exist_ok=True)
-    with open(final_dir / ".lock", "w") as lock:
+    with open(final_dir / LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = []
         for seed in seeds:
@@ -540,5 +539,5 @@ def final_runs(
                 best_value=search.best_value,
                 trials=search.trials,
             )
-        save_json(summary, Path(cfg.out_dir) / SUMMARY_FILE)
+        save_json(summary, Path(cfg.out_dir) / HPO_SUMMARY_FILE)
     return results

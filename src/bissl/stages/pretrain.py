@@ -6,7 +6,7 @@ batch order from ``(seed, epoch)``, so ``--resume`` continues bit-exactly on CPU
 Under ``torchrun`` every rank trains on its shard of each global batch of ``data.batch_size`` in
 ``DistributedDataParallel``; SimCLR-type methods then contrast with the negatives of every rank
 (``pretext.params.gather_distributed``, on unless set), and rank 0 alone writes logs, checkpoints and exports.
-How views are drawn per shard, and which runs therefore equal which: :mod:`bissl.engine.step`.
+How views are drawn per shard, and which runs therefore equal which: :mod:`bissl.engine.microbatches`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 from bissl.config import PretrainConfig
 from bissl.data import build_dataset
 from bissl.data.base import ImageDataset
-from bissl.dist import require_in_sync, world, wrap_ddp
+from bissl.distributed import require_in_sync, world, wrap_ddp
 from bissl.engine.build import (
     build_backbone_from_config,
     build_optimization,
@@ -29,13 +29,14 @@ from bissl.engine.build import (
     data_kwargs,
     view_augmentation,
 )
-from bissl.engine.checkpoint import BACKBONE_FILE, PRETEXT_HEAD_FILE, export_backbone, export_head
-from bissl.engine.frozen import frozen_features, frozen_scores
+from bissl.engine.checkpoint import export_backbone, export_head
+from bissl.engine.data_checks import check_batch_size
+from bissl.engine.files import BACKBONE_FILE, PRETEXT_HEAD_FILE
 from bissl.engine.guard import DivergenceGuard
+from bissl.engine.microbatches import BatchPlan, Objective, accumulate_gradients, use_channels_last
 from bissl.engine.run import Run
-from bissl.engine.runtime import check_batch_size
 from bissl.engine.sampling import BatchStream, steps_per_epoch
-from bissl.engine.step import BatchPlan, Objective, accumulate_gradients, use_channels_last
+from bissl.eval.frozen import frozen_features, frozen_scores
 from bissl.utils.compute import ComputeCounter
 from bissl.utils.errors import ConfigError
 from bissl.utils.numerics import clip_gradients

@@ -1,4 +1,5 @@
-"""Per-row lists in a batch: what the engine splits and joins row by row besides tensors (:mod:`bissl.engine.step`)."""
+"""Per-row lists in a batch: what the engine splits and joins row by row besides tensors
+(:mod:`bissl.engine.microbatches`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Processes and collectives: the process group under torchrun, rank helpers, and collectives that autograd
 differentiates any number of times (so Hessian-vector products through a cross-rank loss are exact)."""
 
-from bissl.dist.process import (
+from bissl.distributed.process import (
     GlobalBatchNorm,
     all_gather_rows,
     all_reduce_mean,

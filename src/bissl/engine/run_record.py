@@ -1,4 +1,5 @@
-"""What every stage shares besides the run: config consistency of a run folder, batch and channel checks, summaries."""
+"""What a run folder records: the config it was made with (a run under another config is refused) and the summary
+of a finished run, with the environment it ran in."""
 
 from __future__ import annotations
 
@@ -13,12 +14,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from bissl.engine.checkpoint import config_diff
-from bissl.utils.errors import ConfigError, DataError
+from bissl.engine.files import CONFIG_FILE, SUMMARY_FILE
+from bissl.utils.errors import ConfigError
 from bissl.utils.io import save_json
 
-STATE_FILE = "checkpoints/last.pt"
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
 # Config keys that may differ between a run and its continuation: ``out_dir`` is where the run is found (a folder
 # moved, or named with a trailing slash or a relative path, resumes), not how it runs.
 RESUMABLE_KEYS = ("out_dir", "log", "device")
@@ -54,23 +53,6 @@ def read_config_record(path: Path) -> dict[str, Any]:
             f"{path} is not a readable config record; restore it, or pass --overwrite to run that folder afresh"
         )
     return record
-
-
-def check_batch_size(num_samples: int, batch_size: int, dataset: str, key: str) -> None:
-    if num_samples == 0:
-        raise DataError(f"dataset {dataset!r} is empty; check its root folder and split")
-    if num_samples < batch_size:
-        raise DataError(
-            f"dataset {dataset!r} has {num_samples} samples, fewer than one batch of {batch_size}; lower {key}"
-        )
-
-
-def check_channels(data_channels: int, backbone_channels: int, dataset: str) -> None:
-    if data_channels != backbone_channels:
-        raise ConfigError(
-            f"dataset {dataset!r} has {data_channels} channels but the backbone takes {backbone_channels}; "
-            "use data with matching channels or another backbone"
-        )
 
 
 def environment() -> dict[str, Any]:

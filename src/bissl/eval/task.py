@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import nn
 
 from bissl.data.base import ImageDataset
-from bissl.dist import gather_rows, shard_dataset
-from bissl.downstream.base import DownstreamTask
-from bissl.engine.step import autocast
+from bissl.distributed import gather_rows, shard_dataset
+from bissl.utils.precision import autocast
+
+
+class PredictingTask(Protocol):
+    """What evaluation needs of a :class:`~bissl.downstream.base.DownstreamTask` (eval sits below the tasks)."""
+
+    def predict(self, backbone: nn.Module, head: nn.Module, dataset: ImageDataset, device: torch.device) -> Any: ...
+    def score(self, predictions: Any) -> dict[str, float]: ...
+    def checked_scores(self, scores: dict[str, float]) -> dict[str, float]: ...
 
 
 def evaluate_split(
-    task: DownstreamTask,
+    task: PredictingTask,
     backbone: nn.Module,
     head: nn.Module,
     dataset: ImageDataset,

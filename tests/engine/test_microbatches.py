@@ -2,16 +2,16 @@ import pytest
 import torch
 from torch import nn
 
-from bissl.engine.step import (
+from bissl.engine.microbatches import (
     BatchPlan,
     Objective,
     accumulate_gradients,
     cat_rows,
-    resolve_precision,
     take_rows,
     use_channels_last,
 )
 from bissl.utils.errors import ConfigError
+from bissl.utils.precision import resolve_precision
 from bissl.utils.seed import make_generator
 
 

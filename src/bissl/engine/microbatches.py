@@ -36,8 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bissl.dist import all_reduce_mean, rank, world
+from bissl.distributed import all_reduce_mean, rank, world
 from bissl.utils.errors import ConfigError
+from bissl.utils.precision import autocast
 from bissl.utils.rows import Rows, is_rows
 from bissl.utils.seed import make_generator
 
@@ -151,21 +152,6 @@ class Objective(nn.Module):
 
     def forward(self, batch: Any) -> Tensor:
         return self._loss(batch)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``bf16`` on CUDA; elsewhere ``fp32`` (with a warning when ``bf16`` was asked for)."""
-    if precision == "bf16" and device.type != "cuda":
-        warnings.warn(f"precision=bf16 needs a CUDA device; running in fp32 on {device}", stacklevel=2)
-        return "fp32"
-    return precision
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA for ``precision='bf16'`` (weights, gradients and optimizer stay fp32); else nothing."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def use_channels_last(module: nn.Module, enabled: bool) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bissl.dist import process as D
+from bissl.distributed import process as D
 from helpers.ranks import spawn_ranks
 
 WORLD = 2
@@ -91,6 +91,7 @@ def _helpers_rank(rank: int, world: int, out: str, data: dict[str, torch.Tensor]
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.e2e
 def test_two_processes_gather_reduce_and_batchnorm_equal_one_process(tmp_path: Path):
     torch.manual_seed(0)
     data = {name: torch.randn(6, 3, 2, 2, dtype=torch.float64) for name in ("x", "v", "u")}
