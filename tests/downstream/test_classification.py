@@ -53,3 +53,13 @@ def test_users_declaration_is_honoured() -> None:
 def test_crop_scale_sized_to_the_image() -> None:
     assert finetune_crop_scale(8) == finetune_crop_scale(16) == (0.8, 1.0)
     assert finetune_crop_scale(96) == (0.5, 1.0)
+
+
+def test_few_shot_draw_follows_its_own_seed() -> None:
+    """A study's replicate draws its own k images per class (``few_shot_seed``); unset, the draw is ``data.seed``'s."""
+    data = DataConfig(name="digits", image_size=8)
+    draw = lambda **kw: ClassificationTask.splits(DownstreamConfig(data=data, few_shot=5, **kw))  # noqa: E731
+    default, own, again = draw(), draw(few_shot_seed=1), draw(few_shot_seed=1)
+    assert default["train"].indices == draw(few_shot_seed=data.seed)["train"].indices
+    assert own["train"].indices == again["train"].indices != default["train"].indices
+    assert len(own["train"]) == 50 and len(own["val"]) == len(default["val"])

@@ -87,7 +87,7 @@ def _optuna() -> ModuleType:
     try:
         import optuna
     except ImportError:
-        raise BisslError("hyper-parameter search needs optuna; pip install 'bissl[hpo]'") from None
+        raise BisslError("hyper-parameter search needs optuna (a core dependency): pip install -e .") from None
     return optuna
 
 
