@@ -149,16 +149,16 @@ def protocol_lines(cfg: PipelineConfig) -> list[str]:
 def replicate_lines(cfg: PipelineConfig) -> list[str]:
     """How many replicates, and what varied between them (what the paired tests' spread includes)."""
     few_shot = [t.name for t in cfg.tasks if t.downstream.few_shot]
-    varied = ["the alignment / fine-tuning seed (batches, augmentations, heads)"]
+    varied = ["alignment / fine-tuning seed (batches, augmentations, heads)"]
     if cfg.pretrained is not None:
         fixed = [f"pretraining (pinned: every replicate starts from `{cfg.pretrained}`)"]
     elif cfg.replicate.pretrain:
-        varied.insert(0, "the pretraining run (its own seed, `pretrain/seed<k>`)")
+        varied.insert(0, "pretraining run (seeded by it, `pretrain/seed<k>`)")
         fixed = []
     else:
         fixed = [f"pretraining (one run, seed {cfg.pretrain.seed}: `replicate.pretrain: false`)"]
     if few_shot and cfg.replicate.few_shot:
-        varied.append(f"the draw of the few-shot training images ({', '.join(few_shot)})")
+        varied.append(f"draw of the few-shot training images ({', '.join(few_shot)})")
     elif few_shot:
         fixed.append("the few-shot training images (one draw, `data.seed`: `replicate.few_shot: false`)")
     lines = [f"Replicates: {len(cfg.seeds)} (seeds {cfg.seeds}); each replicate has its own " + "; ".join(varied) + "."]
