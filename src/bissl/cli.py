@@ -112,7 +112,8 @@ def run_pipeline(cfg: Any, args: argparse.Namespace) -> None:
 
     result = run_study(cfg, until=args.until, overwrite=args.overwrite)
     if result.report_path is None:
-        _print(f"pretrained: {result.pretrained} (backbone.pt); run the same command without --until to continue")
+        folders = ", ".join(str(path) for path in dict.fromkeys(result.pretrained.values()))
+        _print(f"pretrained: {folders} (backbone.pt); run the same command without --until to continue")
         return
     _print(result.report_path.read_text().split("## Paired")[0].strip())
     _print(f"\nreport: {result.report_path}")

@@ -191,6 +191,7 @@ class DownstreamConfig(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     params: dict[str, Any] = Field(default_factory=dict)
     few_shot: int | None = Field(None, gt=0)  # k labelled training images per class
+    few_shot_seed: int | None = None  # seed of the few-shot draw; None: data.seed (a study sets its replicate's)
     classes: list[int] | None = None  # keep only these classes (relabelled 0..n-1)
 
     @model_validator(mode="before")
@@ -444,10 +445,20 @@ KIND_ALIGN: dict[str, dict[str, Any]] = {
 }
 
 
+class ReplicateSpec(StrictModel):
+    """What a study's replicate (one entry of ``seeds``) varies besides its alignment / fine-tuning seed: its own
+    pretraining run (``pretrain``) and its own draw of the few-shot training subset (``few_shot``). Off, every
+    replicate shares ``pretrain.seed``'s run / ``data.seed``'s draw, and that variance is outside the statistics."""
+
+    pretrain: bool = True
+    few_shot: bool = True
+
+
 class SearchSpec(StrictModel):
     """A study's fine-tuning search: ``trials`` settings of ``optim.lr`` / ``optim.weight_decay`` (and ``l2sp``
-    with ``l2sp_range``; log-uniform in the ranges) per arm and task, scored on validation, the same budget and
-    candidates for every arm; ``trials: 0`` fine-tunes every arm with the study's fixed settings."""
+    with ``l2sp_range``; log-uniform in the ranges) per arm and task, scored on validation, the same budget for
+    every arm, each arm's candidates drawn by its own sampler seed; ``trials: 0`` fine-tunes every arm with the
+    study's fixed settings."""
 
     trials: int = Field(0, ge=0)
     sampler: Literal["random", "tpe"] = "random"
@@ -466,17 +477,20 @@ def _default_arms() -> list[ArmSpec]:
 
 
 class PipelineConfig(StrictModel):
-    """``bissl pipeline``: pretrain once, then every arm x task x seed, then the report.
+    """``bissl pipeline``: every arm x task x replicate (``seeds``), then the report.
 
-    ``pretrain``, ``align`` and ``finetune`` are the stage configs shared by all runs; the pipeline sets
-    their ``out_dir``, ``seed``, ``device``, ``pretrained``/``backbone`` and ``downstream`` per run.
+    A replicate pretrains with its seed, draws its few-shot subset with it, and aligns / fine-tunes with it
+    (``replicate`` turns the first two off; ``pretrained`` pins pretraining to one run). ``pretrain``, ``align``
+    and ``finetune`` are the stage configs shared by all runs; the pipeline sets their ``out_dir``, ``seed``,
+    ``device``, ``pretrained``/``backbone`` and ``downstream`` per run.
     """
 
     out_dir: str = "runs/pipeline_digits"
     plugins: Plugins = Field(default_factory=list)
     device: Device = "auto"
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
-    pretrained: str | None = None  # use this pretrain run folder / backbone.pt instead of pretraining
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)  # one replicate each
+    replicate: ReplicateSpec = Field(default_factory=ReplicateSpec)
+    pretrained: str | None = None  # every replicate starts from this pretrain run folder / backbone.pt (pinned)
     data: DataSource = Field(default_factory=DataSource)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
@@ -528,6 +542,14 @@ class PipelineConfig(StrictModel):
 
     def arm_names(self) -> list[str]:
         return [arm.name for arm in self.arms]
+
+    def pretrain_seed(self, seed: int) -> int:
+        """The pretraining seed of replicate ``seed`` (``pretrain.seed`` when replicates share one run)."""
+        return seed if self.replicate.pretrain else self.pretrain.seed
+
+    def few_shot_seed(self, seed: int) -> int | None:
+        """The few-shot draw of replicate ``seed`` (None: the task's own, ``data.seed``, shared by replicates)."""
+        return seed if self.replicate.few_shot else None
 
     def is_control(self, arm: ArmSpec) -> bool:
         """Whether ``arm`` is the same-compute control: BiSSL's lower level with no upper level (``n_upper: 0``)."""

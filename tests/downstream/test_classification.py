@@ -82,3 +82,13 @@ def test_old_place_of_classification_options_moves_to_params_with_a_warning() ->
         assert DownstreamConfig.model_validate({"label_smoothing": 0.0, "augment": True}) == DownstreamConfig()
     with pytest.raises(ValueError, match=r"augment and params.augment disagree; set params.augment only"):
         DownstreamConfig.model_validate({"augment": False, "params": {"augment": True}})
+
+
+def test_few_shot_draw_follows_its_own_seed() -> None:
+    """A study's replicate draws its own k images per class (``few_shot_seed``); unset, the draw is ``data.seed``'s."""
+    data = DataConfig(name="digits", image_size=8)
+    draw = lambda **kw: ClassificationTask.splits(DownstreamConfig(data=data, few_shot=5, **kw))  # noqa: E731
+    default, own, again = draw(), draw(few_shot_seed=1), draw(few_shot_seed=1)
+    assert default["train"].indices == draw(few_shot_seed=data.seed)["train"].indices
+    assert own["train"].indices == again["train"].indices != default["train"].indices
+    assert len(own["train"]) == 50 and len(own["val"]) == len(default["val"])

@@ -70,7 +70,8 @@ def _study(tmp_path, task: str, values: dict[str, list[dict[str, float]]], froze
                 "optim": {"lr": 0.01, "weight_decay": 1e-4}, "metrics": {f"test_{k}": v for k, v in metrics.items()},
                 "frozen": (frozen or {}).get(arm, [{}] * 3)[seed], "coupling": {}, "wall_time_s": {"finetune": 1.0},
             })  # fmt: skip
-    results = {"runs": runs, "environment": ENVIRONMENT, "stage_wall_time_s": {}}
+    pretrained = {str(seed): str(tmp_path / "pretrain" / f"seed{seed}") for seed in cfg.seeds}
+    results = {"runs": runs, "environment": ENVIRONMENT, "stage_wall_time_s": {}, "pretrained": pretrained}
     return cfg, results
 
 
@@ -81,7 +82,7 @@ def test_lower_is_better_task_gets_a_correct_report(tmp_path):
         "pretext_only": [{"mae": 3.0, "r2": 0.4}, {"mae": 3.3, "r2": 0.4}, {"mae": 3.1, "r2": 0.4}],  # worse
     }
     cfg, results = _study(tmp_path, "toy_mae", mae)
-    report = write_report(cfg, results, tmp_path / "pretrain").read_text()
+    report = write_report(cfg, results).read_text()
     analysis = results["analysis"]["t"]
     assert analysis["headline"] == "mae" and not analysis["labelled"] and analysis["warnings"] == []
     bissl, control = (analysis["comparisons"][a]["after"]["mae"] for a in ("bissl", "pretext_only"))

@@ -48,7 +48,10 @@ def test_quick_pipeline_writes_a_complete_report(quick_study, capsys):
     assert all(r["align_dir"] for r in results["runs"] if r["arm"] == "bissl")
     assert all(math.isfinite(x) for x in _numbers(results["runs"]))
     assert all(math.isfinite(x) for x in _numbers(results["analysis"]))
-    assert results["environment"]["torch"] and results["stage_wall_time_s"]["pretrain"] > 0
+    assert results["environment"]["torch"] and min(results["stage_wall_time_s"].values()) > 0
+    assert set(results["stage_wall_time_s"]) == {"pretrain/seed0", "pretrain/seed1"}
+    for r in results["runs"]:  # a replicate: its own pretraining run and few-shot draw
+        assert r["pretrained"] == str(quick_study / "pretrain" / f"seed{r['seed']}") and r["few_shot_seed"] == r["seed"]
     analysis = results["analysis"][TASK]
     comparison = analysis["comparisons"]["bissl"]["after"]["top1"]
     assert comparison["ci_low"] <= comparison["mean_diff"] <= comparison["ci_high"]
@@ -56,11 +59,13 @@ def test_quick_pipeline_writes_a_complete_report(quick_study, capsys):
     assert all(r["knn_k"] == 5 for r in results["runs"])  # 5-shot: k = 20 capped by the class size
     searched = results["search"][TASK]
     assert set(searched) == ARMS and all(len(s["trials"]) == 2 for s in searched.values())
+    candidates = {tuple(sorted(t["params"].items())) for s in searched.values() for t in s["trials"]}
+    assert len(candidates) == 2 * len(ARMS)  # each arm's sampler has its own seed
     for r in results["runs"]:  # every seed fine-tunes with its arm's best setting
         assert r["optim"] == pytest.approx(searched[r["arm"]]["best_params"])
 
     report = (quick_study / "report.md").read_text()
-    for heading in ("# BiSSL study report", "## Verdicts", "**Before fine-tuning**", "**After fine-tuning**"):
+    for heading in ("# BiSSL study report", "Replicates: 2", "## Verdicts", "**Before fine-tuning**", "**After"):
         assert heading in report
     assert "kNN (k = 5: `evaluate.knn_k` = 20 capped by the training split's mean class size)" in report
     row = re.search(r"\| bissl \| [\d.e-]+ \| [\d.e-]+ \| ([\d.]+) ± ([\d.]+) \|", report)

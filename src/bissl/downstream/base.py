@@ -141,7 +141,8 @@ class DownstreamTask(abc.ABC):
         if cfg.classes is not None:
             out = {s: class_subset(d, cfg.classes) for s, d in out.items()}
         if cfg.few_shot is not None:
-            out["train"] = few_shot(out["train"], cfg.few_shot, seed=cfg.data.seed)
+            draw = cfg.data.seed if cfg.few_shot_seed is None else cfg.few_shot_seed
+            out["train"] = few_shot(out["train"], cfg.few_shot, seed=draw)
         return out
 
     @classmethod

@@ -134,7 +134,7 @@ def _coco_backend() -> str:
     for backend, module in (("faster_coco_eval", "faster_coco_eval"), ("pycocotools", "pycocotools")):
         if importlib.util.find_spec(module) is not None:
             return backend
-    raise ImportError("coco_map needs faster-coco-eval or pycocotools: pip install 'bissl[detection]'")
+    raise ImportError("coco_map needs faster-coco-eval (a core dependency): reinstall bissl (pip install -e .)")
 
 
 def coco_map(predictions: Detections, targets: Detections, *, max_detections: int = 100) -> dict[str, float]:

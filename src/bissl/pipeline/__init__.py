@@ -1,4 +1,4 @@
-"""Studies: pretrain once, then arms (conventional, BiSSL, ...) x tasks x seeds, then a report."""
+"""Studies: per replicate (seed) pretrain and draw, then arms (conventional, BiSSL, ...) x tasks, then a report."""
 
 from bissl.pipeline.study import StudyResult, run_study
 

@@ -66,8 +66,8 @@ def plot_curves(cfg: PipelineConfig, runs: list[Run], path: Path) -> Path:
     return save_png(fig, path)
 
 
-def plot_alignment(cfg: PipelineConfig, task_index: int, runs: list[Run], pretrained: Path, path: Path) -> Path:
-    """t-SNE of test features of the backbone each arm fine-tunes from (first seed): the alignment picture."""
+def plot_alignment(cfg: PipelineConfig, task_index: int, runs: list[Run], path: Path) -> Path:
+    """t-SNE of test features of the backbone each arm fine-tunes from (first replicate): the alignment picture."""
     from bissl.distributed import resolve_device
     from bissl.downstream.base import DOWNSTREAM_TASKS
     from bissl.engine.checkpoint import load_backbone
@@ -80,7 +80,7 @@ def plot_alignment(cfg: PipelineConfig, task_index: int, runs: list[Run], pretra
     panels: list[Any] = []
     for arm in cfg.arm_names():
         run = next(r for r in runs if r["task"] == task.name and r["arm"] == arm and r["seed"] == cfg.seeds[0])
-        source = Path(run["align_dir"]) if run["align_dir"] else pretrained
+        source = Path(run["align_dir"] or run["pretrained"])
         backbone, _ = load_backbone(source / BACKBONE_FILE)
         features, labels = frozen_features(backbone.to(device), test, device=device)
         points, kept = embed_2d(features, labels, seed=cfg.seeds[0], max_points=cfg.embedding_max_points)

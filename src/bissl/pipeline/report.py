@@ -176,8 +176,9 @@ def protocol_lines(cfg: PipelineConfig) -> list[str]:
         settings = (
             f"Each arm's fine-tuning lr / weight decay was searched per task on validation ({cfg.search.trials} "
             f"{cfg.search.sampler} trials, lr in {list(cfg.search.lr_range)}, weight decay in "
-            f"{list(cfg.search.weight_decay_range)}, first seed's starting backbone; same budget for every arm); "
-            "every seed then fine-tuned with its arm's best setting (tables below, `results.json` → `search`)."
+            f"{list(cfg.search.weight_decay_range)}, first replicate's starting backbone; same budget for every arm, "
+            "each arm's own sampler seed); "
+            "every replicate then fine-tuned with its arm's best setting (tables below, `results.json` → `search`)."
         )
     else:
         settings = "Every arm fine-tunes with the same fixed lr / weight decay (no search: `search.trials: 0`)."
@@ -189,7 +190,8 @@ def protocol_lines(cfg: PipelineConfig) -> list[str]:
         if matched else []
     )  # fmt: skip
     return [
-        f"Seeds: {cfg.seeds}; tasks: {', '.join(t.name for t in cfg.tasks)}. Arms:",
+        *replicate_lines(cfg),
+        f"Tasks: {', '.join(t.name for t in cfg.tasks)}. Arms:",
         "",
         *arms,
         "",
@@ -204,6 +206,36 @@ def protocol_lines(cfg: PipelineConfig) -> list[str]:
     ]
 
 
+def replicate_lines(cfg: PipelineConfig) -> list[str]:
+    """How many replicates, and what varied between them (what the paired tests' spread includes)."""
+    few_shot = [t.name for t in cfg.tasks if t.downstream.few_shot]
+    varied = ["alignment / fine-tuning seed (batches, augmentations, heads)"]
+    if cfg.pretrained is not None:
+        fixed = [f"pretraining (pinned: every replicate starts from `{cfg.pretrained}`)"]
+    elif cfg.replicate.pretrain:
+        varied.insert(0, "pretraining run (seeded by it, `pretrain/seed<k>`)")
+        fixed = []
+    else:
+        fixed = [f"pretraining (one run, seed {cfg.pretrain.seed}: `replicate.pretrain: false`)"]
+    if few_shot and cfg.replicate.few_shot:
+        varied.append(f"draw of the few-shot training images ({', '.join(few_shot)})")
+    elif few_shot:
+        fixed.append("the few-shot training images (one draw, `data.seed`: `replicate.few_shot: false`)")
+    lines = [f"Replicates: {len(cfg.seeds)} (seeds {cfg.seeds}); each replicate has its own " + "; ".join(varied) + "."]
+    if fixed:
+        lines.append("Shared by every replicate, so outside the statistics: " + "; ".join(fixed) + ".")
+    return lines
+
+
+def pretrain_lines(results: dict[str, Any]) -> list[str]:
+    """The pretraining run(s) the replicates start from, with the time each took here."""
+    lines = []
+    for folder in dict.fromkeys(results["pretrained"].values()):
+        took = results["stage_wall_time_s"].get(f"pretrain/{Path(folder).name}")
+        lines.append(f"- pretrained backbone: `{folder}`" + (f" (took {took:.0f} s)" if took else ""))
+    return lines
+
+
 def verdict_lines(cfg: PipelineConfig, analysis: dict[str, Any]) -> list[str]:
     """Each comparison's verdict on its task's headline metric, then every warning of the study."""
     lines = [
@@ -215,7 +247,7 @@ def verdict_lines(cfg: PipelineConfig, analysis: dict[str, Any]) -> list[str]:
     return [*lines, *([""] if warnings else []), *warnings]
 
 
-def write_plots(cfg: PipelineConfig, results: dict[str, Any], pretrained: Path) -> dict[str, Path]:
+def write_plots(cfg: PipelineConfig, results: dict[str, Any]) -> dict[str, Path]:
     out, runs = Path(cfg.out_dir), results["runs"]
     plots = {"headline": plot_headline(cfg, runs, out / HEADLINE_PLOT_FILE)}
     plots["curves"] = plot_curves(cfg, runs, out / CURVES_PLOT_FILE)
@@ -223,17 +255,16 @@ def write_plots(cfg: PipelineConfig, results: dict[str, Any], pretrained: Path) 
         for i, task in enumerate(cfg.tasks):
             if results["analysis"][task.name]["labelled"]:
                 path = out / alignment_plot_file(task.name)
-                plots[f"alignment_{task.name}"] = plot_alignment(cfg, i, runs, pretrained, path)
+                plots[f"alignment_{task.name}"] = plot_alignment(cfg, i, runs, path)
     return plots
 
 
-def write_report(cfg: PipelineConfig, results: dict[str, Any], pretrained: Path) -> Path:
+def write_report(cfg: PipelineConfig, results: dict[str, Any]) -> Path:
     """Add the analysis to ``results`` and write the plots and ``report.md``; returns the report's path."""
     out = Path(cfg.out_dir)
     results["analysis"] = analysis = analyse(cfg, results["runs"])
-    plots = write_plots(cfg, results, pretrained)
+    plots = write_plots(cfg, results)
     results["plots"] = {k: str(v) for k, v in plots.items()}
-    pre_time = results["stage_wall_time_s"].get("pretrain")
     env = results["environment"]
     text = "\n".join(
         [
@@ -252,7 +283,7 @@ def write_report(cfg: PipelineConfig, results: dict[str, Any], pretrained: Path)
             "",
             "## Run",
             "",
-            f"- pretrained backbone: `{pretrained}`" + (f" (pretraining took {pre_time:.0f} s)" if pre_time else ""),
+            *pretrain_lines(results),
             f"- every number, config, version and wall time: `{out / 'results.json'}`",
             f"- torch {env['torch']}, python {env['python']}, {env['threads']} threads, CUDA: {env['cuda']}",
             "",

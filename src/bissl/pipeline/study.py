@@ -1,10 +1,15 @@
-"""``bissl pipeline``: one study. Pretrain once, then for every task x arm x seed: (align ->) score the starting
-backbone frozen (kNN and linear probe on class labels, else the task's own head: ``bissl evaluate``) -> fine-tune;
-then the report.
+"""``bissl pipeline``: one study. For every replicate (one entry of ``seeds``): pretrain with its seed, then for every
+task x arm: (align ->) score the starting backbone frozen (kNN and linear probe on class labels, else the task's
+own head: ``bissl evaluate``) -> fine-tune; then the report.
+
+A replicate is (pretraining seed, few-shot draw, alignment / fine-tuning seed), all its own seed, so the variance a
+user meets (which pretraining run, which k images per class are labelled) is inside the paired tests over
+replicates. ``replicate: {pretrain: false}`` shares one pretraining run (``pretrain.seed``), ``replicate:
+{few_shot: false}`` one draw (``data.seed``); a study given ``pretrained`` pins pretraining to that run.
 
 With ``search.trials > 0`` each arm's fine-tuning lr / weight decay is searched on validation once per task, on the
-first seed's starting backbone, with the same budget (and, with the random sampler, the same candidates) for every
-arm; every seed of that arm then fine-tunes with its best setting.
+first replicate's starting backbone, with the same budget for every arm and each arm's own sampler seed; every
+replicate of that arm then fine-tunes with its best setting.
 
 Stages meet only through their run folders. A stage whose ``summary.json`` exists is finished and is
 skipped, provided its folder was made with the same config (a changed config is an error, never mixed
@@ -52,6 +57,7 @@ from bissl.stages.hpo import SearchChanged, clear_search, search, with_params
 from bissl.stages.pretrain import pretrain
 from bissl.utils.errors import ConfigError
 from bissl.utils.io import atomic_write, remove_stale_temp_files, save_json
+from bissl.utils.seed import derive_seed
 
 log = logging.getLogger("bissl.pipeline")
 
@@ -64,6 +70,8 @@ class RunRecord:
     arm: str
     seed: int
     finetune_dir: Path
+    pretrained: Path  # the pretraining run this replicate starts from
+    few_shot_seed: int | None = None  # its draw of the few-shot training subset (None: the task's data.seed)
     align_dir: Path | None = None
     optim: dict[str, float] = field(default_factory=dict)  # the lr / weight decay this run fine-tuned with
     metrics: dict[str, float] = field(default_factory=dict)  # fine-tuning's (val_*, test_*)
@@ -84,7 +92,7 @@ class StudyResult:
     records: list[RunRecord]
     results_path: Path | None  # None: stopped before the runs (``until``)
     report_path: Path | None
-    pretrained: Path | None = None  # the folder of the backbone every run starts from
+    pretrained: dict[int, Path] = field(default_factory=dict)  # each replicate's pretraining run folder, by seed
 
 
 def run_stage(cfg: BaseModel, runner: Callable[[Any], Any], label: str) -> dict[str, Any]:
@@ -114,9 +122,25 @@ def with_data_source(cfg: PipelineConfig, stage: BaseModel, data_keys: tuple[str
     return type(stage).model_validate(dump)
 
 
-def pretrain_config(cfg: PipelineConfig) -> PretrainConfig:
-    stage = cfg.pretrain.model_copy(update={"out_dir": str(Path(cfg.out_dir) / "pretrain"), "device": cfg.device})
+def pretrain_config(cfg: PipelineConfig, seed: int) -> PretrainConfig:
+    """Pretraining with seed ``seed``, in ``pretrain/seed<seed>``."""
+    out = Path(cfg.out_dir) / "pretrain" / f"seed{seed}"
+    stage = cfg.pretrain.model_copy(update={"seed": seed, "out_dir": str(out), "device": cfg.device})
     return with_data_source(cfg, stage, ("data",))  # type: ignore[return-value]
+
+
+def pretrain_runs(cfg: PipelineConfig, stage_times: dict[str, float]) -> dict[int, Path]:
+    """Each replicate's pretraining run folder (run here unless ``cfg.pretrained`` pins one), by replicate seed."""
+    if cfg.pretrained is not None:
+        pinned = resolve_backbone_file(cfg.pretrained).parent
+        return dict.fromkeys(cfg.seeds, pinned)
+    by_seed = {seed: cfg.pretrain_seed(seed) for seed in cfg.seeds}
+    folders: dict[int, Path] = {}
+    for pre_seed in dict.fromkeys(by_seed.values()):
+        summary = run_stage(pretrain_config(cfg, pre_seed), partial(pretrain, resume=True), f"pretrain seed{pre_seed}")
+        folders[pre_seed] = Path(summary["backbone"]).parent
+        stage_times[f"pretrain/seed{pre_seed}"] = summary["wall_time_s"]
+    return {seed: folders[pre_seed] for seed, pre_seed in by_seed.items()}
 
 
 def arm_dir(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec) -> Path:
@@ -133,7 +157,7 @@ def _run_fields(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, seed: int, st
         "seed": seed,
         "device": cfg.device,
         "out_dir": str(run_dir(cfg, task, arm, seed) / stage),
-        "downstream": task.downstream,
+        "downstream": task.downstream.model_copy(update={"few_shot_seed": cfg.few_shot_seed(seed)}),
     }
 
 
@@ -199,9 +223,11 @@ def check_tasks(cfg: PipelineConfig) -> None:
 
 
 def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone: Path) -> dict[str, Any]:
-    """Search ``arm``'s fine-tuning lr / weight decay on validation, from the first seed's starting backbone."""
+    """Search ``arm``'s fine-tuning lr / weight decay on validation, from the first replicate's starting backbone;
+    the trials' seed (which seeds the sampler) is the arm's own, so arms do not share one draw of candidates."""
     stage = finetune_config(cfg, task, arm, cfg.seeds[0], backbone, {})
-    stage = stage.model_copy(update={"out_dir": str(arm_dir(cfg, task, arm) / "search")})
+    own_seed = derive_seed(cfg.seeds[0], "search", task.name, arm.name) % 2**31
+    stage = stage.model_copy(update={"out_dir": str(arm_dir(cfg, task, arm) / "search"), "seed": own_seed})
     try:
         result = search(stage, cfg.search.hpo())
     except SearchChanged as exc:  # its fix names hpo keys, which a study does not have
@@ -221,13 +247,13 @@ def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone:
     }
 
 
-def start_backbone(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, record: RunRecord, pretrained: Path) -> Path:
-    """The backbone ``record``'s run fine-tunes from: the pretrained one, or theta of its alignment (BiSSL's or a
+def start_backbone(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, record: RunRecord) -> Path:
+    """The backbone ``record``'s run fine-tunes from: its pretrained one, or theta of its alignment (BiSSL's or a
     rival rule's, run here)."""
     if not arm.aligns:
-        return pretrained
-    cycles = equal_compute_cycles(cfg, task, arm, record.seed, pretrained)
-    align_cfg = align_config(cfg, task, arm, record.seed, pretrained, cycles)
+        return record.pretrained
+    cycles = equal_compute_cycles(cfg, task, arm, record.seed, record.pretrained)
+    align_cfg = align_config(cfg, task, arm, record.seed, record.pretrained, cycles)
     summary = run_stage(align_cfg, partial(align, resume=True), f"{task.name}/{arm.name}/seed{record.seed}: align")
     record.align_dir = Path(align_cfg.out_dir)
     record.align_metrics = summary["metrics"]
@@ -251,14 +277,16 @@ def probe_result(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, record: RunR
 
 
 def run_arm(
-    cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, pretrained: Path
+    cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, pretrained: dict[int, Path]
 ) -> tuple[list[RunRecord], dict[str, Any] | None]:
-    """Every seed of one arm on one task (and, with ``search.trials``, its search first); the runs and the search."""
+    """Every replicate of one arm on one task (and, with ``search.trials``, its search first); the runs and the
+    search. ``pretrained``: each replicate's pretraining run, by seed."""
     records, searched = [], None
     for seed in cfg.seeds:
         label = f"{task.name}/{arm.name}/seed{seed}"
-        record = RunRecord(task.name, arm.name, seed, run_dir(cfg, task, arm, seed) / "finetune")
-        backbone = start_backbone(cfg, task, arm, record, pretrained)
+        record = RunRecord(task.name, arm.name, seed, run_dir(cfg, task, arm, seed) / "finetune", pretrained[seed],
+                           cfg.few_shot_seed(seed) if task.downstream.few_shot else None)  # fmt: skip
+        backbone = start_backbone(cfg, task, arm, record)
         summary = run_stage(evaluate_config(cfg, task, arm, seed, backbone), evaluate, f"{label}: frozen scores")
         record.frozen, record.knn_k = summary["metrics"], summary.get("knn_k")
         if arm.kind == "probe":
@@ -286,7 +314,8 @@ STAGES = ("align", "evaluate", "finetune")  # the stage folders of one run of a 
 
 def clear_study(cfg: PipelineConfig) -> None:
     """Delete what earlier runs of the study wrote into its stage folders and searches (never other files)."""
-    folders = [] if cfg.pretrained is not None else [Path(pretrain_config(cfg).out_dir)]
+    pre_seeds = dict.fromkeys(cfg.pretrain_seed(seed) for seed in cfg.seeds)
+    folders = [] if cfg.pretrained is not None else [Path(pretrain_config(cfg, s).out_dir) for s in pre_seeds]
     for task in cfg.tasks:
         for arm in cfg.arms:
             clear_search(arm_dir(cfg, task, arm) / "search")
@@ -317,12 +346,7 @@ def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None, *, 
         write_config(cfg)
     check_tasks(cfg)
     stage_times: dict[str, float] = {}
-    if cfg.pretrained is not None:
-        pretrained = resolve_backbone_file(cfg.pretrained).parent
-    else:
-        summary = run_stage(pretrain_config(cfg), partial(pretrain, resume=True), "pretrain")
-        pretrained = Path(summary["backbone"]).parent
-        stage_times["pretrain"] = summary["wall_time_s"]
+    pretrained = pretrain_runs(cfg, stage_times)
     if until == "pretrain":
         return StudyResult(out, [], None, None, pretrained)
 
@@ -339,13 +363,13 @@ def run_study(cfg: PipelineConfig, until: Literal["pretrain"] | None = None, *, 
         "config": cfg.model_dump(mode="json"),
         "environment": environment(),
         "seeds": cfg.seeds,
-        "pretrained": str(pretrained),
+        "pretrained": {str(seed): str(path) for seed, path in pretrained.items()},
         "stage_wall_time_s": stage_times,
         "search": searches,
         "runs": [r.as_json() for r in records],
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    report_path = write_report(cfg, results, pretrained)
+    report_path = write_report(cfg, results)
     save_json(results, out / RESULTS_FILE)
     write_config(cfg)
     return StudyResult(out, records, out / RESULTS_FILE, report_path, pretrained)

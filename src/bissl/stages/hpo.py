@@ -98,7 +98,7 @@ def _optuna() -> ModuleType:
     try:
         import optuna
     except ImportError:
-        raise BisslError("hyper-parameter search needs optuna; pip install 'bissl[hpo]'") from None
+        raise BisslError("hyper-parameter search needs optuna (a core dependency): pip install -e .") from None
     trial_log = logging.getLogger("optuna.study._optimize")
     if _drop_traceback not in trial_log.filters:
         trial_log.addFilter(_drop_traceback)
