@@ -160,17 +160,20 @@ def test_until_pretrain_runs_only_the_pretraining(quick_study, tmp_path, capsys)
 @pytest.mark.e2e
 def test_positive_control_study_runs_quick(tmp_path):
     """The positive control (digits, half mirrored, label "mirrored?"; pretext views flipped at random) runs its
-    --quick preset; its report gives every arm's frozen scores and the Wilcoxon p of its comparisons."""
+    --quick preset with the measured settings (25 shots; upper lr 0.05, lam 1: phi learns the factor and theta follows);
+    its report gives every arm's frozen scores and the Wilcoxon p of its comparisons."""
     out = tmp_path / "pc"
     assert main(["pipeline", "--config", "pipeline_positive_control", "--quick", "--out-dir", str(out), *FAST]) == 0
     results = json.loads((out / "results.json").read_text())
     for side in ("pretrain", "align"):
         assert results["config"][side]["pretext"]["augmentation_params"]["flip_p"] == 0.5
+    align = results["config"]["align"]
+    assert align["upper"]["optim"]["lr"] == 0.05 and align["bilevel"]["lam"] == 1
     runs = results["runs"]
-    assert {r["arm"] for r in runs} == ARMS and all(r["task"] == "mirror_10shot" for r in runs)
+    assert {r["arm"] for r in runs} == ARMS and all(r["task"] == "mirror_25shot" for r in runs)
     assert all(0 <= r["frozen"]["knn_test"] <= 1 for r in runs)
     report = (out / "report.md").read_text()
-    assert "## mirror_10shot" in report and "p (Wilcoxon)" in report and "nan" not in report.lower()
+    assert "## mirror_25shot" in report and "p (Wilcoxon)" in report and "nan" not in report.lower()
 
 
 @pytest.mark.e2e
