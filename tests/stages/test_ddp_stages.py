@@ -119,7 +119,9 @@ def test_pretrain_on_two_processes_equals_one_process(ddp, single, method):
     train = [read_metrics(root / method / "metrics.jsonl", "train") for root in (ddp, single)]
     losses = [[r["loss"] for r in rows] for rows in train]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5, rel=LOSS_REL.get(method, 0))
-    assert train[0][0]["grad_norm"] == pytest.approx(train[1][0]["grad_norm"], rel=1e-6)  # not scaled by 1 / ranks
+    # not scaled by 1 / ranks (that is 50 % off): float32 reductions over 2 x 128 rows instead of 256 leave 4.7e-6
+    # relative on SimCLR's first gradient norm on this project's CPU (2026-12-07; 1e-7 on an earlier one)
+    assert train[0][0]["grad_norm"] == pytest.approx(train[1][0]["grad_norm"], rel=2e-5)
     # kNN and linear probe of sharded feature extraction; one of 359 test images may flip on a float tie
     assert read_results(ddp, WORLD)[method] == pytest.approx(read_results(single, WORLD)[method], abs=1.5 / 359)
 

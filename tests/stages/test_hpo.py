@@ -276,7 +276,9 @@ def test_bad_setups_are_one_line_errors(make_cfg, monkeypatch):
     with pytest.raises(ConfigError, match=r"distinct seeds \(got \[0, 0\]\)"):
         final_runs(make_cfg(), {"lr": 0.1, "weight_decay": 1e-4}, [0, 0])
     monkeypatch.setitem(sys.modules, "optuna", None)
-    with pytest.raises(BisslError, match=r"^hyper-parameter search needs optuna; pip install 'bissl\[hpo\]'$"):
+    with pytest.raises(
+        BisslError, match=r"^hyper-parameter search needs optuna \(a core dependency\): pip install -e \.$"
+    ):
         search(make_cfg("hpo.trials=1"))
 
 

@@ -150,9 +150,11 @@ def test_until_pretrain_runs_only_the_pretraining(quick_study, tmp_path, capsys)
     out = tmp_path / "premise"
     assert main(["pipeline", "--quick", "--until", "pretrain", "--out-dir", str(out), *FAST]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "pretrain"]
-    assert (out / "pretrain" / "summary.json").is_file() and "without --until" in capsys.readouterr().out
-    summary = quick_study / "pretrain" / "summary.json"
-    files = {p: p.read_bytes() for p in (summary, quick_study / "results.json", quick_study / "report.md")}
+    assert sorted(p.name for p in (out / "pretrain").iterdir()) == ["seed0", "seed1"]  # one per replicate
+    assert all((out / "pretrain" / s / "summary.json").is_file() for s in ("seed0", "seed1"))
+    assert "without --until" in capsys.readouterr().out
+    summaries = [quick_study / "pretrain" / s / "summary.json" for s in ("seed0", "seed1")]
+    files = {p: p.read_bytes() for p in (*summaries, quick_study / "results.json", quick_study / "report.md")}
     assert main(["pipeline", "--quick", "--until", "pretrain", "--out-dir", str(quick_study), *FAST]) == 0
     assert files == {p: p.read_bytes() for p in files}  # reused as it was, nothing re-run or rewritten
 
