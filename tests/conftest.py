@@ -19,7 +19,9 @@ import fake_detection  # noqa: F401 - registers `synthetic_detection` until the 
 
 from helpers.stages import TINY_ALIGN, TINY_PRETRAIN
 
-STAGE_FIXTURES = {"tiny_pretrained"}  # fixtures that run a stage: every test using one is end-to-end
+# fixtures (here and in test modules) that run a stage or start processes: every test using one is end-to-end, so
+# `pytest -m "not e2e"` never sets them up (the guard below would fail such a test only after its fixture ran)
+STAGE_FIXTURES = {"tiny_pretrained", "quick_study", "pretrained", "runs", "ddp", "single", "results", "start_worker"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
