@@ -49,10 +49,18 @@ def _watch_for_e2e_work(item: pytest.Item) -> Iterator[None]:
 
         return wrapper
 
-    process = multiprocessing.process.BaseProcess
+    def popen(self: Any, args: Any, *rest: Any, **kwargs: Any) -> Any:
+        # a Python process (a bissl command, torchrun, a worker); libraries' own probes (`lscpu` from joblib's CPU
+        # count, say) are not a test's end-to-end work
+        command = [args] if isinstance(args, str | Path) else list(args)
+        if command and Path(str(command[0]).split()[0]).name.startswith(("python", "bissl", "torchrun")):
+            seen.append("starts a process")
+        return original_popen(self, args, *rest, **kwargs)
+
+    process, original_popen = multiprocessing.process.BaseProcess, subprocess.Popen.__init__
     with (
         mock.patch.object(Run, "__init__", record("runs a stage", Run.__init__)),
-        mock.patch.object(subprocess.Popen, "__init__", record("starts a process", subprocess.Popen.__init__)),
+        mock.patch.object(subprocess.Popen, "__init__", popen),
         mock.patch.object(process, "start", record("starts a process", process.start)),
     ):
         yield
