@@ -140,7 +140,7 @@ def _finished_in_logs(*logs: Path) -> Counter:
 
 
 def _seeded_draws(seed: int, numbers: list[int], lr_range, wd_range) -> dict[int, tuple[float, float]]:
-    """The parameters trial ``n`` draws: a RandomSampler seeded by ``(seed, n)`` (see bissl.stages.hpo._sampler)."""
+    """The parameters slot ``n`` draws: a RandomSampler seeded by ``(seed, n)`` (see bissl.stages.hpo._sampler)."""
     draws = {}
     for n in numbers:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=derive_seed(seed, "hpo", n) % 2**32))
@@ -242,8 +242,11 @@ def test_study_resumes_after_a_worker_is_killed_mid_trial(tiny_pretrained, tmp_p
     assert retry.system_attrs["failed_trial"] == victim.number and retry.number > victim.number
     assert retry.state == TrialState.COMPLETE and retry.params == victim.params
     assert retry.user_attrs["run_dir"] == victim.user_attrs["run_dir"]  # the dead trial's folder, restarted
-    drawn = {t.number: (t.params["lr"], t.params["weight_decay"]) for t in trials if t is not retry}
-    assert drawn == _seeded_draws(0, list(drawn), (0.01, 0.3), (1e-5, 1e-2))  # fresh draws, one per trial
+    # each trial draws the settings of its search slot (bissl.stages.hpo: a sampler seeded by (seed, slot)); the
+    # victim's slot was freed by its death and taken again by a later trial, which drew the same settings
+    drawn = {t.user_attrs["slot"]: (t.params["lr"], t.params["weight_decay"]) for t in trials if "slot" in t.user_attrs}
+    assert sorted(drawn) == list(range(n))
+    assert drawn == _seeded_draws(0, list(drawn), (0.01, 0.3), (1e-5, 1e-2))
     assert (Path(retry.user_attrs["run_dir"]) / "summary.json").is_file()
     assert f"{len(done_before)} of {n} trials finished" in second_log.read_text()
     for t in done_before:  # finished trials are not run again
