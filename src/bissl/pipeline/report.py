@@ -142,7 +142,8 @@ def compute_lines(result: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     header = ["arm", "stage", "backbone forward", "backbone backward", "HVPs", "images (forward)", "wall (s)"]
-    return ["", "**Compute** per seed (mean; each stage's `summary.json` → `compute`; pretraining is shared):", "",
+    return ["", "**Compute** per seed (mean; each stage's `summary.json` → `compute`; pretraining, the same for every "
+            "arm, is not counted: its wall time per run is under Run):", "",
             *_table(header, rows)]  # fmt: skip
 
 
