@@ -14,7 +14,7 @@ from bissl.config import PipelineConfig
 from bissl.downstream.base import DOWNSTREAM_TASKS, DownstreamTask, Metric
 from bissl.pipeline.analysis import analyse
 from bissl.pipeline.report import write_report
-from bissl.pipeline.stats import minimum_detectable_effect
+from bissl.pipeline.stats import holm, minimum_detectable_effect
 
 
 @DOWNSTREAM_TASKS.register("toy_mae", overwrite=True)
@@ -51,22 +51,25 @@ ARMS = [
 ENVIRONMENT = {"torch": "x", "python": "y", "threads": 1, "cuda": None}
 
 
-def _study(tmp_path, task: str, values: dict[str, list[dict[str, float]]], frozen=None) -> tuple[PipelineConfig, dict]:
-    """A finished study of 3 seeds with the given per-arm test metrics (and frozen scores), and its metric logs."""
+def _study(
+    tmp_path, task: str, values: dict[str, list[dict[str, float]]], frozen=None, names=("t",)
+) -> tuple[PipelineConfig, dict]:
+    """A finished study of 3 seeds with the given per-arm test metrics (and frozen scores), and its metric logs; with
+    several task ``names``, every task has the same values."""
     cfg = PipelineConfig(
         out_dir=str(tmp_path), seeds=[0, 1, 2], arms=ARMS, embedding=False,
-        tasks=[{"name": "t", "downstream": {"task": task}}],
+        tasks=[{"name": name, "downstream": {"task": task}} for name in names],
     )  # fmt: skip
     runs = []
-    for arm, per_seed in values.items():
+    for name, (arm, per_seed) in ((n, item) for n in names for item in values.items()):
         for seed, metrics in enumerate(per_seed):
-            folder = tmp_path / arm / f"seed{seed}"
+            folder = tmp_path / name / arm / f"seed{seed}"
             folder.mkdir(parents=True)
             key = next(iter(metrics))
             lines = [{"tag": "epoch", "step": e, f"val_{key}": metrics[key], "train_loss": 1.0 / e} for e in (1, 2)]
             (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
             runs.append({
-                "task": "t", "arm": arm, "seed": seed, "finetune_dir": str(folder), "align_dir": None,
+                "task": name, "arm": arm, "seed": seed, "finetune_dir": str(folder), "align_dir": None,
                 "optim": {"lr": 0.01, "weight_decay": 1e-4}, "metrics": {f"test_{k}": v for k, v in metrics.items()},
                 "frozen": (frozen or {}).get(arm, [{}] * 3)[seed], "coupling": {}, "wall_time_s": {"finetune": 1.0},
             })  # fmt: skip
@@ -123,3 +126,27 @@ def test_a_null_prints_its_minimum_detectable_effect_and_wilcoxon(tmp_path):
     assert f"(MDE ±{mde:.2f})" in report and f"would detect ±{mde:.2f} with 80 % power" in bissl["verdict"]
     assert "p (Wilcoxon)" in report and f"| {bissl['wilcoxon_p']:.3g} |" in report
     assert f"{bissl['d_z']:+.2f} [{bissl['d_z_ci'][0]:+.2f}, {bissl['d_z_ci'][1]:+.2f}]" in report
+
+
+def test_holm_runs_over_arms_and_tasks_before_and_after_finetuning(tmp_path):
+    """Each question (a frozen score before fine-tuning, or the headline after) is one family over every arm and
+    task: its p-values are Holm-adjusted together, and every verdict, before fine-tuning too, reads the adjusted p."""
+    top1 = {
+        "conventional": [0.90, 0.92, 0.91],
+        "bissl": [0.93, 0.94, 0.95],
+        "pretext_only": [0.90, 0.93, 0.91],
+    }
+    probes = {"conventional": (0.80, 0.82, 0.81), "bissl": (0.86, 0.87, 0.89), "pretext_only": (0.81, 0.82, 0.82)}
+    values = {a: [{"top1": v, "mean_per_class": v, "loss": 0.3} for v in vs] for a, vs in top1.items()}
+    frozen = {a: [{"knn_test": p - 0.01, "linear_probe_test": p} for p in ps] for a, ps in probes.items()}
+    cfg, results = _study(tmp_path, "classification", values, frozen, names=("t", "u"))
+    report = write_report(cfg, results).read_text()
+    analysis = results["analysis"]
+    for stage, key in (("before", "linear_probe_test"), ("before", "knn_test"), ("after", "top1")):
+        family = [analysis[t]["comparisons"][a][stage][key] for t in ("t", "u") for a in ("bissl", "pretext_only")]
+        assert [c["p_holm"] for c in family] == pytest.approx(holm([c["p_value"] for c in family]))
+        assert all("Holm-adjusted p" in c["verdict"] for c in family)
+    probe = analysis["t"]["comparisons"]["bissl"]["before"]["linear_probe_test"]
+    assert probe["p_holm"] > probe["p_value"]  # four tests in the family, not the two arms of one task
+    assert report.count("before fine-tuning: bissl") == 4 and report.count("after fine-tuning: bissl") == 2
+    assert f"| {probe['p_holm']:.3g} |" in report and "p (Holm)" in report.split("**After fine-tuning**")[0]

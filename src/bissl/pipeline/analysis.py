@@ -3,9 +3,13 @@
 Per task and arm: mean ± std over seeds of every declared test metric after fine-tuning, and of the frozen scores
 of the backbone the arm starts fine-tuning from (before fine-tuning: kNN and linear-probe accuracy where the task is
 scored on the data's class labels, else the task's own declared metrics of its head trained on the frozen backbone,
-the ``head_probe_test_*`` of ``bissl evaluate``); paired
-differences against the baseline arm (Holm-adjusted over the arms on the headline metric); warnings where an arm
-fine-tunes below its own starting backbone's linear probe; the alignment's coupling diagnostics.
+the ``head_probe_test_*`` of ``bissl evaluate``); paired differences against the baseline arm, with a verdict for
+each before-fine-tuning score and for the headline after fine-tuning; warnings where an arm fine-tunes below its own
+starting backbone's linear probe; the alignment's coupling diagnostics.
+
+Multiplicity: every question a study asks ("does an arm's <metric> <before | after> fine-tuning differ from the
+baseline's?") is one family of tests, one per (arm, task); Holm's method adjusts the p-values within each family,
+over the arms and the tasks together, and every verdict reads the adjusted p.
 """
 
 from __future__ import annotations
@@ -71,8 +75,8 @@ def arm_runs(runs: list[Run], task: str, arm: str) -> list[Run]:
 
 
 def verdict(comparison: Mapping[str, Any], arm: str, baseline: str, metric: Metric) -> str:
-    """One sentence: is ``arm`` better or worse than ``baseline`` on ``metric`` at the 5 % level (Holm-adjusted
-    when several arms are compared), in the metric's own direction?"""
+    """One sentence: is ``arm`` better or worse than ``baseline`` on ``metric`` at the 5 % level (the Holm-adjusted
+    p where its family holds several tests), in the metric's own direction?"""
     diff = f"{comparison['mean_diff'] * metric.scale:+.2f}{' ' + metric.unit if metric.unit else ''} {metric.name}"
     p = comparison.get("p_holm", comparison["p_value"])
     if p is None:
@@ -179,12 +183,6 @@ def analyse_task(cfg: PipelineConfig, task: TaskSpec, runs: list[Run]) -> dict[s
         }
         for arm in others
     }
-    headline_comparisons = [comparisons[arm]["after"][headline.key] for arm in others]
-    if len(others) > 1:
-        for c, p in zip(headline_comparisons, holm([c["p_value"] for c in headline_comparisons]), strict=True):
-            c["p_holm"] = p
-    for arm, c in zip(others, headline_comparisons, strict=True):
-        c["verdict"] = verdict(c, arm, cfg.baseline, headline)
     return {
         "headline": headline.key,
         "labelled": any("knn_test" in r["frozen"] for r in mine),  # frozen kNN / linear probe on class labels
@@ -196,6 +194,34 @@ def analyse_task(cfg: PipelineConfig, task: TaskSpec, runs: list[Run]) -> dict[s
     }
 
 
+def families(cfg: PipelineConfig, analysis: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The study's comparisons grouped by question, ``(before | after, metric key)``, over every arm and task."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for task in cfg.tasks:
+        for by_stage in analysis[task.name]["comparisons"].values():
+            for stage, by_metric in by_stage.items():
+                for key, c in by_metric.items():
+                    if c is not None:
+                        grouped.setdefault((stage, key), []).append(c)
+    return grouped
+
+
 def analyse(cfg: PipelineConfig, runs: list[Run]) -> dict[str, Any]:
-    """:func:`analyse_task` of every task of the study."""
-    return {task.name: analyse_task(cfg, task, runs) for task in cfg.tasks}
+    """:func:`analyse_task` of every task of the study, then Holm within each family of comparisons
+    (:func:`families`, when it holds several tests) and the verdicts: every before-fine-tuning score, and the
+    headline after fine-tuning."""
+    analysis = {task.name: analyse_task(cfg, task, runs) for task in cfg.tasks}
+    for family in families(cfg, analysis).values():
+        if sum(c["p_value"] is not None for c in family) > 1:
+            for c, p in zip(family, holm([c["p_value"] for c in family]), strict=True):
+                c["p_holm"] = p
+    for task in cfg.tasks:
+        result = analysis[task.name]
+        headline = task_metrics(task)[0]
+        for arm, c in result["comparisons"].items():
+            for metric in before_metrics(task, result["head_probe"]):
+                if c["before"][metric.key] is not None:
+                    c["before"][metric.key]["verdict"] = verdict(c["before"][metric.key], arm, cfg.baseline, metric)
+            if c["after"][headline.key] is not None:
+                c["after"][headline.key]["verdict"] = verdict(c["after"][headline.key], arm, cfg.baseline, headline)
+    return analysis

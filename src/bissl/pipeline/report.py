@@ -65,10 +65,11 @@ def before_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) ->
         c = result["comparisons"].get(arm, {}).get("before", {})
         cells = [_mean_std(m, s["before"][m.key]) for m in metrics]
         if arm == cfg.baseline:
-            cells += ["baseline"] * (3 * len(metrics))
+            cells += ["baseline"] * (4 * len(metrics))
         else:
             for m in metrics:
-                cells += [_diff(m, c.get(m.key)), _p(c.get(m.key)), _p(c.get(m.key), "wilcoxon_p")]
+                cells += [_diff(m, c.get(m.key)), _p(c.get(m.key)), _p(c.get(m.key), "wilcoxon_p"),
+                          _p(c.get(m.key), "p_holm")]  # fmt: skip
         rows.append([arm, *cells])
     header = ["arm", *(m.header() for m in metrics)]
     for m in metrics:
@@ -77,6 +78,7 @@ def before_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) ->
             f"Δ {m.name} vs {cfg.baseline} ({unit + ', ' if unit else ''}95% CI)",
             "p (paired t)",
             "p (Wilcoxon)",
+            "p (Holm)",
         ]
     return _table(header, rows)
 
@@ -198,8 +200,10 @@ def protocol_lines(cfg: PipelineConfig) -> list[str]:
         "",
         *budget,
         settings,
-        f"Verdicts test at the {ALPHA:.0%} level; with several arms the headline p-values are Holm-adjusted over "
-        "the arms' comparisons with the baseline, per task. Beside each non-significant difference, MDE is the "
+        f"Verdicts test at the {ALPHA:.0%} level. Each question (an arm's frozen kNN, linear probe or head probe "
+        "before fine-tuning, or a test metric after, against the baseline's) is one family of tests over every arm "
+        "and task; its p-values are Holm-adjusted within the family (p (Holm)), and the verdicts read the adjusted "
+        "p. Beside each non-significant difference, MDE is the "
         "minimum detectable effect: the smallest true difference a paired t-test at these seeds and this spread "
         "would find with 80 % power (two-sided 5 %); a null rules out only differences larger than about it. "
         "d_z is the mean paired difference over its standard deviation; the Wilcoxon signed-rank p assumes no "
@@ -238,12 +242,16 @@ def pretrain_lines(results: dict[str, Any]) -> list[str]:
 
 
 def verdict_lines(cfg: PipelineConfig, analysis: dict[str, Any]) -> list[str]:
-    """Each comparison's verdict on its task's headline metric, then every warning of the study."""
-    lines = [
-        f"- **{t.name}**: {c['after'][analysis[t.name]['headline']]['verdict']}"
-        for t in cfg.tasks
-        for c in analysis[t.name]["comparisons"].values()
-    ]
+    """Each comparison's verdicts: on its starting backbone's frozen scores before fine-tuning, and on its task's
+    headline metric after; then every warning of the study."""
+    lines = []
+    for t in cfg.tasks:
+        result = analysis[t.name]
+        for c in result["comparisons"].values():
+            before = [c["before"][m.key] for m in before_metrics(t, result["head_probe"])]
+            lines += [f"- **{t.name}**, before fine-tuning: {b['verdict']}" for b in before if b is not None]
+            after = c["after"][result["headline"]]
+            lines += [f"- **{t.name}**, after fine-tuning: {after['verdict']}"] if after is not None else []
     warnings = [f"> **WARNING** {w}" for t in cfg.tasks for w in analysis[t.name]["warnings"]]
     return [*lines, *([""] if warnings else []), *warnings]
 
@@ -273,7 +281,7 @@ def write_report(cfg: PipelineConfig, results: dict[str, Any]) -> Path:
             "",
             *protocol_lines(cfg),
             "",
-            "## Verdicts (headline metric of each task)",
+            "## Verdicts (before fine-tuning: frozen scores; after: each task's headline metric)",
             "",
             *verdict_lines(cfg, analysis),
             "",
