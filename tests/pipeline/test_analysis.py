@@ -150,3 +150,20 @@ def test_holm_runs_over_arms_and_tasks_before_and_after_finetuning(tmp_path):
     assert probe["p_holm"] > probe["p_value"]  # four tests in the family, not the two arms of one task
     assert report.count("before fine-tuning: bissl") == 4 and report.count("after fine-tuning: bissl") == 2
     assert f"| {probe['p_holm']:.3g} |" in report and "p (Holm)" in report.split("**After fine-tuning**")[0]
+
+
+def test_a_finetune_below_its_probe_within_selection_noise_says_so_with_the_measurements(tmp_path):
+    """Selected on validation above its probe, below it on test by a non-significant gap: the warning says it is
+    selection noise and gives the numbers, instead of calling the baseline broken."""
+    top1 = {a["name"]: [{"top1": v, "mean_per_class": v, "loss": 0.3} for v in (0.90, 0.93, 0.91)] for a in ARMS}
+    probes = (0.92, 0.91, 0.92)  # test gap -0.01 +0.02 -0.01: mean -0.0033, not significant
+    frozen = {a["name"]: [{"knn_test": 0.9, "linear_probe_test": p, "linear_probe_val": 0.92} for p in probes]
+              for a in ARMS}  # fmt: skip
+    cfg, results = _study(tmp_path, "classification", top1, frozen)
+    for run in results["runs"]:
+        run["metrics"]["val_top1"] = 0.94  # the selected checkpoint, above the probe's 0.92 on validation
+    warnings = analyse(cfg, results["runs"])["t"]["warnings"]
+    assert [w.split(":")[0] for w in warnings] == ["t/conventional", "t/bissl", "t/pretext_only"]  # same numbers
+    assert warnings[0].startswith("t/conventional: fine-tuned test top-1 91.33 % is below")
+    assert "paired over seeds -0.33, p = " in warnings[0] and "(94.00 vs 92.00 %)" in warnings[0]
+    assert "selection on this validation split cannot resolve" in warnings[0] and "suspect" not in warnings[0]
