@@ -167,3 +167,20 @@ def test_a_finetune_below_its_probe_within_selection_noise_says_so_with_the_meas
     assert warnings[0].startswith("t/conventional: fine-tuned test top-1 91.33 % is below")
     assert "paired over seeds -0.33, p = " in warnings[0] and "(94.00 vs 92.00 %)" in warnings[0]
     assert "selection on this validation split cannot resolve" in warnings[0] and "suspect" not in warnings[0]
+
+
+def test_a_comparison_with_nothing_to_test_does_not_count_in_its_holm_family(tmp_path):
+    """The probe arm starts from the baseline's backbone: its frozen scores equal the baseline's on every seed, no
+    test is made, and Holm counts only the real tests of the family."""
+    arms = [*ARMS, {"name": "probe", "kind": "probe"}]
+    probes = {"conventional": (0.80, 0.82, 0.81), "bissl": (0.86, 0.87, 0.89), "pretext_only": (0.81, 0.82, 0.82)}
+    probes["probe"] = probes["conventional"]
+    values = {a: [{"top1": v, "mean_per_class": v, "loss": 0.3} for v in (0.9, 0.91, 0.92)] for a in probes}
+    frozen = {a: [{"knn_test": p - 0.01, "linear_probe_test": p} for p in ps] for a, ps in probes.items()}
+    cfg, results = _study(tmp_path, "classification", values, frozen)
+    cfg = cfg.model_copy(update={"arms": PipelineConfig(arms=arms).arms})
+    comparisons = analyse(cfg, results["runs"])["t"]["comparisons"]
+    family = [comparisons[a]["before"]["linear_probe_test"] for a in ("bissl", "pretext_only")]
+    assert [c["p_holm"] for c in family] == pytest.approx(holm([c["p_value"] for c in family]))  # 2 tests, not 3
+    assert "p_holm" not in comparisons["probe"]["before"]["linear_probe_test"]
+    assert "do not differ significantly: +0.00" in comparisons["probe"]["before"]["linear_probe_test"]["verdict"]

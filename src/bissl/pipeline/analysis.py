@@ -236,14 +236,21 @@ def families(cfg: PipelineConfig, analysis: dict[str, Any]) -> dict[tuple[str, s
     return grouped
 
 
+def identical(comparison: Mapping[str, Any]) -> bool:
+    """Whether every paired difference is exactly zero (e.g. the ``probe`` arm's starting backbone is the
+    baseline's): no test was made, so it does not count in its family."""
+    return comparison["mean_diff"] == 0.0 and comparison["ci_low"] == comparison["ci_high"] == 0.0
+
+
 def analyse(cfg: PipelineConfig, runs: list[Run]) -> dict[str, Any]:
     """:func:`analyse_task` of every task of the study, then Holm within each family of comparisons
-    (:func:`families`, when it holds several tests) and the verdicts: every before-fine-tuning score, and the
+    (:func:`families`, when it holds several tests; :func:`identical` ones are none) and the verdicts: every before-fine-tuning score, and the
     headline after fine-tuning."""
     analysis = {task.name: analyse_task(cfg, task, runs) for task in cfg.tasks}
     for family in families(cfg, analysis).values():
-        if sum(c["p_value"] is not None for c in family) > 1:
-            for c, p in zip(family, holm([c["p_value"] for c in family]), strict=True):
+        tests = [c for c in family if c["p_value"] is not None and not identical(c)]
+        if len(tests) > 1:
+            for c, p in zip(tests, holm([c["p_value"] for c in tests]), strict=True):
                 c["p_holm"] = p
     for task in cfg.tasks:
         result = analysis[task.name]

@@ -200,8 +200,8 @@ def protocol_lines(cfg: PipelineConfig) -> list[str]:
         "",
         *budget,
         settings,
-        f"Verdicts test at the {ALPHA:.0%} level. Each question (an arm's frozen kNN, linear probe or head probe "
-        "before fine-tuning, or a test metric after, against the baseline's) is one family of tests over every arm "
+        f"Verdicts test at the {ALPHA:.0%} level. Each question (one frozen score of an arm's starting backbone before "
+        "fine-tuning, or one test metric after, against the baseline's) is one family of tests over every arm "
         "and task; its p-values are Holm-adjusted within the family (p (Holm)), and the verdicts read the adjusted "
         "p. Beside each non-significant difference, MDE is the "
         "minimum detectable effect: the smallest true difference a paired t-test at these seeds and this spread "
