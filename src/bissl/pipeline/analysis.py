@@ -244,8 +244,8 @@ def identical(comparison: Mapping[str, Any]) -> bool:
 
 def analyse(cfg: PipelineConfig, runs: list[Run]) -> dict[str, Any]:
     """:func:`analyse_task` of every task of the study, then Holm within each family of comparisons
-    (:func:`families`, when it holds several tests; :func:`identical` ones are none) and the verdicts: every before-fine-tuning score, and the
-    headline after fine-tuning."""
+    (:func:`families`, when it holds several tests; :func:`identical` ones are none) and the verdicts: every
+    before-fine-tuning score, and the headline after fine-tuning."""
     analysis = {task.name: analyse_task(cfg, task, runs) for task in cfg.tasks}
     for family in families(cfg, analysis).values():
         tests = [c for c in family if c["p_value"] is not None and not identical(c)]
