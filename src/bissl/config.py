@@ -290,6 +290,13 @@ class AlignConfig(RunConfig):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)  # under torchrun: docs/distributed.md
 
 
+def _log_range(value: tuple[float, float] | None) -> tuple[float, float] | None:
+    """A log-uniform search range: ``[low, high]`` with ``0 < low < high``."""
+    if value is not None and not 0 < value[0] < value[1]:
+        raise ValueError("must be [low, high] with 0 < low < high")
+    return value
+
+
 class HPOConfig(StrictModel):
     """Random/TPE search over ``optim.lr`` and ``optim.weight_decay`` (and the L2-SP weight ``l2sp`` when
     ``l2sp_range`` is set; Optuna), then the best setting per seed.
@@ -308,12 +315,7 @@ class HPOConfig(StrictModel):
     final_seeds: list[int] = Field(default_factory=lambda: [0])  # runs of the best setting; []: search only
     l2sp_range: tuple[float, float] | None = None  # also search the L2-SP weight ``l2sp`` (log-uniform) when set
 
-    @field_validator("lr_range", "weight_decay_range", "l2sp_range")
-    @classmethod
-    def _positive_increasing(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not 0 < value[0] < value[1]:
-            raise ValueError("must be [low, high] with 0 < low < high")
-        return value
+    _ranges = field_validator("lr_range", "weight_decay_range", "l2sp_range")(_log_range)
 
 
 class FinetuneConfig(RunConfig):
@@ -457,8 +459,9 @@ class ReplicateSpec(StrictModel):
 class SearchSpec(StrictModel):
     """A study's fine-tuning search: ``trials`` settings of ``optim.lr`` / ``optim.weight_decay`` (and ``l2sp``
     with ``l2sp_range``; log-uniform in the ranges) per arm and task, scored on validation, the same budget for
-    every arm, each arm's candidates drawn by its own sampler seed; ``trials: 0`` fine-tunes every arm with the
-    study's fixed settings."""
+    every arm, each arm's candidates drawn by its own sampler seed; a ``multitask`` arm's trials also draw its
+    ``align.bilevel.multitask_weight`` (in ``multitask_weight_range``) and align with it first. ``trials: 0``
+    fine-tunes every arm with the study's fixed settings (and a multitask arm aligns with its configured w)."""
 
     trials: int = Field(0, ge=0)
     sampler: Literal["random", "tpe"] = "random"
@@ -466,10 +469,14 @@ class SearchSpec(StrictModel):
     lr_range: tuple[float, float] = (1e-3, 0.3)
     weight_decay_range: tuple[float, float] = (1e-5, 1e-2)
     l2sp_range: tuple[float, float] | None = None  # also search fine-tuning's L2-SP weight (log-uniform) when set
+    # a multitask arm's w of L_P + w L_D (log-uniform), searched with its lr / weight decay: each trial aligns with it
+    multitask_weight_range: tuple[float, float] = (0.1, 10.0)
+
+    _ranges = field_validator("multitask_weight_range")(_log_range)
 
     def hpo(self) -> HPOConfig:
         """The search as a fine-tuning stage's ``hpo`` section (no final runs: the study runs its seeds)."""
-        return HPOConfig(final_seeds=[], **self.model_dump())
+        return HPOConfig(final_seeds=[], **self.model_dump(exclude={"multitask_weight_range"}))
 
 
 def _default_arms() -> list[ArmSpec]:

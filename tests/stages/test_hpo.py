@@ -389,3 +389,45 @@ def test_a_failing_trial_is_logged_in_one_line_without_optunas_traceback(make_cf
     failed = [r for r in caplog.records if "failed with parameters" in r.getMessage()]
     assert failed and all(r.exc_info is None for r in failed)
     assert "Traceback" not in capfd.readouterr().err + caplog.text
+
+
+@pytest.mark.e2e
+def test_a_trial_start_is_searched_and_an_interrupted_search_ends_as_an_uninterrupted_one(make_cfg, tmp_path):
+    """Each trial draws the start's parameter after lr / weight decay and fine-tunes from the backbone its start made
+    in the trial's folder; a start killed mid-way (any error) leaves the search to end with the same trials."""
+    backbone = make_cfg().backbone
+    calls: list[float] = []
+
+    def make_start(fail_first: bool) -> hpo_module.TrialStart:
+        def run(params: dict[str, float], folder: Path) -> Path:
+            calls.append(params["w"])
+            if fail_first and not (tmp_path / "cut" / "failed").exists():
+                (tmp_path / "cut" / "failed").touch()
+                raise RuntimeError("killed mid-start")
+            (folder / "start").mkdir(parents=True)
+            (folder / "start" / "backbone.pt").write_bytes(Path(backbone).read_bytes())
+            return folder / "start"
+
+        return hpo_module.TrialStart({"w": (0.1, 10.0)}, run, {"cycles": 3})
+
+    whole = search(make_cfg("hpo.trials=2", out="whole"), start=make_start(False))
+    with pytest.raises(RuntimeError, match="killed mid-start"):
+        search(make_cfg("hpo.trials=2", out="cut"), start=make_start(True))
+    resumed = search(make_cfg("hpo.trials=2", out="cut"), start=make_start(True))
+
+    def finished(result):
+        return [(t["params"], t["value"]) for t in result.trials if t["state"] == "COMPLETE"]
+
+    assert finished(resumed) == finished(whole) and len(finished(whole)) == 2
+    weights = [t["params"]["w"] for t in whole.trials]
+    assert len(set(weights)) == 2 and all(0.1 <= w <= 10 for w in weights)
+    assert calls == [*weights, weights[0], *weights]  # the killed trial's retry draws its slot's w again
+    assert _params(whole.trials) == _params(search(make_cfg("hpo.trials=2", out="plain")).trials)  # lr / wd unchanged
+    for trial in whole.trials:
+        run_dir = Path(trial["user_attrs"]["run_dir"])
+        record = yaml.safe_load((run_dir / "finetune" / "config.yaml").read_text())
+        assert record["backbone"] == str(run_dir / "start") and (run_dir / "finetune" / "summary.json").is_file()
+    with pytest.raises(ConfigError, match=r"another config \(start.config.cycles: 3 -> 4\)"):
+        search(
+            make_cfg("hpo.trials=2", out="whole"), start=hpo_module.TrialStart({"w": (0.1, 10.0)}, print, {"cycles": 4})
+        )

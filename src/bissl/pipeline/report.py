@@ -44,16 +44,20 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def after_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> list[str]:
-    """Every declared test metric per arm (mean ± std), the fine-tuning lr / weight decay, seeds, time."""
+    """Every declared test metric per arm (mean ± std), the fine-tuning lr / weight decay (and a multitask arm's w,
+    when the study has one), seeds, time."""
     metrics = task_metrics(task)
+    weighted = any("multitask_weight" in s["optim"] for s in result["arms"].values())
     rows = []
     for arm, s in result["arms"].items():
         optim = s["optim"]
-        rows.append([arm, f"{optim['lr']:.3g}", f"{optim['weight_decay']:.3g}",
+        weight = [f"{optim['multitask_weight']:.3g}" if "multitask_weight" in optim else "–"] if weighted else []
+        rows.append([arm, f"{optim['lr']:.3g}", f"{optim['weight_decay']:.3g}", *weight,
                      *(_mean_std(m, s["after"][m.key]) for m in metrics),
                      str(s["wall_time_s"]["n"]), f"{s['wall_time_s']['mean']:.0f}"])  # fmt: skip
-    return _table(["arm", "lr", "weight decay", *(f"test {m.header()}" for m in metrics), "seeds", "time / seed (s)"],
-                  rows)  # fmt: skip
+    header = ["arm", "lr", "weight decay", *(["multitask w"] if weighted else []),
+              *(f"test {m.header()}" for m in metrics), "seeds", "time / seed (s)"]  # fmt: skip
+    return _table(header, rows)
 
 
 def before_table(cfg: PipelineConfig, task: TaskSpec, result: dict[str, Any]) -> list[str]:
@@ -183,6 +187,12 @@ def protocol_lines(cfg: PipelineConfig) -> list[str]:
             "each arm's own sampler seed); "
             "every replicate then fine-tuned with its arm's best setting (tables below, `results.json` → `search`)."
         )
+        if any(arm.kind == "multitask" for arm in cfg.arms):
+            settings += (
+                f" A multitask arm's trials also drew its w (log-uniform in {list(cfg.search.multitask_weight_range)}) "
+                "and each aligned the first replicate's pretrained backbone with it at the arm's equal-compute cycles "
+                "before fine-tuning; every replicate aligned with the best w (`multitask w` below)."
+            )
     else:
         settings = "Every arm fine-tunes with the same fixed lr / weight decay (no search: `search.trials: 0`)."
     matched = [f"`{arm.name}` to `{target.name}`" for arm in cfg.arms if (target := cfg.budget_arm(arm)) is not None]

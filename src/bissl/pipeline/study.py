@@ -40,6 +40,7 @@ from bissl.config import (
     PipelineConfig,
     PretrainConfig,
     TaskSpec,
+    deep_merge,
     to_yaml,
 )
 from bissl.downstream.base import DOWNSTREAM_TASKS
@@ -53,7 +54,7 @@ from bissl.pretext.base import PRETEXT_METHODS
 from bissl.stages.align import align
 from bissl.stages.evaluate import evaluate
 from bissl.stages.finetune import finetune
-from bissl.stages.hpo import SearchChanged, clear_search, search, with_params
+from bissl.stages.hpo import SearchChanged, TrialStart, clear_search, search, with_params
 from bissl.stages.pretrain import pretrain
 from bissl.utils.errors import ConfigError
 from bissl.utils.io import atomic_write, remove_stale_temp_files, save_json
@@ -222,14 +223,57 @@ def check_tasks(cfg: PipelineConfig) -> None:
             check_batch_size(train, cfg.arm_align(arm, task).upper.batch_size, data, key)
 
 
-def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone: Path) -> dict[str, Any]:
-    """Search ``arm``'s fine-tuning lr / weight decay on validation, from the first replicate's starting backbone;
-    the trials' seed (which seeds the sampler) is the arm's own, so arms do not share one draw of candidates."""
+#: a ``multitask`` arm's search draws this too: the w of its align (``search.multitask_weight_range``)
+MULTITASK_WEIGHT = "multitask_weight"
+
+
+def with_multitask_weight(arm: ArmSpec, weight: float) -> ArmSpec:
+    """``arm`` aligning with ``weight`` as the w of its ``L_P + w L_D`` (a multitask arm's searched w)."""
+    return arm.model_copy(update={"align": deep_merge(arm.align, {"bilevel": {MULTITASK_WEIGHT: weight}})})
+
+
+def searches_weight(cfg: PipelineConfig, arm: ArmSpec) -> bool:
+    """Whether ``arm``'s search draws its w too (a ``multitask`` arm of a study with ``search.trials > 0``)."""
+    return arm.kind == "multitask" and cfg.search.trials > 0
+
+
+def multitask_start(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, pretrained: Path) -> TrialStart:
+    """A multitask arm's trials' start: align the first replicate's pretrained backbone with the trial's w at the
+    arm's equal-compute cycles, in the trial's ``align/`` folder."""
+    seed = cfg.seeds[0]
+
+    def trial_align(weight: float, folder: Path) -> AlignConfig:
+        weighted = with_multitask_weight(arm, weight)
+        cycles = equal_compute_cycles(cfg, task, weighted, seed, pretrained)
+        stage = align_config(cfg, task, weighted, seed, pretrained, cycles)
+        return stage.model_copy(update={"out_dir": str(folder / "align")})
+
+    def run(params: dict[str, float], folder: Path) -> Path:
+        stage = trial_align(params[MULTITASK_WEIGHT], folder)
+        log.info(
+            "%s/%s: search trial in %s aligns with w = %.4g", task.name, arm.name, folder, params[MULTITASK_WEIGHT]
+        )
+        align(stage)
+        return Path(stage.out_dir)
+
+    bounds = cfg.search.multitask_weight_range
+    record = trial_align(bounds[0], Path()).model_dump(mode="json", exclude={"out_dir", "log", "device"})
+    del record["bilevel"][MULTITASK_WEIGHT]  # drawn per trial
+    return TrialStart({MULTITASK_WEIGHT: bounds}, run, record)
+
+
+def search_settings(
+    cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone: Path, start: TrialStart | None = None
+) -> dict[str, Any]:
+    """Search ``arm``'s fine-tuning lr / weight decay on validation, from the first replicate's starting backbone
+    (with ``start``: from each trial's own, e.g. a multitask arm's alignment with the trial's w); the trials' seed
+    (which seeds the sampler) is the arm's own, so arms do not share one draw of candidates. ``best_params``: the
+    fine-tuning settings; ``best_start``: the start's (e.g. ``multitask_weight``)."""
     stage = finetune_config(cfg, task, arm, cfg.seeds[0], backbone, {})
     own_seed = derive_seed(cfg.seeds[0], "search", task.name, arm.name) % 2**31
     stage = stage.model_copy(update={"out_dir": str(arm_dir(cfg, task, arm) / "search"), "seed": own_seed})
     try:
-        result = search(stage, cfg.search.hpo())
+        result = search(stage, cfg.search.hpo(), start)
     except SearchChanged as exc:  # its fix names hpo keys, which a study does not have
         raise ConfigError(
             f"the search in {stage.out_dir} was run with another config ({exc.diff}); restore it, or pass "
@@ -237,8 +281,10 @@ def search_settings(cfg: PipelineConfig, task: TaskSpec, arm: ArmSpec, backbone:
         ) from None
     log.info("%s/%s: best of %d trials %s (val %s %.4f)", task.name, arm.name, cfg.search.trials,
              result.best_params, result.metric, result.best_value)  # fmt: skip
+    own = start.ranges if start is not None else {}
     return {
-        "best_params": result.best_params,
+        "best_params": {k: v for k, v in result.best_params.items() if k not in own},
+        "best_start": {k: v for k, v in result.best_params.items() if k in own},
         "best_val": result.best_value,
         "metric": f"val_{result.metric}",
         "trials": [{"params": t["params"], "value": t["value"], "state": t["state"]} for t in result.trials],
@@ -282,6 +328,10 @@ def run_arm(
     """Every replicate of one arm on one task (and, with ``search.trials``, its search first); the runs and the
     search. ``pretrained``: each replicate's pretraining run, by seed."""
     records, searched = [], None
+    if searches_weight(cfg, arm):  # w is searched with the fine-tuning settings; every replicate aligns with the best
+        first = pretrained[cfg.seeds[0]]
+        searched = search_settings(cfg, task, arm, first, multitask_start(cfg, task, arm, first))
+        arm = with_multitask_weight(arm, searched["best_start"][MULTITASK_WEIGHT])
     for seed in cfg.seeds:
         label = f"{task.name}/{arm.name}/seed{seed}"
         record = RunRecord(task.name, arm.name, seed, run_dir(cfg, task, arm, seed) / "finetune", pretrained[seed],
@@ -298,6 +348,8 @@ def run_arm(
         finetune_cfg = finetune_config(cfg, task, arm, seed, backbone, searched["best_params"] if searched else {})
         summary = run_stage(finetune_cfg, partial(finetune, resume=True), f"{label}: finetune")
         record.optim = {"lr": finetune_cfg.optim.lr, "weight_decay": finetune_cfg.optim.weight_decay}
+        if arm.kind == "multitask":  # the w it aligned with (searched, or the configured one)
+            record.optim[MULTITASK_WEIGHT] = cfg.arm_align(arm, task).bilevel.multitask_weight
         record.metrics = summary["metrics"]
         record.wall_time_s["finetune"] = summary["wall_time_s"]
         record.compute["finetune"] = summary["compute"]

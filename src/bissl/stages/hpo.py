@@ -237,8 +237,8 @@ _CREATE_ATTEMPTS = 6
 _CREATE_RACE = re.compile(r"already exists|duplicate key|UNIQUE constraint|database is locked", re.IGNORECASE)
 
 
-def open_study(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> optuna.Study:
-    """Create or load the study (``load_if_exists``); refuse one that was run with another config."""
+def open_study(cfg: FinetuneConfig, hpo: HPOConfig | None = None, start: TrialStart | None = None) -> optuna.Study:
+    """Create or load the study (``load_if_exists``); refuse one that was run with another config (or start)."""
     optuna = _optuna()
     hpo = hpo or cfg.hpo
     url = storage_url(cfg, hpo)
@@ -253,6 +253,8 @@ def open_study(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> optuna.Stud
         load_if_exists=True,
     )
     config = {**cfg.model_dump(mode="json"), "hpo": hpo.model_dump(mode="json")}
+    if start is not None:
+        config["start"] = {"ranges": {k: list(v) for k, v in start.ranges.items()}, "config": dict(start.config)}
     stored = study.user_attrs.get("config")
     if stored is None:
         study.set_user_attr("config", config)
@@ -280,6 +282,19 @@ def run_config(cfg: FinetuneConfig, out_dir: Path, params: dict[str, float], see
     """The plain fine-tuning config of one trial or final run: ``params`` set (:func:`with_params`), no search."""
     update = {"out_dir": str(out_dir), "seed": cfg.seed if seed is None else seed, "hpo": HPOConfig()}
     return with_params(cfg.model_copy(update=update), params)
+
+
+@dataclass(frozen=True)
+class TrialStart:
+    """What each trial runs before fine-tuning: ``run(params, folder)`` makes, under the trial's ``folder`` (not in
+    its ``finetune/``, where the trial fine-tunes), the backbone the trial fine-tunes from (e.g. an alignment), with
+    ``params`` drawn log-uniform in ``ranges`` after lr / weight decay (so those draws stay what they were).
+    ``config`` (what ``run`` does besides ``params``) is recorded with the study: a changed one is refused like a
+    changed fine-tuning config."""
+
+    ranges: Mapping[str, tuple[float, float]]
+    run: Callable[[dict[str, float], Path], Path]
+    config: Mapping[str, Any]
 
 
 class _Skipped(Exception):
@@ -313,7 +328,9 @@ def _worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _objective(optuna: ModuleType, cfg: FinetuneConfig, hpo: HPOConfig, metric: str) -> Callable[[optuna.Trial], float]:
+def _objective(
+    optuna: ModuleType, cfg: FinetuneConfig, hpo: HPOConfig, metric: str, start: TrialStart | None = None
+) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", _worker())
         slot = _take_slot(optuna, trial, hpo.trials)
@@ -327,6 +344,10 @@ def _objective(optuna: ModuleType, cfg: FinetuneConfig, hpo: HPOConfig, metric: 
         }
         if hpo.l2sp_range is not None:
             params["l2sp"] = trial.suggest_float("l2sp", *hpo.l2sp_range, log=True)
+        own = {
+            name: trial.suggest_float(name, *bounds, log=True)
+            for name, bounds in (start.ranges if start else {}).items()
+        }
         # A retry of a dead trial inherits its user attrs, so it restarts the dead trial's folder.
         run_dir = Path(trial.user_attrs.get("run_dir") or Path(cfg.out_dir) / "trials" / str(trial.number))
         trial.set_user_attr("run_dir", str(run_dir))
@@ -339,8 +360,12 @@ def _objective(optuna: ModuleType, cfg: FinetuneConfig, hpo: HPOConfig, metric: 
                 trial.set_user_attr("pruned_reason", reason)
                 raise optuna.TrialPruned(reason)
 
+        trial_cfg = run_config(cfg, run_dir, params)
+        if start is not None:  # the trial's folder holds its start (e.g. align/) and its fine-tuning (finetune/)
+            backbone = start.run(own, run_dir)
+            trial_cfg = run_config(cfg.model_copy(update={"backbone": str(backbone)}), run_dir / "finetune", params)
         try:
-            result = finetune(run_config(cfg, run_dir, params), on_eval=report)
+            result = finetune(trial_cfg, on_eval=report)
         except NonFiniteError as exc:
             trial.set_user_attr("pruned_reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
@@ -412,18 +437,19 @@ def _trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     }
 
 
-def search(cfg: FinetuneConfig, hpo: HPOConfig | None = None) -> SearchResult:
-    """Run trials until the study holds ``hpo.trials`` finished ones (default ``hpo = cfg.hpo``)."""
+def search(cfg: FinetuneConfig, hpo: HPOConfig | None = None, start: TrialStart | None = None) -> SearchResult:
+    """Run trials until the study holds ``hpo.trials`` finished ones (default ``hpo = cfg.hpo``); with ``start``,
+    each trial first makes its own starting backbone (:class:`TrialStart`), with parameters searched too."""
     optuna = _optuna()
     hpo = hpo or cfg.hpo
     if hpo.trials < 1:
         raise ConfigError("hpo.trials is 0; set hpo.trials=N (N >= 1) to search")
     metric = DOWNSTREAM_TASKS.get(cfg.downstream.task).primary().key
-    study = open_study(cfg, hpo)
+    study = open_study(cfg, hpo, start)
     finished = _finished_states(optuna)
     done = len(study.get_trials(deepcopy=False, states=finished))
     log.info("study %s: %d of %d trials finished", hpo.study_name, done, hpo.trials)
-    objective = _objective(optuna, cfg, hpo, metric)
+    objective = _objective(optuna, cfg, hpo, metric, start)
     while True:
         fail_stale_trials(optuna, study, 2 * hpo.heartbeat_s)
         done_slots = {_slot(t) for t in study.get_trials(deepcopy=False, states=finished)}
