@@ -25,9 +25,7 @@ whose gradients, with ``d/dphi F(y(phi), phi) = lam (phi - y)`` at a minimiser `
 At ``z``'s minimiser ``rho lam (y - z) -> lam (H + lam I)^-1 grad L_D(y)`` as ``rho`` grows (exactly, for a quadratic
 ``L_P``): BiSSL's implicit term with ``mu = lam``, from first-order gradients only. ``z`` is what fine-tuning starts
 from (``backbone.pt``). ``grad L_P(z)`` is taken on the cycle's pretext batch (:meth:`~PenaltyTrainer.begin_cycle`),
-as BiSSL takes its Hessian, so an upper step costs ``n_views + 2`` forward and backward passes of the backbone,
-taken in one backward call through the three terms' graphs (held together: the pretext graph at z and two
-downstream ones), ~10 % cheaper on CPU than one call per term (``benchmarks/rivals_cycle.py``).
+as BiSSL takes its Hessian, so an upper step costs ``n_views + 2`` forward and backward passes of the backbone.
 """
 
 from __future__ import annotations
@@ -47,21 +45,23 @@ from bissl.utils.numerics import global_norm, require_finite
 
 
 def penalty_gradients(
-    grad_z: Sequence[Tensor],
-    grad_phi: Sequence[Tensor],
+    grad_d_z: Sequence[Tensor],
+    grad_p_z: Sequence[Tensor],
+    grad_d_phi: Sequence[Tensor],
     z: Sequence[Tensor],
     y: Sequence[Tensor],
     phi: Sequence[Tensor],
     *,
     lam: float,
     rho: float,
+    gamma: float,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """``(g_z, g_phi)`` of the penalty objective (module docstring) from the gradients of its loss terms: ``grad_z`` =
-    grad_z [L_D(z) + rho L_P(z)], ``grad_phi`` = gamma grad_phi L_D(phi) (one backward pass of their sum gives
-    both); the proximal terms are added in closed form."""
-    k = rho * lam
-    g_z = [g + k * (zi.detach() - f.detach()) for g, zi, f in zip(grad_z, z, phi, strict=True)]
-    g_phi = [g + k * (yi.detach() - zi.detach()) for g, yi, zi in zip(grad_phi, y, z, strict=True)]
+    """``(g_z, g_phi)`` of the penalty objective (module docstring) from its first-order pieces: ``grad_d_z`` =
+    grad L_D at z, ``grad_p_z`` = grad L_P at z, ``grad_d_phi`` = grad L_D at phi."""
+    g_z = [
+        d + rho * (p + lam * (zi.detach() - f.detach())) for d, p, zi, f in zip(grad_d_z, grad_p_z, z, phi, strict=True)
+    ]
+    g_phi = [gamma * d + rho * lam * (yi.detach() - zi.detach()) for d, yi, zi in zip(grad_d_phi, y, z, strict=True)]
     return g_z, g_phi
 
 
@@ -147,20 +147,21 @@ class PenaltyTrainer(BiSSLTrainer):
             raise ValueError("no open cycle: call begin_cycle(views) first, or pass hessian_views")
         s, head = self.settings, list(self.head.parameters())
         loss_z = self._downstream_loss(self.penalised_backbone, batch)
+        grads_z = torch.autograd.grad(loss_z, [*self.z, *head])
         with frozen_buffers(self.pretext), self.forward_context():
             pretext_z = self.pretext.loss(self.penalised_backbone, views)
+        grad_p_z = torch.autograd.grad(pretext_z, self.z, allow_unused=True, materialize_grads=True)
         loss_phi = self._downstream_loss(self.upper_backbone, batch)
-        # one backward pass through the three (separate) graphs: omega's gradient is its terms' sum already
-        n_phi, n_head = len(self.phi), len(head)
-        total = loss_z + s.penalty_rho * pretext_z + s.gamma * loss_phi
-        grads = torch.autograd.grad(total, [*self.phi, *head, *self.z], allow_unused=True, materialize_grads=True)
+        grads_phi = torch.autograd.grad(loss_phi, [*self.phi, *head])
         losses = torch.stack([loss_z.detach(), loss_phi.detach(), pretext_z.detach()]).to(self.z[0].dtype)
-        self._mean([*grads, losses])
+        self._mean([*grads_z, *grad_p_z, *grads_phi, losses])
         require_finite(losses.sum(), "penalty upper-level loss", "lower the upper-level learning rate or rho")
+        n = len(self.z)
         g_z, g_phi = penalty_gradients(
-            grads[n_phi + n_head :], grads[:n_phi], self.z, self.theta, self.phi, lam=s.lam, rho=s.penalty_rho
-        )
-        g_omega = list(grads[n_phi : n_phi + n_head])
+            grads_z[:n], grad_p_z, grads_phi[: len(self.phi)], self.z, self.theta, self.phi,
+            lam=s.lam, rho=s.penalty_rho, gamma=s.gamma,
+        )  # fmt: skip
+        g_omega = [a + s.gamma * b for a, b in zip(grads_z[n:], grads_phi[len(self.phi) :], strict=True)]
         gap = [t.detach() - zi.detach() for t, zi in zip(self.theta, self.z, strict=True)]
         stats = {
             "loss_theta": losses[0].item(),  # L_D at z, the backbone this rule exports
