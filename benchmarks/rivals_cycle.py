@@ -7,7 +7,9 @@ batch 32, CG at most 5 iterations; the pretrain run given) it times, on the same
 - ``bissl_cg`` / ``bissl_mfac`` / ``bissl_identity``: one BiSSL cycle (N_L lower steps, N_U upper steps) per solver;
 - ``penalty``: one cycle of the first-order penalty rule (N_L lower steps, N_U upper steps of z, phi, omega);
 - ``multitask``: 28 steps on L_P + w L_D (w = 1); ``tapt``: 28 steps on L_P alone (w = 0; on the task's images in a
-  study, on the same views here).
+  study, on the same views here);
+- ``downstream``: the 28 downstream forward + backward passes (upper batches, no step) that ``multitask`` adds to
+  ``tapt``: what its extra cost is made of.
 
 Each case runs ``--repeats`` times interleaved after one warm-up; the minimum CPU time of the process (one thread:
 what the cycle itself costs, whatever else the shared cores run) and the minimum wall time are reported, with
@@ -42,6 +44,7 @@ CASES: dict[str, tuple[type[BiSSLTrainer], dict[str, Any]]] = {
     "penalty": (PenaltyTrainer, {"penalty_rho": 1.0}),
     "multitask": (MultitaskTrainer, {"n_upper": 0, "multitask_weight": 1.0}),
     "tapt": (MultitaskTrainer, {"n_upper": 0, "multitask_weight": 0.0}),
+    "downstream": (MultitaskTrainer, {"n_upper": 0, "multitask_weight": 1.0}),
 }
 
 
@@ -52,9 +55,18 @@ def _joint(trainer: BiSSLTrainer, views: list[list[torch.Tensor]], batches: list
     return {}
 
 
+def _downstream(trainer: BiSSLTrainer, batches: list[Any]) -> dict[str, float]:
+    """The downstream forward + backward passes of N_L + N_U multitask steps, nothing else."""
+    for i in range(N_LOWER + N_UPPER):
+        trainer._downstream_loss(trainer.lower_backbone, batches[i % N_UPPER]).backward()
+    return {}
+
+
 def _runner(case: str, trainer: BiSSLTrainer, views: Any, batches: Any) -> Callable[[], dict[str, float]]:
     if case == "plain":
         return lambda: _plain(trainer, views)
+    if case == "downstream":
+        return lambda: _downstream(trainer, batches)
     if case in ("multitask", "tapt"):
         return lambda: _joint(trainer, views, batches)
     return lambda: _cycle(trainer, views, batches) if case.startswith("bissl") else _penalty(trainer, views, batches)
