@@ -168,7 +168,7 @@ def test_a_new_method_name_drops_the_old_params_and_replace_clears_a_mapping(tmp
 @pytest.mark.parametrize("name", [n for n in shipped_config_names() if n.startswith("pipeline_")])
 def test_every_quick_preset_wins_over_the_tasks_and_is_small(name):
     """#20 item 14: `--quick` is a smoke test for every shipped study: the preset's fine-tuning and alignment values
-    hold on every task (pipeline_detection_synthetic's task sets `finetune.epochs: 3`, its preset 1), and each stage
+    hold on every task (pipeline_detection_synthetic's task sets `finetune.epochs: 2`, its preset 1), and each stage
     is a few epochs / cycles."""
     cfg = load_verb_config(VERBS["pipeline"], build_parser().parse_args(["pipeline", "--config", name, "--quick"]))
     assert len(cfg.seeds) <= 2 and cfg.pretrain.epochs <= 8 and cfg.search.trials <= 2

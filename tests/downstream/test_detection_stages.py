@@ -78,8 +78,9 @@ def test_cli_quick_pipeline_reports_a_detection_task_beside_a_classification_tas
     report = (out / "report.md").read_text()
     assert "AP50 (VOC07)" in report and "top-1" in report and "head probe AP50 (VOC07)" in report
     runs = {(r["task"], r["arm"]): r for r in results["runs"]}
-    assert set(runs) == {(t, a) for t in ("digits", "boxes") for a in ("conventional", "bissl")}
-    for arm in ("conventional", "bissl"):
+    arms = ("conventional", "bissl", "pretext_only")
+    assert set(runs) == {(t, a) for t in ("digits", "boxes") for a in arms}
+    for arm in arms:
         assert "test_ap50_voc07" in runs["boxes", arm]["metrics"]
         assert "head_probe_test_ap50_voc07" in runs["boxes", arm]["frozen"]  # the task's head on the frozen backbone
         assert "test_top1" in runs["digits", arm]["metrics"] and "knn_test" in runs["digits", arm]["frozen"]
