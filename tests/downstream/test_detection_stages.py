@@ -36,6 +36,8 @@ def test_cli_finetune_detection(pretrained, tmp_path):
     metrics = _summary(out)["metrics"]
     assert {"test_ap50_voc07", "test_map", "test_map_75", "val_ap50_voc07"} <= set(metrics)
     assert all(0 <= metrics[k] <= 1 for k in ("test_ap50_voc07", "test_map", "test_map_75"))
+    compute = _summary(out)["compute"]  # the detector reads the backbone's feature maps: counted as its passes
+    assert compute["forward"] > compute["backward"] > 0 and compute["images"] > 0
 
 
 def test_cli_align_detection(pretrained, tmp_path):
@@ -47,6 +49,8 @@ def test_cli_align_detection(pretrained, tmp_path):
     summary = _summary(out)
     assert {"theta_test_ap50_voc07", "phi_test_map"} <= set(summary["metrics"])
     assert (out / "backbone.pt").is_file() and (out / "downstream_head.pt").is_file()
+    compute = summary["compute"]  # 2 lower steps x 2 views, 2 upper steps on phi and theta (feature maps), HVPs
+    assert compute["backward"] >= 2 * 2 + 2 * 2 and compute["hvp"] > 0
 
 
 def test_cli_evaluate_detection_trains_the_task_head_on_the_frozen_backbone(pretrained, tmp_path):

@@ -3,7 +3,8 @@
 A :class:`ComputeCounter` is attached to every backbone a stage trains or scores (:meth:`ComputeCounter.watch`)
 and counts where the work happens, with hooks on the backbone:
 
-* ``forward``: calls of the backbone's ``forward`` (one batch each; a two-view pretext loss makes two), and
+* ``forward``: calls of the backbone's ``forward`` (one batch each; a two-view pretext loss makes two), or of its
+  ``feature_maps`` (the backbone contract's feature maps, which a detector reads instead of ``forward``), and
   ``images``: the rows of the batches it saw;
 * ``backward``: the forward passes whose output received a gradient (counted once each: the Hessian-vector
   products that differentiate the same graph again are not backward passes of their own);
@@ -35,7 +36,10 @@ class ComputeCounter:
     images: int = 0
 
     def watch(self, module: nn.Module) -> RemovableHandle:
-        """Count every forward pass of ``module`` and, once, the backward pass through its output."""
+        """Count every forward pass of ``module`` (a ``forward`` or ``feature_maps`` call) and, once, the backward
+        pass through its output."""
+        if callable(getattr(type(module), "feature_maps", None)):
+            module.__dict__["feature_maps"] = _CountedFeatureMaps(self, module)
         return module.register_forward_hook(self._on_forward)
 
     def _on_forward(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -62,6 +66,19 @@ class ComputeCounter:
     def load_state_dict(self, state: dict[str, int]) -> None:
         for name in FIELDS:
             setattr(self, name, int(state.get(name, 0)))
+
+
+class _CountedFeatureMaps:
+    """A watched backbone's ``feature_maps``, counted as a forward pass. An object (not a closure) so that a deep
+    copy of the backbone gets one bound to the copy, as its copied forward hook is."""
+
+    def __init__(self, counter: ComputeCounter, module: nn.Module) -> None:
+        self.counter, self.module = counter, module
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        maps = type(self.module).feature_maps(self.module, x, *args, **kwargs)  # type: ignore[attr-defined]
+        self.counter._on_forward(self.module, (x,), maps)
+        return maps
 
 
 def _first_tensor(output: Any) -> Tensor | None:
