@@ -160,20 +160,20 @@ def probe_warnings(
             + ("" if gap.p_value is None else f", p = {gap.p_value:.3g}")
             + ")"
         )
-        val = [r for r in runs if f"val_{headline.key}" in r["metrics"] and val_key in r["frozen"]]
-        val_after = sum(r["metrics"][f"val_{headline.key}"] for r in val) / len(val) if val else None
-        val_probe = sum(r["frozen"][val_key] for r in val) / len(val) if val else None
+        val_after = _summary(runs, "metrics", f"val_{headline.key}")
+        val_probe = _summary(runs, "frozen", val_key)
         selection_noise = (
             val_after is not None
-            and not headline.better(val_probe, val_after)
+            and val_probe is not None
+            and not headline.better(val_probe["mean"], val_after["mean"])
             and (gap.p_value is None or gap.p_value >= ALPHA)
         )
         if selection_noise:
             warnings.append(
                 f"{where}. On validation, where the fine-tuned checkpoint was selected, it is at or above that probe "
-                f"({headline.show(val_after)} vs {headline.show(val_probe)} {unit}), and the test gap is not "
-                "significant: the selected checkpoint is the best of several noisy validation scores while the probe "
-                "is scored once, so selection on this validation split cannot resolve a difference this small. "
+                f"({headline.show(val_after['mean'])} vs {headline.show(val_probe['mean'])} {unit}), and the test gap "
+                "is not significant: the selected checkpoint is the best of several noisy validation scores while the "
+                "probe is scored once, so selection on this validation split cannot resolve a difference this small. "
                 "Read the comparison after fine-tuning with that in mind; the frozen comparison before it is exact."
             )
         else:
